@@ -1,0 +1,111 @@
+"""LLVM CPU family (x86-64 and AArch64): Relax pipeline, TIR pipeline, schedules, sparse kernels, linking.
+
+Interface shared by every family module: ``build(mod, preset, *, tuning_db=None) -> Executable`` and
+``export(ex, out_dir, preset) -> file name``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from edge_sparse.errors import UserError
+
+__all__ = ["build", "export", "KERNEL_ATTR", "TIR_PIPELINE"]
+
+# PrimFuncs carrying this attribute are hand-scheduled kernels (sparse kernels): the TIR pipeline compiles them with
+# StorageRewrite disabled so that their small local accumulators stay in registers (TVM_NOTES: 5x in the prototype).
+KERNEL_ATTR = "edge_sparse.kernel"
+TIR_PIPELINE = "edge_sparse_cpu"
+
+
+def _selective_tir_pipeline():
+    import tvm
+    from tvm import tirx
+    from tvm.s_tir.pipeline import default_s_tir_pipeline
+
+    base, fin_host, fin_dev = default_s_tir_pipeline()
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgeSparseTIRPipeline")
+    def _pipeline(mod, ctx):
+        ours = {gv: f for gv, f in mod.functions_items()
+                if isinstance(f, tirx.PrimFunc) and f.attrs is not None and KERNEL_ATTR in f.attrs}
+        rest = {gv: f for gv, f in mod.functions_items() if gv not in ours}
+        out = {}
+        if rest:
+            out.update(dict(base(tvm.IRModule(rest, attrs=mod.attrs)).functions_items()))
+        if ours:
+            cfg = dict(ctx.config)
+            cfg["tirx.disable_storage_rewrite"] = True
+            with tvm.transform.PassContext(opt_level=ctx.opt_level, config=cfg):
+                out.update(dict(base(tvm.IRModule(ours, attrs=mod.attrs)).functions_items()))
+        return tvm.IRModule(out, attrs=mod.attrs)
+
+    return _pipeline, fin_host, fin_dev
+
+
+_REGISTERED = False
+
+
+def _register_tir_pipeline() -> None:
+    global _REGISTERED
+    if not _REGISTERED:
+        from tvm.tirx.compilation_pipeline import register_tir_pipeline
+
+        register_tir_pipeline(TIR_PIPELINE, _selective_tir_pipeline)
+        _REGISTERED = True
+
+
+def relax_pipeline(preset, *, tuning_db=None):
+    """The Relax pipeline for this preset: TVM's CPU phases plus our schedule rules (targets.cpu.schedules)."""
+    from tvm import relax
+
+    target = preset.tvm_target()
+    return relax.pipeline.get_default_pipeline(target)
+
+
+def build(mod, preset, *, tuning_db=None):
+    """Compile a Relax module (after the sparsify pass) for a CPU preset."""
+    import tvm
+
+    _register_tir_pipeline()
+    target = preset.tvm_target()
+    with tvm.transform.PassContext(opt_level=3):
+        return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(preset, tuning_db=tuning_db),
+                           tir_pipeline=TIR_PIPELINE)
+
+
+def export(ex, out_dir: Path, preset) -> str:
+    """Link the executable into ``out_dir``: ``model.so`` (host or cross g++) or ``model.tar`` (objects to link)."""
+    from edge_sparse.targets import cross_compiler_or_error
+
+    out_dir = Path(out_dir)
+    kind = preset.link.get("kind", "host")
+    if kind == "host":
+        ex.export_library(str(out_dir / "model.so"))
+        return "model.so"
+    if kind == "cross":
+        from tvm.support import cc
+
+        cxx = cross_compiler_or_error(preset)
+        ex.export_library(str(out_dir / "model.so"), fcompile=cc.cross_compiler(cxx))
+        return "model.so"
+    if kind == "ndk":
+        ndk = os.environ.get("ANDROID_NDK_HOME")
+        if ndk:
+            from tvm.support import ndk as ndk_mod  # noqa: F401  (TVM's NDK helper reads TVM_NDK_CC)
+
+            clang = _ndk_clang(Path(ndk), int(preset.link.get("api_level", 28)))
+            from tvm.support import cc
+
+            ex.export_library(str(out_dir / "model.so"), fcompile=cc.cross_compiler(str(clang), options=["-shared", "-fPIC", "-lm"]))
+            return "model.so"
+        ex.export_library(str(out_dir / "model.tar"))
+        return "model.tar"
+    raise UserError(f"target '{preset.name}': unknown link kind '{kind}' (use host, cross or ndk)")
+
+
+def _ndk_clang(ndk: Path, api: int) -> Path:
+    cands = sorted(ndk.glob(f"toolchains/llvm/prebuilt/*/bin/aarch64-linux-android{api}-clang++"))
+    if not cands:
+        raise UserError(f"ANDROID_NDK_HOME={ndk} has no aarch64-linux-android{api}-clang++; point it at an NDK r23 or newer")
+    return cands[0]
