@@ -1,0 +1,142 @@
+"""Artifact directory format: the compiled library plus ``manifest.json``.
+
+Imports only the standard library, so the device-side runtime can use it. Writing is atomic at the directory level:
+the caller builds everything in a temporary sibling directory and :func:`commit_dir` renames it into place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from edge_sparse.errors import UserError
+
+__all__ = ["SCHEMA_VERSION", "MANIFEST", "Manifest", "sha256_file", "read_manifest", "write_manifest",
+           "file_entries", "verify_files", "staging_dir", "commit_dir", "check_output_dir"]
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclasses.dataclass
+class Manifest:
+    tool: dict[str, str]
+    tvm: dict[str, str]
+    target: dict[str, Any]
+    library: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    source_model: dict[str, str]
+    layers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    files: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    compile: dict[str, Any] = dataclasses.field(default_factory=dict)
+    bundle: dict[str, Any] | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["bundle"] is None:
+            del d["bundle"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def file_entries(root: Path, exclude=(MANIFEST,)) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file under ``root`` (relative POSIX paths), manifest excluded."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            rel = p.relative_to(root).as_posix()
+            if rel not in exclude:
+                out[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    return out
+
+
+def write_manifest(root: Path, manifest: Manifest) -> None:
+    manifest.files = file_entries(root)
+    tmp = root / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    os.replace(tmp, root / MANIFEST)
+
+
+def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"artifact directory not found: {root}; create one with 'edge-sparse compile MODEL.onnx -o {root}'")
+    path = root / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{root} has no {MANIFEST}; is it an edge-sparse artifact directory?")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}); recompile the artifact") from None
+    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(f"{path}: unsupported manifest schema {data.get('schema_version') if isinstance(data, dict) else '?'}"
+                        f" (this edge-sparse reads {SCHEMA_VERSION}); recompile with this version")
+    for key in ("library", "inputs", "outputs", "files"):
+        if key not in data:
+            raise UserError(f"{path} lacks '{key}'; recompile the artifact")
+    return data
+
+
+def verify_files(root: str | os.PathLike, manifest: dict[str, Any], only: list[str] | None = None) -> None:
+    """Check sha256 and size of the manifest's files (all, or ``only``) before anything is loaded."""
+    root = Path(root).resolve()
+    for rel, meta in manifest["files"].items():
+        if only is not None and rel not in only:
+            continue
+        p = (root / rel).resolve()
+        if root not in p.parents:
+            raise UserError(f"manifest lists a file outside the artifact: {rel}")
+        if not p.is_file():
+            raise UserError(f"artifact file missing: {p}; copy the whole artifact directory")
+        if p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
+            raise UserError(f"artifact file {rel} does not match its sha256 in {MANIFEST} (modified or corrupt); recompile or re-copy it")
+
+
+def check_output_dir(out_dir: str | os.PathLike, force: bool, inputs: tuple = ()) -> Path:
+    out = Path(out_dir)
+    for src in inputs:
+        if src is not None and Path(src).resolve() == out.resolve():
+            raise UserError(f"output {out} is the input file; choose another output path")
+    if out.exists() and not force:
+        raise UserError(f"output directory {out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} exists and is not a directory; remove it or choose another path")
+    return out
+
+
+def staging_dir(out_dir: Path) -> Path:
+    """A fresh temporary directory beside ``out_dir`` (same filesystem, so the final rename is atomic)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+
+
+def commit_dir(staging: Path, out_dir: Path) -> None:
+    """Move the finished staging directory into place, replacing an old ``out_dir`` (--force)."""
+    out_dir = Path(out_dir)
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

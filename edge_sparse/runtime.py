@@ -1,0 +1,147 @@
+"""Device-side runtime: load an artifact directory and run it with numpy arrays by ONNX input names.
+
+Imports only numpy, the TVM runtime and the standard library (no onnx, onnxruntime or click), so it runs on a
+Raspberry Pi or phone with ``pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1 numpy`` and a copy of
+this file's package. Hashes from the manifest are checked before the library is loaded.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_sparse.artifact import read_manifest, verify_files
+from edge_sparse.errors import UserError
+
+__all__ = ["Model", "load", "set_threads"]
+
+_ARCH = {"amd64": "x86_64", "arm64": "aarch64"}
+
+
+def set_threads(n: int | None) -> None:
+    """Number of TVM worker threads for this process (None: TVM_NUM_THREADS or TVM's default)."""
+    if n is None:
+        return
+    if n < 1:
+        raise UserError(f"--threads must be >= 1, got {n}")
+    os.environ["TVM_NUM_THREADS"] = str(n)      # read when the pool starts
+    import tvm
+
+    cfg = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
+    if cfg is not None:                          # the pool may already be running: resize it
+        cfg(1, int(n))
+
+
+def _check_arch(manifest: dict[str, Any]) -> None:
+    target = manifest.get("target", {})
+    want = target.get("arch")
+    have = _ARCH.get(platform.machine().lower(), platform.machine().lower())
+    if want and want != have:
+        raise UserError(f"artifact was compiled for '{target.get('name')}' ({want}); this machine is {have}: "
+                        f"run it on the device (see RUN.md) or benchmark it with 'edge-sparse bench DIR --rpc HOST:PORT'")
+    if manifest["library"].endswith(".tar"):
+        raise UserError("artifact holds an unlinked object archive (model.tar); link it for the device first (see RUN.md)")
+
+
+def _check_versions(manifest: dict[str, Any]) -> None:
+    import tvm
+
+    built = manifest.get("tvm", {}).get("version")
+    if built and built != tvm.__version__:
+        raise UserError(f"artifact was compiled with TVM {built} but this runtime is TVM {tvm.__version__}; "
+                        f"install apache-tvm=={built} or recompile")
+
+
+class Model:
+    """A loaded artifact. ``run({name: array}) -> {name: array}``."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], lib, vm, device):
+        self.root = root
+        self.manifest = manifest
+        self.lib = lib
+        self.vm = vm
+        self.device = device
+        self.inputs: list[dict[str, Any]] = manifest["inputs"]
+        self.outputs: list[dict[str, Any]] = manifest["outputs"]
+
+    def __repr__(self) -> str:
+        ins = ", ".join(f"{i['name']}{tuple(i['shape'])}:{i['dtype']}" for i in self.inputs)
+        return f"<edge_sparse Model {self.root} target={self.manifest['target'].get('name')} inputs=[{ins}]>"
+
+    def make_inputs(self, fill: str = "random", seed: int = 0) -> dict[str, np.ndarray]:
+        """Inputs of the right names, shapes and dtypes: standard-normal floats (or zeros); integer inputs are ones
+        (valid token ids and attention masks)."""
+        if fill not in ("random", "zeros"):
+            raise UserError(f"fill must be 'random' or 'zeros', got '{fill}'")
+        rng = np.random.default_rng(seed)
+        out = {}
+        for spec in self.inputs:
+            shape, dtype = tuple(spec["shape"]), np.dtype(spec["dtype"])
+            if fill == "zeros":
+                out[spec["name"]] = np.zeros(shape, dtype)
+            elif dtype.kind == "f":
+                out[spec["name"]] = rng.standard_normal(shape).astype(dtype)
+            else:
+                out[spec["name"]] = np.ones(shape, dtype)
+        return out
+
+    def check_inputs(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        names = [i["name"] for i in self.inputs]
+        unknown = [k for k in inputs if k not in names]
+        if unknown:
+            raise UserError(f"unknown input name(s) {', '.join(unknown)}; the model's inputs are: {', '.join(names)}")
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise UserError(f"missing input(s) {', '.join(missing)}; the model's inputs are: {', '.join(names)}")
+        arrays = []
+        for spec in self.inputs:
+            a = np.asarray(inputs[spec["name"]])
+            if tuple(a.shape) != tuple(spec["shape"]):
+                raise UserError(f"input '{spec['name']}' has shape {list(a.shape)}, the model expects {spec['shape']}")
+            if a.dtype != np.dtype(spec["dtype"]):
+                raise UserError(f"input '{spec['name']}' has dtype {a.dtype}, the model expects {spec['dtype']}")
+            arrays.append(np.ascontiguousarray(a))
+        return arrays
+
+    def to_device(self, inputs: dict[str, np.ndarray]) -> list:
+        import tvm
+
+        return [tvm.runtime.tensor(a, self.device) for a in self.check_inputs(inputs)]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        result = self.vm["main"](*self.to_device(inputs))
+        return self.outputs_to_numpy(result)
+
+    def outputs_to_numpy(self, result) -> dict[str, np.ndarray]:
+        flat = list(result) if not hasattr(result, "numpy") else [result]
+        if len(flat) != len(self.outputs):
+            raise RuntimeError(f"model returned {len(flat)} outputs, manifest lists {len(self.outputs)}")
+        return {spec["name"]: t.numpy() for spec, t in zip(self.outputs, flat)}
+
+
+def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = True) -> Model:
+    """Load an artifact directory made by ``edge-sparse compile`` (hashes checked first)."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    _check_arch(manifest)
+    if verify:
+        verify_files(root, manifest)
+    _check_versions(manifest)
+    set_threads(threads)
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    lib = tvm.runtime.load_module(str(root / manifest["library"]))
+    if manifest.get("target", {}).get("family") == "opencl":
+        dev = tvm.opencl(0)
+        if not dev.exist:
+            raise UserError("artifact targets an OpenCL GPU but this TVM runtime finds no OpenCL device; "
+                            "build the TVM runtime with USE_OPENCL=ON on the device")
+        vm = VirtualMachine(lib, [dev, tvm.cpu(0)])
+    else:
+        dev = tvm.cpu(0)
+        vm = VirtualMachine(lib, dev)
+    return Model(root, manifest, lib, vm, dev)
