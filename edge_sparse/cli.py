@@ -59,6 +59,154 @@ def targets_cmd(target_file, as_json):
         click.echo(f"{p.name:<15} {p.family:<7} {p.arch:<8} {p.cores:>5} {p.vector_bits:>4}  {p.description}")
 
 
+# ---------------------------------------------------------------------------------------------- compile
+def _parse_shapes(specs) -> dict:
+    from edge_sparse.intake import parse_input_shape
+
+    shapes = {}
+    for spec in specs:
+        name, dims = parse_input_shape(spec)
+        shapes[name] = dims
+    return shapes
+
+
+@cli.command("compile")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--target", "-t", default="host", show_default=True, help="Preset name (see 'edge-sparse targets').")
+@click.option("--target-file", type=click.Path(dir_okay=False), help="A device preset in TOML (no code needed).")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Artifact directory to write.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
+              help="Fix an input's shape (repeatable); defaults come from the model where static.")
+@click.option("--sparse", default="auto", show_default=True,
+              help="auto (cost model picks per layer), off, or force a format: bsr16x1, bsr8x1, bsr4x1, csr, 2:4.")
+@click.option("--measure", is_flag=True, help="Time candidate kernels on the target instead of using the cost model.")
+@click.option("--tuning-db", type=click.Path(file_okay=False), help="meta_schedule database from 'edge-sparse tune'.")
+@click.option("--threads", type=int, help="Threads the artifact is meant to run with (recorded; runtime default).")
+@click.option("--bundle", is_flag=True, help="aarch64 targets: add lib/ (TVM runtime), bin/edge-sparse-run, RUN.md.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--verbose", "-v", is_flag=True, help="Print the per-layer kernel choice.")
+@quiet_option
+def compile_cmd(model, target, target_file, output, input_shapes, sparse, measure, tuning_db, threads, bundle, force,
+                verbose, quiet):
+    """Compile an ONNX MODEL for a target into an artifact directory."""
+    from edge_sparse.compiler import compile as compile_model
+
+    _quiet(quiet)
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
+    manifest = compile_model(model, target if not target_file or target != "host" else None, output,
+                             input_shapes=_parse_shapes(input_shapes), sparse=sparse, target_file=target_file,
+                             tuning_db=tuning_db, threads=threads, force=force, bundle=bundle, measure=measure,
+                             quiet=quiet)
+    if verbose:
+        _print_layers(manifest.get("layers", []))
+    size = sum(f["bytes"] for f in manifest["files"].values())
+    if not quiet:
+        click.echo(f"{output}: {manifest['library']} for {manifest['target']['name']}, {size / 1e6:.2f} MB, "
+                   f"compiled in {manifest['compile']['seconds']:.1f} s")
+
+
+def _print_layers(layers) -> None:
+    if not layers:
+        click.echo("no prunable layers (all dense)")
+        return
+    click.echo(f"{'layer':<40} {'op':<8} {'shape':<12} {'sparsity':>8}  kernel")
+    for layer in layers:
+        shape = "x".join(str(d) for d in layer.get("weight_shape", []))
+        click.echo(f"{str(layer.get('name'))[:40]:<40} {str(layer.get('op')):<8} {shape:<12} "
+                   f"{layer.get('sparsity', 0.0):>8.1%}  {layer.get('kernel', layer.get('format'))}")
+
+
+# ---------------------------------------------------------------------------------------------- run
+def _load_npz(path) -> dict:
+    import numpy as np
+
+    try:
+        if str(path).endswith(".npy"):
+            return {"__single__": np.load(path, allow_pickle=False)}
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read inputs from {path}: {e}; pass an .npz with arrays named like the model's inputs") from None
+
+
+@cli.command("run")
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("--input", "-i", "input_path", type=click.Path(dir_okay=False), help=".npz of inputs by name (or .npy for one input).")
+@click.option("--fill", type=click.Choice(["random", "zeros"]), default="random", show_default=True,
+              help="How to make inputs when --input is not given.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write outputs to this .npz.")
+@click.option("--threads", type=int, help="TVM worker threads (default: TVM_NUM_THREADS or all cores).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@quiet_option
+def run_cmd(artifact, input_path, fill, seed, output, threads, force, quiet):
+    """Run an artifact once and print (or save) its outputs."""
+    import os
+    from pathlib import Path
+
+    import numpy as np
+
+    from edge_sparse import runtime
+
+    _quiet(quiet)
+    if output is not None:
+        if Path(output).exists() and not force:
+            raise UserError(f"output file {output} already exists; pass --force to overwrite it")
+        if input_path is not None and Path(output).resolve() == Path(input_path).resolve():
+            raise UserError("--output is the input file; choose another path")
+    model = runtime.load(artifact, threads=threads)
+    if input_path is not None:
+        inputs = _load_npz(input_path)
+        if "__single__" in inputs:
+            if len(model.inputs) != 1:
+                raise UserError(f"a .npy holds one array but the model has {len(model.inputs)} inputs; use an .npz")
+            inputs = {model.inputs[0]["name"]: inputs["__single__"]}
+    else:
+        inputs = model.make_inputs(fill, seed)
+    outputs = model.run(inputs)
+    if output is not None:
+        tmp = f"{output}.tmp-{os.getpid()}.npz"
+        np.savez(tmp, **outputs)
+        os.replace(tmp, output)
+    if not quiet:
+        for name, arr in outputs.items():
+            flat = arr.reshape(-1)
+            head = ", ".join(f"{v:.5g}" for v in flat[:6]) if arr.dtype.kind == "f" else ", ".join(map(str, flat[:6]))
+            click.echo(f"{name}: shape={list(arr.shape)} dtype={arr.dtype} [{head}{', ...' if flat.size > 6 else ''}]")
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+@cli.command("inspect")
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Check file hashes.")
+def inspect_cmd(artifact, as_json, verify):
+    """Show an artifact's manifest: target, inputs/outputs, per-layer kernels, files."""
+    from edge_sparse.artifact import read_manifest, verify_files
+
+    manifest = read_manifest(artifact)
+    if verify:
+        verify_files(artifact, manifest)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    t = manifest["target"]
+    click.echo(f"artifact   {artifact}  (schema {manifest['schema_version']}, edge-sparse {manifest['tool']['version']}, "
+               f"TVM {manifest['tvm']['version']})")
+    click.echo(f"target     {t.get('name')}: {t.get('description')}")
+    click.echo(f"source     {manifest['source_model']['name']}  sha256 {manifest['source_model']['sha256'][:16]}...")
+    for kind in ("inputs", "outputs"):
+        for spec in manifest[kind]:
+            click.echo(f"{kind[:-1]:<10} {spec['name']}  {spec['shape']}  {spec['dtype']}")
+    _print_layers(manifest.get("layers", []))
+    total = 0
+    for rel, meta in manifest["files"].items():
+        total += meta["bytes"]
+        click.echo(f"file       {rel:<32} {meta['bytes']:>12,d} B  {meta['sha256'][:16]}...")
+    click.echo(f"total      {total:,d} B" + ("  (hashes verified)" if verify else ""))
+
+
 def main(argv=None):
     """Console-script entry point."""
     try:
