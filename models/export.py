@@ -72,6 +72,15 @@ def load_module(spec: str):
     return obj.eval()
 
 
+def _first_line(e: Exception) -> str:
+    """The cause of an exporter error: its 'Exception summary' line when there is one, else its first line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for i, ln in enumerate(lines):
+        if ln.startswith("## Exception summary") and i + 1 < len(lines):
+            return lines[i + 1][:300]
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
 _DTYPES = {"float32": "float32", "float": "float32", "float16": "float16", "int64": "int64", "long": "int64",
            "int32": "int32", "bool": "bool"}
 
@@ -103,6 +112,19 @@ def export_module(module, out: str | os.PathLike, input_shapes: dict[str, tuple[
         if dt is None:
             raise UserError(f"--input-dtype {name}={dtypes[name]}: use one of {', '.join(sorted(set(_DTYPES)))}")
         args.append(torch.zeros(tuple(shape), dtype=getattr(torch, dt)))
+    program_input = module
+    if isinstance(module, torch.jit.ScriptModule):
+        # torch.export (the current exporter's front end) rejects ScriptModules; torch's own TorchScript ->
+        # ExportedProgram converter bridges them (a private module, hence the guarded import).
+        try:
+            from torch._export.converter import TS2EPConverter
+        except ImportError:
+            raise UserError(f"this torch ({torch.__version__}) cannot convert TorchScript for the exporter; "
+                            f"export the Python module as pkg.mod:factory instead") from None
+        try:
+            program_input = TS2EPConverter(module, tuple(args)).convert()
+        except Exception as e:
+            raise UserError(f"converting the TorchScript module for export failed: {_first_line(e)}") from None
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent or "."))
     os.close(fd)
     import logging
@@ -112,12 +134,11 @@ def export_module(module, out: str | os.PathLike, input_shapes: dict[str, tuple[
     try:
         with torch.no_grad():
             try:
-                program = torch.onnx.export(module, tuple(args), input_names=list(input_shapes),
+                program = torch.onnx.export(program_input, tuple(args), input_names=list(input_shapes),
                                             output_names=output_names, opset_version=opset, dynamo=True,
                                             external_data=False, optimize=True, verbose=False)
             except Exception as e:
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-                raise UserError(f"torch.onnx.export failed: {first}") from None
+                raise UserError(f"torch.onnx.export failed: {_first_line(e)}") from None
         program.save(tmp, external_data=False)
         model = onnx.load(tmp)
         onnx.checker.check_model(model)
