@@ -10,7 +10,7 @@ from pathlib import Path
 
 from edge_sparse.errors import UserError
 
-__all__ = ["build", "export", "KERNEL_ATTR", "TIR_PIPELINE"]
+__all__ = ["build", "export", "make_sparse_kernel", "KERNEL_ATTR", "TIR_PIPELINE"]
 
 # PrimFuncs carrying this attribute are hand-scheduled kernels (sparse kernels): the TIR pipeline compiles them with
 # StorageRewrite disabled so that their small local accumulators stay in registers (TVM_NOTES: 5x in the prototype).
@@ -41,6 +41,13 @@ def _selective_tir_pipeline():
         return tvm.IRModule(out, attrs=mod.attrs)
 
     return _pipeline, fin_host, fin_dev
+
+
+def make_sparse_kernel(spec, preset):
+    """Sparse kernel PrimFunc for a ``passes.formats.KernelSpec`` (None keeps the layer dense): targets/cpu/sparse.py."""
+    from edge_sparse.targets.cpu.sparse import make_sparse_kernel as _make
+
+    return _make(spec, preset)
 
 
 _REGISTERED = False
