@@ -1,0 +1,105 @@
+"""OpenCL family (Adreno and Mali mobile GPUs): Relax pipeline, sparse GPU kernels, linking of the aarch64 host code.
+
+Interface shared by every family module: ``build(mod, preset, *, tuning_db=None) -> Executable``,
+``export(ex, out_dir, preset) -> file name`` and ``make_sparse_kernel(spec, preset) -> PrimFunc | None``.
+
+Dense operators go through TVM's own GPU pipelines: the Adreno pipeline (dlight adreno rules, then dlight gpu
+Reduction/GeneralReduction/Fallback) for ``device = "adreno"``, the generic GPU pipeline (dlight gpu Matmul/GEMV/...)
+for everything else (Mali). The Adreno "texture" key variant is refused: it crashes or miscompiles CNNs with the
+pinned TVM (TVM_NOTES). Sparse kernels (``targets.opencl.kernels``) arrive already scheduled (thread bindings,
+``tirx.is_scheduled``), so dlight leaves them alone, and ``AnnotateTIROpPattern`` marks them opaque so fusion does too.
+
+TVM's PyPI runtime has no OpenCL: the executables built here cannot run on this machine. ``edge_sparse.opencl_check``
+replays their OpenCL kernels on a real OpenCL runtime (PoCL, or a GPU's driver) through pyopencl.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+
+from edge_sparse.errors import UserError
+
+__all__ = ["build", "export", "make_sparse_kernel", "relax_pipeline", "KERNEL_ATTR"]
+
+# The same marker as the CPU family: passes/sparsify.py tags every hand kernel with it.
+KERNEL_ATTR = "edge_sparse.kernel"
+
+
+def relax_pipeline(preset, *, tuning_db=None):
+    """TVM's GPU pipeline for this preset's target (Adreno pipeline for adreno, generic GPU pipeline otherwise)."""
+    from tvm import relax
+
+    target = preset.tvm_target()
+    if "texture" in target.keys:
+        raise UserError(f"target '{preset.name}': the Adreno 'texture' variant is not supported with TVM 0.27 "
+                        f"(it crashes in conv2d legalisation); drop 'texture' from the target keys")
+    return relax.pipeline.get_default_pipeline(target)
+
+
+def build(mod, preset, *, tuning_db=None):
+    """Compile a Relax module (after the sparsify pass) for an OpenCL preset.
+
+    Instruments of the surrounding ``PassContext`` are kept, so ``edge_sparse.opencl_check`` can watch the passes.
+    ``tuning_db`` is accepted for interface parity; the GPU families use dlight's default schedules (no tuning).
+    """
+    import tvm
+
+    target = preset.tvm_target()
+    outer = tvm.transform.PassContext.current()
+    with tvm.transform.PassContext(opt_level=3, config=dict(outer.config), instruments=list(outer.instruments)):
+        return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(preset, tuning_db=tuning_db))
+
+
+def make_sparse_kernel(spec, preset):
+    """The GPU PrimFunc for a sparse layer described by ``spec`` (passes.formats.KernelSpec), or None."""
+    from edge_sparse.targets.opencl import kernels
+
+    return kernels.make_sparse_kernel(spec, preset)
+
+
+def export(ex, out_dir: Path, preset) -> str:
+    """Link the executable's aarch64 host code (the OpenCL source is embedded) into ``out_dir``.
+
+    mali (link kind ``cross``): ``model.so`` through aarch64-linux-gnu-g++. adreno (``ndk``): ``model.so`` through the
+    NDK's clang when ANDROID_NDK_HOME is set, else ``model.tar`` (objects) plus ``LINK.txt`` with the link command.
+    """
+    from tvm.support import cc
+
+    from edge_sparse.targets import cross_compiler_or_error
+
+    out_dir = Path(out_dir)
+    kind = preset.link.get("kind", "host")
+    if kind == "host":
+        ex.export_library(str(out_dir / "model.so"))
+        return "model.so"
+    if kind == "cross":
+        cxx = cross_compiler_or_error(preset)
+        ex.export_library(str(out_dir / "model.so"), fcompile=cc.cross_compiler(cxx))
+        return "model.so"
+    if kind == "ndk":
+        api = int(preset.link.get("api_level", 28))
+        ndk = os.environ.get("ANDROID_NDK_HOME")
+        if ndk:
+            clang = _ndk_clang(Path(ndk), api)
+            ex.export_library(str(out_dir / "model.so"),
+                              fcompile=cc.cross_compiler(str(clang), options=["-shared", "-fPIC", "-lm"]))
+            return "model.so"
+        ex.export_library(str(out_dir / "model.tar"))
+        link = (f"mkdir -p objs && tar -xf model.tar -C objs && "
+                f"$ANDROID_NDK_HOME/toolchains/llvm/prebuilt/linux-x86_64/bin/aarch64-linux-android{api}-clang++ "
+                f"-shared -fPIC -o model.so objs/*.o -lm")
+        (out_dir / "LINK.txt").write_text(
+            "ANDROID_NDK_HOME was not set when this artifact was compiled, so the aarch64 host objects are in\n"
+            "model.tar. Link them on a machine with the Android NDK (r23 or newer), in this directory:\n\n"
+            f"    {link}\n\nthen set \"library\": \"model.so\" in manifest.json (or recompile with ANDROID_NDK_HOME set).\n")
+        return "model.tar"
+    raise UserError(f"target '{preset.name}': unknown link kind '{kind}' (use host, cross or ndk)")
+
+
+def _ndk_clang(ndk: Path, api: int) -> Path:
+    cands = sorted(ndk.glob(f"toolchains/llvm/prebuilt/*/bin/aarch64-linux-android{api}-clang++"))
+    if not cands:
+        raise UserError(f"ANDROID_NDK_HOME={shlex.quote(str(ndk))} has no aarch64-linux-android{api}-clang++; "
+                        f"point it at an NDK r23 or newer")
+    return cands[0]
