@@ -1,0 +1,466 @@
+"""Self-contained aarch64 bundles: the TVM runtime, a prebuilt runner and RUN.md beside a compiled model.
+
+``make_bundle(out_dir, preset, manifest)`` is called by ``compile(..., bundle=True)`` for aarch64 presets. It adds:
+
+- ``lib/libtvm_runtime.so``, ``lib/libtvm_ffi.so``: taken from the PyPI aarch64 wheels of exactly the TVM versions
+  that compiled the model (``pip download``, cached under ``$EDGE_SPARSE_CACHE`` or ``~/.cache/edge-sparse``);
+- ``bin/edge-sparse-run``: a C++ runner cross-compiled against those libraries (RPATH ``$ORIGIN/../lib``);
+- ``include/`` (tvm_ffi + dlpack headers, ``edge_sparse.hpp``, ``npy.hpp``) and ``src/edge-sparse-run.cpp``,
+  so an app (or the device itself) can build against the same runtime;
+- ``RUN.md``: the commands to copy the directory to the device and run it.
+
+The returned dict goes into ``manifest["bundle"]``. It records each runtime library's package, version and sha256;
+the runner (``edge_sparse.hpp``) hashes the libraries the loader actually mapped and refuses to run when they are
+not the ones of the TVM versions in ``manifest["tvm"]``.
+
+Android (``link.kind == "ndk"``): PyPI has no Android build of the TVM runtime (the wheels are glibc/manylinux),
+so the bundle carries the runner source, headers and RUN.md with the NDK commands instead of ``lib/`` and ``bin/``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from edge_sparse.errors import UserError
+from edge_sparse.progress import Progress
+
+__all__ = ["make_bundle", "runtime_files", "build_runner", "cache_dir", "android_link_command", "RuntimeFiles",
+           "RUNNER_SOURCES", "WHEEL_PLATFORM"]
+
+RUNNER_DIR = Path(__file__).parent / "runner"
+RUNNER_SOURCES = ("main.cpp", "edge_sparse.hpp", "npy.hpp")
+# manylinux_2_28 is the tag of TVM's aarch64 wheels; pip also accepts older manylinux wheels under it.
+WHEEL_PLATFORM = "manylinux_2_28_aarch64"
+# The ffi wheel is per CPython version; its libtvm_ffi.so is the same C library for all of them. Fixing the tag
+# makes every machine ship the same bytes (and the same sha256 in manifests).
+WHEEL_PYTHON = "3.11"
+_LIBS = {  # file in the bundle's lib/ -> (package, path inside the wheel)
+    "libtvm_runtime.so": ("apache-tvm", "tvm/lib/libtvm_runtime.so"),
+    "libtvm_ffi.so": ("apache-tvm-ffi", "tvm_ffi/lib/libtvm_ffi.so"),
+}
+_HEADER_ROOTS = ("tvm_ffi/include/tvm/", "tvm_ffi/include/dlpack/")
+RUNNER_FLAGS = ["-std=c++17", "-O2", "-s", "-fPIE", "-pie"]
+
+
+def cache_dir() -> Path:
+    """``$EDGE_SPARSE_CACHE`` or ``~/.cache/edge-sparse``."""
+    return Path(os.environ.get("EDGE_SPARSE_CACHE") or Path.home() / ".cache" / "edge-sparse")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tree_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeFiles:
+    """The aarch64 TVM runtime of one (tvm, tvm_ffi) version pair, extracted from the wheels into the cache."""
+
+    root: Path                       # <cache>/aarch64-runtime/tvm-<v>_ffi-<v>
+    tvm_version: str
+    ffi_version: str
+    wheels: dict[str, dict[str, str]]  # package -> {file, sha256}
+
+    @property
+    def lib(self) -> Path:
+        return self.root / "lib"
+
+    @property
+    def include(self) -> Path:
+        return self.root / "include"
+
+    def library_info(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for name, (package, _) in _LIBS.items():
+            p = self.lib / name
+            out[f"lib/{name}"] = {
+                "package": package,
+                "version": self.tvm_version if package == "apache-tvm" else self.ffi_version,
+                "sha256": _sha256(p),
+                "bytes": p.stat().st_size,
+                "wheel": self.wheels[package]["file"],
+            }
+        return out
+
+
+def _installed_versions() -> tuple[str, str]:
+    import tvm
+    import tvm_ffi
+
+    return tvm.__version__, tvm_ffi.__version__
+
+
+def _download_wheels(dest: Path, tvm_version: str, ffi_version: str, progress: Progress) -> None:
+    specs = [f"apache-tvm=={tvm_version}", f"apache-tvm-ffi=={ffi_version}"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--platform", WHEEL_PLATFORM,
+           "--python-version", WHEEL_PYTHON, "--dest", str(dest), "--quiet", *specs]
+    with progress.step(f"downloading the aarch64 wheels of {' and '.join(specs)} (about 100 MB, once)"):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
+        raise UserError(f"could not download the aarch64 TVM runtime wheels ({' '.join(specs)}): {last}; "
+                        f"check the network, or put both .whl files into {dest} by hand")
+
+
+def _find_wheel(folder: Path, package: str, version: str) -> Path | None:
+    stem = package.replace("-", "_")
+    found = sorted(folder.glob(f"{stem}-{version}-*aarch64*.whl"))
+    return found[0] if found else None
+
+
+def runtime_files(tvm_version: str | None = None, ffi_version: str | None = None, *,
+                  quiet: bool | None = None) -> RuntimeFiles:
+    """Fetch (once) and extract the aarch64 runtime libraries and tvm_ffi headers of these versions.
+
+    Defaults are the versions installed here (the compiler's). Wheels may also be placed by hand into
+    ``<cache>/wheels`` for offline machines.
+    """
+    if tvm_version is None or ffi_version is None:
+        have_tvm, have_ffi = _installed_versions()
+        tvm_version, ffi_version = tvm_version or have_tvm, ffi_version or have_ffi
+    progress = Progress(quiet)
+    cache = cache_dir()
+    wheels_dir = cache / "wheels"
+    root = cache / "aarch64-runtime" / f"tvm-{tvm_version}_ffi-{ffi_version}"
+    packages = {"apache-tvm": tvm_version, "apache-tvm-ffi": ffi_version}
+    wheels = {p: _find_wheel(wheels_dir, p, v) for p, v in packages.items()}
+    if any(w is None for w in wheels.values()):
+        wheels_dir.mkdir(parents=True, exist_ok=True)
+        _download_wheels(wheels_dir, tvm_version, ffi_version, progress)
+        wheels = {p: _find_wheel(wheels_dir, p, v) for p, v in packages.items()}
+        missing = [f"{p}=={v}" for p, v in packages.items() if wheels[p] is None]
+        if missing:
+            raise UserError(f"pip found no aarch64 wheel for {', '.join(missing)}; "
+                            f"the bundle needs the runtime of exactly the compiler's TVM versions")
+    wheel_info = {p: {"file": w.name, "sha256": _sha256(w)} for p, w in wheels.items()}
+    if not (root / "lib" / "libtvm_runtime.so").is_file() or not (root / "include" / "tvm" / "ffi").is_dir():
+        with progress.step("extracting the aarch64 TVM runtime"):
+            root.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=root.parent))
+            try:
+                (tmp / "lib").mkdir()
+                (tmp / "include").mkdir()
+                for name, (package, member) in _LIBS.items():
+                    with zipfile.ZipFile(wheels[package]) as z:
+                        try:
+                            data = z.read(member)
+                        except KeyError:
+                            raise UserError(f"{wheels[package].name} has no {member}; delete it from {wheels_dir} "
+                                            f"and let edge-sparse download it again") from None
+                    (tmp / "lib" / name).write_bytes(data)
+                with zipfile.ZipFile(wheels["apache-tvm-ffi"]) as z:
+                    for info in z.infolist():
+                        if info.is_dir() or not info.filename.startswith(_HEADER_ROOTS):
+                            continue
+                        rel = info.filename[len("tvm_ffi/include/"):]
+                        dest = tmp / "include" / rel
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        dest.write_bytes(z.read(info))
+                if root.exists():  # an incomplete extraction from an interrupted run
+                    shutil.rmtree(root, ignore_errors=True)
+                try:
+                    os.replace(tmp, root)
+                except OSError:  # another process finished first: use its copy
+                    shutil.rmtree(tmp, ignore_errors=True)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    return RuntimeFiles(root=root, tvm_version=tvm_version, ffi_version=ffi_version, wheels=wheel_info)
+
+
+def _compiler_version(cxx: str) -> str:
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return cxx
+    return out.splitlines()[0].strip() if out else cxx
+
+
+def _runner_command(cxx: str, runtime: RuntimeFiles, src_dir: Path, output: Path, version: str) -> list[str]:
+    return [cxx, *RUNNER_FLAGS, f"-DEDGE_SPARSE_RUNNER_VERSION=\"{version}\"", f"-I{src_dir}", f"-I{runtime.include}",
+            str(src_dir / "main.cpp"), "-o", str(output), f"-L{runtime.lib}", "-Wl,--no-as-needed",
+            "-ltvm_runtime", "-ltvm_ffi", "-Wl,--as-needed", "-ldl", "-Wl,-rpath,$ORIGIN/../lib"]
+
+
+def build_runner(runtime: RuntimeFiles, cxx: str = "aarch64-linux-gnu-g++", *, quiet: bool | None = None) -> Path:
+    """Cross-compile ``edge-sparse-run`` against ``runtime`` (cached by sources, compiler and runtime)."""
+    from edge_sparse import __version__
+
+    path = shutil.which(cxx)
+    if path is None:
+        raise UserError(f"C++ cross compiler '{cxx}' not found; install it with: sudo apt-get install g++-aarch64-linux-gnu")
+    key = hashlib.sha256()
+    for name in RUNNER_SOURCES:
+        key.update((RUNNER_DIR / name).read_bytes())
+    key.update(_compiler_version(path).encode())
+    key.update(" ".join(RUNNER_FLAGS).encode())
+    key.update(__version__.encode())
+    key.update(_sha256(runtime.lib / "libtvm_ffi.so").encode())
+    out = runtime.root / "runner" / key.hexdigest()[:16] / "edge-sparse-run"
+    if out.is_file():
+        return out
+    progress = Progress(quiet)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".edge-sparse-run.{os.getpid()}")
+    cmd = _runner_command(path, runtime, RUNNER_DIR, tmp, __version__)
+    with progress.step(f"building the runner with {cxx}"):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        errors = [l for l in proc.stderr.splitlines() if "error" in l][:3] or proc.stderr.splitlines()[-3:]
+        raise RuntimeError("building edge-sparse-run failed:\n" + "\n".join(errors))
+    os.replace(tmp, out)
+    return out
+
+
+def _glibc_needs(path: Path) -> dict[str, str]:
+    """Highest GLIBC_/GLIBCXX_ symbol versions an ELF file needs (what the device's OS must provide)."""
+    data = path.read_bytes()
+    out = {}
+    for key, pat in (("glibc", rb"GLIBC_(\d+\.\d+(?:\.\d+)?)"), ("glibcxx", rb"GLIBCXX_(\d+\.\d+(?:\.\d+)?)")):
+        found = {m.decode() for m in re.findall(pat, data)}
+        if found:
+            out[key] = max(found, key=lambda v: tuple(int(x) for x in v.split(".")))
+    return out
+
+
+def _max_version(*versions: str | None) -> str | None:
+    vs = [v for v in versions if v]
+    return max(vs, key=lambda v: tuple(int(x) for x in v.split("."))) if vs else None
+
+
+def _get(manifest, key: str):
+    return manifest[key] if isinstance(manifest, dict) else getattr(manifest, key)
+
+
+def _copy_sources(out_dir: Path, runtime: RuntimeFiles | None) -> None:
+    include = out_dir / "include"
+    if runtime is not None:
+        shutil.copytree(runtime.include, include, dirs_exist_ok=True)
+    include.mkdir(parents=True, exist_ok=True)
+    for name in ("edge_sparse.hpp", "npy.hpp"):
+        shutil.copy2(RUNNER_DIR / name, include / name)
+    (out_dir / "src").mkdir(exist_ok=True)
+    shutil.copy2(RUNNER_DIR / "main.cpp", out_dir / "src" / "edge-sparse-run.cpp")
+
+
+def android_link_command(library: str = "model.tar", api_level: int = 28, output: str = "model.so") -> str:
+    """The one shell command that links an exported object archive into ``model.so`` with the Android NDK."""
+    clang = f'"$ANDROID_NDK_HOME"/toolchains/llvm/prebuilt/linux-x86_64/bin/aarch64-linux-android{api_level}-clang++'
+    return (f"mkdir -p objs && tar -xf {library} -C objs && {clang} -shared -fPIC -o {output} objs/*.o -lm")
+
+
+def make_bundle(out_dir: str | os.PathLike, preset, manifest) -> dict[str, Any]:
+    """Add the aarch64 runtime, runner, headers and RUN.md to the artifact in ``out_dir``; returns manifest["bundle"].
+
+    ``out_dir`` already holds the linked model (``manifest.library``); ``manifest`` is the Manifest (or its dict)
+    being written, whose ``tvm`` versions choose the runtime.
+    """
+    out_dir = Path(out_dir)
+    if preset.arch != "aarch64":
+        raise UserError(f"--bundle packs the aarch64 runtime and runner; target '{preset.name}' is {preset.arch}")
+    library = _get(manifest, "library")
+    versions = _get(manifest, "tvm") or {}
+    tvm_version, ffi_version = versions.get("version"), versions.get("ffi_version")
+    model_bytes = (out_dir / library).stat().st_size
+    kind = preset.link.get("kind", "host")
+    if kind == "ndk":
+        return _android_bundle(out_dir, preset, library, tvm_version, ffi_version, model_bytes)
+
+    runtime = runtime_files(tvm_version, ffi_version)
+    cxx = preset.link.get("cxx", "aarch64-linux-gnu-g++") if kind == "cross" else "aarch64-linux-gnu-g++"
+    runner = build_runner(runtime, cxx)
+    (out_dir / "lib").mkdir(exist_ok=True)
+    for name in _LIBS:
+        shutil.copy2(runtime.lib / name, out_dir / "lib" / name)
+    (out_dir / "bin").mkdir(exist_ok=True)
+    shutil.copy2(runner, out_dir / "bin" / "edge-sparse-run")
+    os.chmod(out_dir / "bin" / "edge-sparse-run", 0o755)
+    _copy_sources(out_dir, runtime)
+
+    libs = runtime.library_info()
+    runtime_needs = {}
+    for name in _LIBS:
+        for k, v in _glibc_needs(out_dir / "lib" / name).items():
+            runtime_needs[k] = _max_version(runtime_needs.get(k), v)
+    runner_needs = _glibc_needs(out_dir / "bin" / "edge-sparse-run")
+    sizes = {
+        "model": model_bytes,
+        "runtime": sum(v["bytes"] for v in libs.values()),
+        "runner": (out_dir / "bin" / "edge-sparse-run").stat().st_size,
+        "sdk": _tree_bytes(out_dir / "include") + _tree_bytes(out_dir / "src"),
+    }
+    sizes["device"] = sizes["model"] + sizes["runtime"] + sizes["runner"]   # what must be on the device
+    info = {
+        "format": 1,
+        "kind": "linux-aarch64",
+        "runtime": {"tvm": runtime.tvm_version, "tvm_ffi": runtime.ffi_version, "platform": WHEEL_PLATFORM,
+                    "libraries": libs, "requires": runtime_needs},
+        "runner": {"path": "bin/edge-sparse-run", "compiler": _compiler_version(shutil.which(cxx) or cxx),
+                   "requires": runner_needs},
+        "sizes": sizes,
+        "run": "RUN.md",
+    }
+    (out_dir / "RUN.md").write_text(_run_md_linux(out_dir, preset, _get(manifest, "inputs"), info))
+    return info
+
+
+def _fmt_mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def _input_example(inputs) -> tuple[str, str]:
+    arrays = ", ".join(f"{i['name']!r}: np.zeros({tuple(i['shape'])}, np.{i['dtype']})" for i in inputs)
+    return ", ".join(i["name"] for i in inputs), "np.savez('inputs.npz', **{" + arrays + "})"
+
+
+def _artifact_name(out_dir: Path) -> str:
+    """The artifact's final directory name (compile builds it in a staging dir named ``.<name>.<random>.tmp``)."""
+    name = out_dir.name
+    if name.startswith(".") and name.endswith(".tmp"):
+        return name[1:-4].rsplit(".", 1)[0] or "model"
+    return name
+
+
+def _run_md_linux(out_dir: Path, preset, inputs, info) -> str:
+    name = _artifact_name(out_dir)
+    s = info["sizes"]
+    rt = info["runtime"]
+    names, savez = _input_example(inputs)
+    glibc = _max_version(rt["requires"].get("glibc"), info["runner"]["requires"].get("glibc"))
+    return f"""# Running this model on {preset.name}
+
+{preset.description}. This directory is self-contained: the compiled model (`model.so`), the TVM runtime
+(`lib/`, from the aarch64 wheels of apache-tvm {rt['tvm']} and apache-tvm-ffi {rt['tvm_ffi']}) and a runner
+(`bin/edge-sparse-run`). Nothing needs to be installed on the device.
+
+Sizes: model {_fmt_mb(s['model'])}, runtime {_fmt_mb(s['runtime'])}, runner {_fmt_mb(s['runner'])}
+(on the device: {_fmt_mb(s['device'])}); `include/` and `src/` ({_fmt_mb(s['sdk'])}) are only for building apps.
+
+Requirements: a 64-bit (aarch64) Linux with glibc >= {glibc} (Raspberry Pi OS bookworm, Debian 12, Ubuntu 22.04 or
+newer). The runtime libraries alone need glibc >= {rt['requires'].get('glibc', '?')}: on an older OS rebuild the runner
+on the device (last section).
+
+## Copy and run
+
+```sh
+scp -r {name} pi@raspberrypi.local:~/
+ssh pi@raspberrypi.local
+cd ~/{name}
+./bin/edge-sparse-run --info                       # inputs, outputs, runtime versions (checked)
+./bin/edge-sparse-run -i inputs.npz -o outputs.npz # inputs by name: {names}
+./bin/edge-sparse-run --bench 100 --threads 4      # latency statistics (random inputs)
+```
+
+Make inputs with numpy (`{savez}`; use `np.savez`, not `savez_compressed`) or pass single arrays with
+`-i NAME=FILE.npy`. Outputs: `np.load('outputs.npz')[NAME]`. Threads default to TVM's choice; set `--threads N` (or
+`TVM_NUM_THREADS`).
+
+Before loading, the runner checks `model.so` against its sha256 in `manifest.json`, and checks that the loaded
+`libtvm_runtime.so`/`libtvm_ffi.so` are the ones of the TVM versions that compiled the model (by sha256; a
+mismatch stops with an error instead of crashing later). Keep `lib/` next to `bin/` and do not set
+`LD_LIBRARY_PATH` to another TVM.
+
+## Python on the device
+
+```sh
+pip install apache-tvm=={rt['tvm']} apache-tvm-ffi=={rt['tvm_ffi']} numpy
+python3 -c "import edge_sparse.runtime as r; m = r.load('{name}'); print(m.run(m.make_inputs()))"
+```
+
+(`edge_sparse.runtime` needs only numpy and the TVM runtime; copy the `edge_sparse` package or `pip install edge-sparse --no-deps`.)
+
+## In a C++ app
+
+Copy `include/edge_sparse.hpp`; compile with `-std=c++17 -Iinclude`, link `-Llib -ltvm_runtime -ltvm_ffi -ldl`
+and ship `lib/` with the app (see examples/cpp in the edge-sparse repository):
+
+```cpp
+edge_sparse::Model model("{name}");
+model.set_input("{inputs[0]['name']}", data, bytes);
+model.run();
+auto y = model.output<float>("...");
+```
+
+## Rebuilding the runner on the device
+
+```sh
+g++ -std=c++17 -O2 -Iinclude src/edge-sparse-run.cpp -o bin/edge-sparse-run \\
+    -Llib -Wl,--no-as-needed -ltvm_runtime -ltvm_ffi -Wl,--as-needed -ldl -Wl,-rpath,'$ORIGIN/../lib'
+```
+"""
+
+
+def _android_bundle(out_dir: Path, preset, library: str, tvm_version, ffi_version, model_bytes: int) -> dict[str, Any]:
+    api = int(preset.link.get("api_level", 28))
+    try:
+        runtime = runtime_files(tvm_version, ffi_version)   # for the tvm_ffi headers (same on Android)
+    except UserError:
+        runtime = None
+    _copy_sources(out_dir, runtime)
+    link_cmd = android_link_command(library, api) if library.endswith(".tar") else None
+    info = {
+        "format": 1,
+        "kind": "android-arm64",
+        "runtime": None,
+        "tvm": {"version": tvm_version, "ffi_version": ffi_version},
+        "link_command": link_cmd,
+        "sizes": {"model": model_bytes, "sdk": _tree_bytes(out_dir / "include") + _tree_bytes(out_dir / "src")},
+        "run": "RUN.md",
+    }
+    link_section = (f"""## 1. Link the model (no NDK was set at compile time)
+
+```sh
+export ANDROID_NDK_HOME=/path/to/android-ndk   # r25 or newer
+{link_cmd}
+```
+""" if link_cmd else "## 1. The model is linked (`model.so`, NDK clang)\n")
+    (out_dir / "RUN.md").write_text(f"""# Running this model on {preset.name} (Android)
+
+PyPI publishes the TVM runtime for manylinux (glibc) only, so this bundle cannot carry a prebuilt Android runtime.
+It holds the model, the runner source (`src/`), the C++ API (`include/edge_sparse.hpp`) and the tvm_ffi headers of
+apache-tvm-ffi {ffi_version}.
+
+{link_section}
+## 2. Build the TVM runtime {tvm_version} for Android (once)
+
+```sh
+git clone --recursive --branch v0.27.0 https://github.com/apache/tvm && cd tvm && mkdir build && cd build
+cmake .. -DCMAKE_TOOLCHAIN_FILE=$ANDROID_NDK_HOME/build/cmake/android.toolchain.cmake \\
+  -DANDROID_ABI=arm64-v8a -DANDROID_PLATFORM=android-{api} -DANDROID_STL=c++_shared -DUSE_LLVM=OFF
+make -j8 tvm_runtime      # libtvm_runtime.so and libtvm_ffi.so (ffi from 3rdparty/tvm-ffi)
+```
+
+## 3. Build the runner and run it with adb
+
+```sh
+CXX="$ANDROID_NDK_HOME"/toolchains/llvm/prebuilt/linux-x86_64/bin/aarch64-linux-android{api}-clang++
+mkdir -p lib bin && cp /path/to/tvm/build/lib*.so lib/
+cp "$ANDROID_NDK_HOME"/toolchains/llvm/prebuilt/linux-x86_64/sysroot/usr/lib/aarch64-linux-android/libc++_shared.so lib/
+$CXX -std=c++17 -O2 -Iinclude src/edge-sparse-run.cpp -o bin/edge-sparse-run -Llib -ltvm_runtime -ltvm_ffi \\
+  -Wl,-rpath,'$ORIGIN/../lib'
+adb push . /data/local/tmp/model
+adb shell 'cd /data/local/tmp/model && ./bin/edge-sparse-run --bench 50'
+```
+
+A runtime built from source has no sha256 in `manifest.json`, so the runner checks the model's sha256 and the
+tvm_ffi ABI version only. (These Android steps were not run by edge-sparse's CI: it has no NDK or device.)
+""")
+    return info
