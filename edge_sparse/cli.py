@@ -322,6 +322,155 @@ def export_cmd(source, output, input_shapes, input_dtypes, output_names, opset, 
     click.echo(str(path))
 
 
+# ---------------------------------------------------------------------------------------------- prune / analyze
+def _prune_options(f):
+    """Options shared by ``prune`` and ``analyze`` (calibration, recipe, skips)."""
+    opts = [
+        click.option("--calib", type=click.Path(dir_okay=False),
+                     help=".npz of calibration inputs by name, samples stacked on the first axis."),
+        click.option("--calib-random", type=int, metavar="N", help="N random samples (a poor proxy; warns)."),
+        click.option("--method", "-m", help="magnitude or wanda (|W| x input L2 norm). Default: wanda with "
+                                            "calibration data, else magnitude."),
+        click.option("--recipe", type=click.Path(dir_okay=False), help="TOML recipe: per-layer rules and skips."),
+        click.option("--skip", multiple=True, metavar="GLOB", help="Leave layers matching GLOB dense (repeatable)."),
+        click.option("--no-default-skips", is_flag=True, help="Also prune the first conv and the classifier head."),
+        click.option("--batch", type=int, help="Samples per onnxruntime call when the batch dim is dynamic."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for --calib-random."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _parse_fraction(text, what: str) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} must be a number in [0, 1), got '{text}'") from None
+
+
+def _warn(warnings, quiet: bool) -> None:
+    if not quiet:
+        for w in warnings:
+            click.echo(f"warning: {w}", err=True)
+
+
+def _print_accuracy(accuracy: dict) -> None:
+    for split, part in accuracy.items():
+        if not part:
+            continue
+        for name, m in part["outputs"].items():
+            if "cosine_mean" not in m:
+                click.echo(f"{split:<12} {name}: exact match {m['exact_match']:.2%}")
+                continue
+            top1 = f"  top-1 agreement {m['top1_agreement']:.2%}" if "top1_agreement" in m else ""
+            click.echo(f"{split:<12} {name[:30]}: cosine {m['cosine_mean']:.5f} (min {m['cosine_min']:.5f})  "
+                       f"rel L2 {m['rel_l2']:.4g}  max abs {m['max_abs']:.4g}{top1}  [{part['samples']} samples]")
+
+
+@cli.command("prune")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Pruned ONNX file to write.")
+@click.option("--sparsity", "-s", help="Global target in [0, 1) (N:M patterns fix it: 2:4 is 0.5).")
+@click.option("--pattern", "-p", help="unstructured (default), Rx1 blocks over output channels (16x1, 8x1, 4x1), "
+                                      "or N:M along the input dimension (2:4).")
+@click.option("--allocate", help="uniform (default: every layer at the target) or sensitivity (measured per layer "
+                                 "on calibration data; sensitive layers keep more weights).")
+@click.option("--holdout", default=0.25, show_default=True, type=float,
+              help="Fraction of calibration samples held out of the statistics and reported separately.")
+@click.option("--report", type=click.Path(dir_okay=False), help="JSON report path [default: OUTPUT.report.json].")
+@_prune_options
+@click.option("--force", is_flag=True, help="Overwrite existing output and report files.")
+@click.option("--verbose", "-v", is_flag=True, help="Print the per-layer table.")
+@quiet_option
+def prune_cmd(model, output, sparsity, pattern, allocate, holdout, report, calib, calib_random, method, recipe, skip,
+              no_default_skips, batch, seed, force, verbose, quiet):
+    """Prune an ONNX MODEL one-shot (magnitude or Wanda) and report the accuracy cost."""
+    from pathlib import Path
+
+    from edge_sparse.pruning import prune
+
+    _quiet(quiet)
+    if sparsity is not None:
+        sparsity = _parse_fraction(sparsity, "--sparsity")
+    report = report or str(Path(output).with_suffix(".report.json"))
+    result = prune(model, output, sparsity=sparsity, pattern=pattern, method=method, recipe=recipe, calib=calib,
+                   calib_random=calib_random, holdout=holdout, allocate_by=allocate,
+                   default_skips=not no_default_skips, skip=skip, report_path=report, force=force, seed=seed,
+                   batch=batch, quiet=quiet)
+    rep = result.report
+    _warn(rep["warnings"], quiet)
+    if quiet:
+        return
+    if verbose:
+        click.echo(f"{'layer':<44} {'op':<6} {'shape':<14} {'pattern':<12} {'sparsity':>8}  note")
+        for row in rep["layers"]:
+            shape = "x".join(map(str, row["weight_shape"]))
+            click.echo(f"{row['name'][:44]:<44} {row['op']:<6} {shape:<14} {str(row['pattern'] or '-'):<12} "
+                       f"{row['sparsity']:>8.1%}  {row['skipped'] or ''}")
+    sp = rep["sparsity"]
+    click.echo(f"{output}: {rep['method']} {rep['pattern']}, {sp['pruned_layers']} layers pruned, "
+               f"{sp['skipped_layers']} skipped; {sp['overall']:.1%} of {sp['prunable_params']:,d} prunable weights "
+               f"are zero")
+    _print_accuracy(rep["accuracy"])
+    click.echo(f"report: {report}")
+
+
+@cli.command("analyze")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--pattern", "-p", default="unstructured", show_default=True, help="Pattern to measure.")
+@click.option("--levels", default="0.5,0.7,0.8,0.9", show_default=True, help="Sparsities to measure per layer.")
+@click.option("--sparsity", "-s", default="0.7", show_default=True, help="Global target to allocate.")
+@click.option("--samples", default=16, show_default=True, type=int, help="Calibration samples used per run.")
+@_prune_options
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Also write the JSON to this file.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --output file.")
+@quiet_option
+def analyze_cmd(model, pattern, levels, sparsity, samples, calib, calib_random, method, recipe, skip,
+                no_default_skips, batch, seed, output, as_json, force, quiet):
+    """Per-layer sensitivity (output error with only that layer pruned) and the allocation for a global target."""
+    import os
+    from pathlib import Path
+
+    from edge_sparse.pruning import analyze
+
+    _quiet(quiet)
+    level_list = [_parse_fraction(x, "--levels") for x in str(levels).split(",") if x.strip()]
+    target = _parse_fraction(sparsity, "--sparsity")
+    if samples < 1:
+        raise UserError(f"--samples must be >= 1, got {samples}")
+    if output is not None:
+        if Path(output).exists() and not force:
+            raise UserError(f"output file {output} already exists; pass --force to overwrite it")
+        if Path(output).resolve() == Path(model).resolve():
+            raise UserError("--output is the input model; choose another path")
+    result = analyze(model, calib=calib, calib_random=calib_random, method=method, pattern=pattern,
+                     levels=level_list, sparsity=target, recipe=recipe, default_skips=not no_default_skips,
+                     skip=skip, samples=samples, seed=seed, batch=batch, quiet=quiet)
+    _warn(result["warnings"], quiet)
+    if output is not None:
+        tmp = f"{output}.tmp-{os.getpid()}"
+        Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, output)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    lv = [f"{x:g}" for x in result["levels"]]
+    click.echo(f"output rel L2 error with only that layer pruned ({result['method']}, {result['pattern']}, "
+               f"{result['calibration']['samples']} samples); alloc = per-layer sparsity for a global "
+               f"{result['allocation']['target']:.0%}")
+    click.echo(f"{'layer':<44} {'op':<6} {'params':>9} " + " ".join(f"{x:>8}" for x in lv)
+               + f" {'alloc':>6}  note")
+    for row in result["layers"]:
+        sens = row["sensitivity"]
+        cells = " ".join(f"{sens[x]['rel_l2']:>8.4f}" if x in sens else f"{'-':>8}" for x in lv)
+        alloc = f"{row['allocation']:>6.2f}" if not row["skipped"] else f"{'-':>6}"
+        click.echo(f"{row['name'][:44]:<44} {row['op']:<6} {row['params']:>9,d} {cells} {alloc}  {row['skipped'] or ''}")
+    for r in result["not_prunable"]:
+        click.echo(f"{r['node'][:44]:<44} {r['op']:<6} not prunable: {r['reason']}")
+
+
 def main(argv=None):
     """Console-script entry point."""
     try:

@@ -1,0 +1,477 @@
+"""Python API for pruning: :func:`prune` (one-shot, magnitude or Wanda, in the kernels' patterns, with an accuracy
+report) and :func:`analyze` (per-layer sensitivity and the allocation a global target would get).
+
+Flow of :func:`prune`: load the ONNX file as is (no folding: the output keeps the same graph) -> find the prunable
+MatMul/Gemm/Conv weights -> apply default skips, the recipe and ``--skip`` -> split calibration samples into a
+calibration part and a held-out part -> (Wanda) input-feature norms on the calibration part -> per-layer sparsity
+(uniform, or by measured sensitivity) -> zero weights, record facts in ``metadata_props`` -> onnx.checker ->
+compare against the dense model on both parts -> write the model and the JSON report.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from edge_sparse.errors import UserError, closest
+from edge_sparse.progress import Progress
+
+__all__ = ["prune", "analyze", "allocate", "PruneResult", "SENSITIVITY_LEVELS", "ALLOCATIONS"]
+
+SENSITIVITY_LEVELS = (0.5, 0.7, 0.8, 0.9)
+ALLOCATIONS = ("uniform", "sensitivity")
+RANDOM_SAMPLES = 8                    # random samples used for the accuracy report when no calibration is given
+RANDOM_WARNING = "calibration on random inputs: a poor proxy for real data; pass --calib FILE.npz with real samples"
+
+
+@dataclasses.dataclass
+class PruneResult:
+    model: onnx.ModelProto            # the pruned model (also written to ``output`` when given)
+    report: dict                      # what was pruned and what it cost; also written to ``report_path``
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.report.get("warnings", [])
+
+
+# ----------------------------------------------------------------------------------------------------- loading
+def _load(model) -> tuple[onnx.ModelProto, str, str, Path | None]:
+    """(proto, display name, sha256, path or None) for a path or an in-memory ModelProto."""
+    if isinstance(model, onnx.ModelProto):
+        return model, model.graph.name or "model", hashlib.sha256(model.SerializeToString()).hexdigest(), None
+    path = Path(model)
+    if not path.is_file():
+        raise UserError(f"model file not found: {path}")
+    try:
+        proto = onnx.load(str(path))
+    except Exception as e:
+        raise UserError(f"{path} is not a readable ONNX model ({type(e).__name__}); is the file truncated?") from None
+    if not proto.graph.node:
+        raise UserError(f"{path} is not an ONNX model (no graph inside)")
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
+        raise UserError(f"{path} fails the ONNX checker: {first}") from None
+    h = hashlib.sha256(path.read_bytes()).hexdigest()
+    return proto, path.name, h, path
+
+
+def _check_output(output, source: Path | None, force: bool, what: str) -> Path | None:
+    if output is None:
+        return None
+    out = Path(output)
+    if source is not None and out.resolve() == source.resolve():
+        raise UserError(f"{what} {out} is the input model; choose another path (the input is never overwritten)")
+    if out.is_dir():
+        raise UserError(f"{what} {out} is a directory; pass a file path")
+    if out.exists() and not force:
+        raise UserError(f"{what} {out} already exists; pass --force to overwrite it")
+    if not out.parent.exists():
+        raise UserError(f"{what} directory {out.parent} does not exist")
+    return out
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _check_method(method: str) -> str:
+    from edge_sparse.passes.prune_masks import METHODS
+
+    if method not in METHODS:
+        raise UserError(f"unknown method '{method}'{closest(method, METHODS)}: use {' or '.join(METHODS)}")
+    return method
+
+
+def _calibration(proto, calib, calib_random, seed):
+    """(data or None, description, warnings)."""
+    from edge_sparse.passes import calibrate
+
+    specs = calibrate.input_specs(proto)
+    if calib is not None and calib_random is not None:
+        raise UserError("pass either --calib FILE.npz or --calib-random N, not both")
+    if calib is not None:
+        if isinstance(calib, dict):
+            return calibrate.check_calibration(calib, specs, "calibration data"), "arrays", []
+        return calibrate.load_calibration(calib, specs), str(calib), []
+    if calib_random is not None:
+        return calibrate.random_calibration(specs, int(calib_random), seed), f"random ({calib_random})", [RANDOM_WARNING]
+    return None, None, []
+
+
+# ------------------------------------------------------------------------------------------------- allocation
+def _curve_cost(curve: dict[float, float], s: float) -> float:
+    """Squared output error (additive across layers to first order) at sparsity ``s``, interpolated from the
+    measured levels with error 0 at sparsity 0 and the last slope extrapolated beyond the highest level."""
+    xs = [0.0, *sorted(curve)]
+    ys = [0.0, *(curve[x] for x in sorted(curve))]
+    if s <= xs[-1]:
+        e = float(np.interp(s, xs, ys))
+    else:
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
+        e = ys[-1] + max(slope, 0.0) * (s - xs[-1])
+    return e * e
+
+
+def allocate(sizes: dict[str, int], curves: dict[str, dict[float, float]], target: float,
+             grids: dict[str, list[float]] | None = None, cap: float | None = None) -> dict[str, float]:
+    """Per-layer sparsity whose size-weighted mean is ``target``, spending sparsity where it costs least.
+
+    ``curves[name][level]``: output relative L2 error with only that layer pruned at ``level``. Greedy: repeatedly
+    raise the layer with the least added squared error per pruned weight by one grid step; the last step is cut to
+    land on the target exactly (N:M layers, whose grid is just ``[0, 1-N/M]``, move in one step).
+    """
+    cap = cap if cap is not None else max(0.95, target)
+    default_grid = [round(x, 4) for x in np.arange(0.0, cap + 1e-9, 0.05)]
+    grids = {n: (grids or {}).get(n) or default_grid for n in sizes}
+    total = sum(sizes.values())
+    need = target * total
+    level = {n: 0 for n in sizes}
+    alloc = {n: 0.0 for n in sizes}
+    pruned = 0.0
+    while pruned < need - 1e-9:
+        best, best_rate = None, None
+        for n in sizes:
+            grid = grids[n]
+            if level[n] + 1 >= len(grid) or sizes[n] == 0:
+                continue
+            cur, nxt = grid[level[n]], grid[level[n] + 1]
+            rate = (_curve_cost(curves[n], nxt) - _curve_cost(curves[n], cur)) / (sizes[n] * (nxt - cur))
+            if best_rate is None or rate < best_rate:
+                best, best_rate = n, rate
+        if best is None:
+            break
+        cur, nxt = grids[best][level[best]], grids[best][level[best] + 1]
+        step = sizes[best] * (nxt - cur)
+        if pruned + step > need + 1e-9 and len(grids[best]) > 2:      # cut the last step (not for N:M layers)
+            alloc[best] = cur + (need - pruned) / sizes[best]
+            pruned = need
+            break
+        level[best] += 1
+        alloc[best] = nxt
+        pruned += step
+    return alloc
+
+
+# ------------------------------------------------------------------------------------------------ sensitivity
+def _summary(metrics: dict[str, dict]) -> dict[str, float]:
+    floats = [m for m in metrics.values() if "rel_l2" in m]
+    if not floats:
+        return {"rel_l2": 0.0, "cosine": 1.0}
+    return {"rel_l2": float(np.mean([m["rel_l2"] for m in floats])),
+            "cosine": float(min(m["cosine_mean"] for m in floats))}
+
+
+def _first_samples(data: dict[str, np.ndarray], specs, count: int) -> dict[str, np.ndarray]:
+    unit = max([s.dims[0] for s in specs if s.dims and s.dims[0]] or [1])
+    n = max(unit, (count // unit) * unit)
+    return {k: v[:n] for k, v in data.items()}
+
+
+def _sensitivity(proto, layers, patterns, levels, method, norms, data, batch, progress) -> dict[str, dict]:
+    """``{layer: {level: {"rel_l2", "cosine"}}}`` with only that layer pruned (outputs vs dense)."""
+    from edge_sparse.passes import calibrate
+    from edge_sparse.passes.prune import LayerPlan, prune_weight
+
+    evaluator = calibrate.Evaluator(proto, [layer.name for layer in layers], batch=batch)
+    dense = evaluator.run(data)
+    classifiers = calibrate.classifier_outputs(proto)
+    result = {}
+    runs = sum(len(levels if patterns[layer.name].fixed_sparsity is None else [0]) for layer in layers)
+    done = 0
+    for layer in layers:
+        pattern = patterns[layer.name]
+        todo = levels if pattern.fixed_sparsity is None else [pattern.fixed_sparsity]
+        result[layer.name] = {}
+        for s in todo:
+            pruned = prune_weight(layer, evaluator.weights[layer.name], LayerPlan(pattern, s), method, norms)
+            out = evaluator.run(data, {layer.name: pruned})
+            result[layer.name][float(s)] = _summary(calibrate.compare(dense, out, classifiers))
+            done += 1
+            progress.count(done, runs, "sensitivity runs")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------ shared
+@dataclasses.dataclass
+class _Setup:
+    proto: onnx.ModelProto
+    irm: object
+    layers: list
+    rejected: list
+    settings: dict
+    source_name: str
+    sha256: str
+    path: Path | None
+    data: dict | None
+    calib_desc: str | None
+    warnings: list
+
+
+def _setup(model, recipe, default_skips, skip, calib, calib_random, seed) -> _Setup:
+    import onnx_ir as ir
+
+    from edge_sparse.passes.prune import default_skips as find_default_skips
+    from edge_sparse.passes.prune import find_prunable_layers
+    from edge_sparse.passes.prune_recipe import Recipe, load_recipe, resolve
+
+    if recipe is not None and not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    proto, name, sha, path = _load(model)
+    data, desc, warnings = _calibration(proto, calib, calib_random, seed)
+    irm = ir.serde.deserialize_model(proto)
+    layers, rejected = find_prunable_layers(irm)
+    if not layers:
+        raise UserError(f"{name} has no prunable layers (MatMul, Gemm or ungrouped Conv with a constant float weight)")
+    settings = resolve(layers, recipe, find_default_skips(irm, layers), default_skips, list(skip or ()))
+    return _Setup(proto, irm, layers, rejected, settings, name, sha, path, data, desc, warnings)
+
+
+def _activation_axes(layers) -> dict[str, int]:
+    return {layer.activation: layer.feature_axis for layer in layers}
+
+
+def _norms(setup: _Setup, layers, data, batch, progress):
+    from edge_sparse.passes import calibrate
+
+    with progress.step(f"input norms over {calibrate.sample_count(data)} calibration samples"):
+        return calibrate.collect_input_norms(setup.proto, _activation_axes(layers), data, batch)
+
+
+# ------------------------------------------------------------------------------------------------------- prune
+def prune(model, output=None, *, sparsity: float | None = None, pattern: str | None = None,
+          method: str | None = None, recipe=None, calib=None, calib_random: int | None = None,
+          holdout: float = 0.25, allocate_by: str | None = None, default_skips: bool = True, skip=(),
+          report_path=None, force: bool = False, seed: int = 0, batch: int | None = None,
+          sensitivity_samples: int = 16, quiet: bool | None = None) -> PruneResult:
+    """Prune ``model`` (path or ModelProto) one-shot and report the accuracy cost.
+
+    sparsity: global target in [0, 1) for layers without a recipe value (N:M patterns fix it at 1 - N/M).
+    pattern: ``unstructured`` | ``Rx1`` (e.g. ``16x1``) | ``N:M`` (``2:4``); default unstructured.
+    method: ``magnitude`` | ``wanda``; default wanda when calibration data is given, else magnitude.
+    calib: ``.npz`` path or ``{input: array}`` with samples on the first axis; calib_random: N random samples.
+    holdout: fraction of the calibration samples kept out of the statistics and reported separately.
+    allocate_by: ``uniform`` (every layer at the target) or ``sensitivity`` (measured; needs calibration).
+    """
+    from edge_sparse.passes import calibrate
+    from edge_sparse.passes.prune import AnnotateSparsity, LayerPlan, PruneWeights
+    from edge_sparse.passes.prune_masks import parse_pattern
+    from edge_sparse.passes.prune_recipe import Recipe, check_sparsity, load_recipe
+
+    t0 = time.perf_counter()
+    progress = Progress(quiet)
+    if recipe is not None and not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    rec = recipe or Recipe()
+    pattern_obj = parse_pattern(pattern) if pattern is not None else (rec.pattern or parse_pattern("unstructured"))
+    if sparsity is None:
+        sparsity = rec.sparsity
+    if sparsity is None:
+        if pattern_obj.fixed_sparsity is None:
+            raise UserError("--sparsity is required (a fraction in [0, 1), e.g. 0.5) unless the pattern is N:M or "
+                            "the recipe sets it")
+        sparsity = pattern_obj.fixed_sparsity
+    sparsity = check_sparsity(sparsity, "--sparsity")
+    if pattern_obj.fixed_sparsity is not None and sparsity > pattern_obj.fixed_sparsity + 1e-9:
+        raise UserError(f"pattern {pattern_obj} prunes exactly {pattern_obj.fixed_sparsity:.0%} of a layer; "
+                        f"--sparsity {sparsity:g} cannot be reached (omit it or use an Rx1/unstructured pattern)")
+    allocate_by = allocate_by or rec.allocate or "uniform"
+    if allocate_by not in ALLOCATIONS:
+        raise UserError(f"unknown allocation '{allocate_by}': use {' or '.join(ALLOCATIONS)}")
+    if pattern_obj.fixed_sparsity is not None and allocate_by == "uniform" \
+            and abs(sparsity - pattern_obj.fixed_sparsity) > 1e-9:
+        raise UserError(f"pattern {pattern_obj} prunes every layer to exactly {pattern_obj.fixed_sparsity:.0%}; "
+                        f"for a lower global target use --allocate sensitivity (it leaves some layers dense)")
+    if not 0.0 <= holdout < 1.0:
+        raise UserError(f"--holdout must be in [0, 1), got {holdout}")
+
+    src_path = None if isinstance(model, onnx.ModelProto) else Path(model)
+    out_path = _check_output(output, src_path, force, "output")
+    rep_path = _check_output(report_path, src_path, force, "report")
+    if out_path is not None and rep_path is not None and out_path.resolve() == rep_path.resolve():
+        raise UserError("the report path equals the output model path; choose different files")
+
+    setup = _setup(model, rec, default_skips, skip, calib, calib_random, seed)
+    method = _check_method(method or rec.method or ("wanda" if setup.data is not None else "magnitude"))
+    warnings = list(setup.warnings)
+    specs = calibrate.input_specs(setup.proto)
+    data = setup.data
+    if data is None:
+        if method == "wanda" or allocate_by == "sensitivity":
+            need = "wanda scoring" if method == "wanda" else "--allocate sensitivity"
+            raise UserError(f"{need} needs calibration data: pass --calib FILE.npz (or --calib-random N, a poor proxy)")
+        data = calibrate.random_calibration(specs, RANDOM_SAMPLES, seed)
+        warnings.append("no calibration data: the accuracy report uses random inputs; pass --calib FILE.npz")
+        calib_desc = f"random ({RANDOM_SAMPLES})"
+    else:
+        calib_desc = setup.calib_desc
+    calib_part, held_part = calibrate.split_holdout(data, specs, holdout)
+
+    active = [layer for layer in setup.layers if setup.settings[layer.name].skip is None]
+    if not active:
+        raise UserError("every prunable layer is skipped; nothing to prune (check --skip / the recipe, or pass "
+                        "--no-default-skips)")
+    patterns = {layer.name: setup.settings[layer.name].pattern or pattern_obj for layer in active}
+    norms = _norms(setup, active, calib_part, batch, progress) if method == "wanda" else None
+
+    free = [layer for layer in active if setup.settings[layer.name].sparsity is None]
+    targets = {layer.name: setup.settings[layer.name].sparsity for layer in active if layer not in free}
+    sensitivity = None
+    if allocate_by == "sensitivity" and free:
+        sample = _first_samples(calib_part, specs, sensitivity_samples)
+        with progress.step(f"sensitivity of {len(free)} layers on {calibrate.sample_count(sample)} samples"):
+            sensitivity = _sensitivity(setup.proto, free, patterns, SENSITIVITY_LEVELS, method, norms, sample,
+                                       batch, progress)
+        grids = {layer.name: [0.0, patterns[layer.name].fixed_sparsity] for layer in free
+                 if patterns[layer.name].fixed_sparsity is not None}
+        targets.update(allocate({layer.name: layer.size for layer in free},
+                                {n: {lv: v["rel_l2"] for lv, v in c.items()} for n, c in sensitivity.items()},
+                                sparsity, grids))
+    else:
+        targets.update({layer.name: sparsity for layer in free})
+    for layer in active:
+        fixed = patterns[layer.name].fixed_sparsity
+        if fixed is not None and targets[layer.name] > 0:
+            targets[layer.name] = fixed
+
+    plan = {name: LayerPlan(patterns[name], s) for name, s in targets.items() if s > 0}
+    with progress.step(f"pruning {len(plan)} layers ({method}, {pattern_obj})"):
+        pruner = PruneWeights(setup.layers, plan, method, norms)
+        irm = pruner(setup.irm).model
+        irm = AnnotateSparsity(setup.layers, {n: str(p.pattern) for n, p in plan.items()}, method, str(pattern_obj),
+                               sparsity)(irm).model
+        import onnx_ir as ir
+
+        pruned = ir.serde.serialize_model(irm)
+        try:
+            onnx.checker.check_model(pruned)
+        except onnx.checker.ValidationError as e:  # a bug, not user input: keep the traceback
+            raise RuntimeError(f"pruned model fails onnx.checker: {e}") from e
+
+    classifiers = calibrate.classifier_outputs(setup.proto)
+    accuracy = {}
+    with progress.step("accuracy versus the dense model"):
+        for split, part in (("calibration", calib_part), ("holdout", held_part)):
+            if not part:
+                accuracy[split] = None
+                continue
+            dense_out = calibrate.run_model(setup.proto, part, batch)
+            pruned_out = calibrate.run_model(pruned, part, batch)
+            accuracy[split] = {"samples": calibrate.sample_count(part),
+                               "outputs": calibrate.compare(dense_out, pruned_out, classifiers)}
+    if not held_part:
+        warnings.append("no held-out split (too few samples or --holdout 0): accuracy is on calibration data only")
+
+    zeros = total = 0
+    layer_rows = []
+    for layer in setup.layers:
+        w = onnx.numpy_helper.to_array(_initializer(pruned, layer.name))
+        z = int(np.count_nonzero(w == 0))
+        zeros, total = zeros + z, total + w.size
+        st = setup.settings[layer.name]
+        row = {**layer.to_dict(), "params": layer.size, "sparsity": round(z / w.size, 6),
+               "target": round(targets.get(layer.name, 0.0), 6),
+               "pattern": str(plan[layer.name].pattern) if layer.name in plan else None,
+               "skipped": st.skip}
+        if sensitivity and layer.name in sensitivity:
+            row["sensitivity"] = {f"{lv:g}": v for lv, v in sensitivity[layer.name].items()}
+        layer_rows.append(row)
+
+    from edge_sparse import __version__
+
+    report = {
+        "tool": {"name": "edge-sparse", "version": __version__},
+        "source_model": {"name": setup.source_name, "sha256": setup.sha256},
+        "output_model": str(out_path) if out_path else None,
+        "method": method, "pattern": str(pattern_obj), "target_sparsity": sparsity, "allocation": allocate_by,
+        "recipe": rec.source if recipe is not None else None,
+        "calibration": {"source": calib_desc, "samples": calibrate.sample_count(calib_part),
+                        "holdout_samples": calibrate.sample_count(held_part) if held_part else 0},
+        "sparsity": {"prunable_params": total, "zero_params": zeros, "overall": round(zeros / total, 6) if total else 0,
+                     "pruned_layers": len(plan), "skipped_layers": sum(1 for r in layer_rows if r["skipped"])},
+        "layers": layer_rows,
+        "not_prunable": setup.rejected,
+        "accuracy": accuracy,
+        "metadata_key": "edge_sparse.pruning",
+        "warnings": warnings,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    if out_path is not None:
+        _atomic_write(out_path, lambda p: onnx.save(pruned, str(p)))
+    if rep_path is not None:
+        _atomic_write(rep_path, lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+    return PruneResult(pruned, report)
+
+
+def _initializer(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
+    for init in model.graph.initializer:
+        if init.name == name:
+            return init
+    raise KeyError(name)
+
+
+# ----------------------------------------------------------------------------------------------------- analyze
+def analyze(model, *, calib=None, calib_random: int | None = None, method: str | None = None,
+            pattern: str = "unstructured", levels=SENSITIVITY_LEVELS, sparsity: float = 0.7, recipe=None,
+            default_skips: bool = True, skip=(), samples: int = 16, seed: int = 0, batch: int | None = None,
+            quiet: bool | None = None) -> dict:
+    """Per-layer sensitivity (output relative L2 error and worst-output cosine with only that layer pruned at each
+    level) and the per-layer sparsities :func:`prune` would choose for the global ``sparsity`` target."""
+    from edge_sparse.passes import calibrate
+    from edge_sparse.passes.prune_masks import parse_pattern
+    from edge_sparse.passes.prune_recipe import check_sparsity
+
+    progress = Progress(quiet)
+    pattern_obj = parse_pattern(pattern)
+    sparsity = check_sparsity(sparsity, "--sparsity")
+    levels = sorted({check_sparsity(lv, "--levels") for lv in levels} - {0.0})
+    if not levels:
+        raise UserError("--levels needs at least one sparsity in (0, 1)")
+    t0 = time.perf_counter()
+    setup = _setup(model, recipe, default_skips, skip, calib, calib_random, seed)
+    if setup.data is None:
+        raise UserError("analyze needs calibration data: pass --calib FILE.npz (or --calib-random N, a poor proxy)")
+    method = _check_method(method or "wanda")
+    specs = calibrate.input_specs(setup.proto)
+    data = _first_samples(setup.data, specs, samples)
+    patterns = {layer.name: setup.settings[layer.name].pattern or pattern_obj for layer in setup.layers}
+    norms = _norms(setup, setup.layers, data, batch, progress) if method == "wanda" else None
+    with progress.step(f"sensitivity of {len(setup.layers)} layers on {calibrate.sample_count(data)} samples"):
+        sens = _sensitivity(setup.proto, setup.layers, patterns, levels, method, norms, data, batch, progress)
+    active = [layer for layer in setup.layers if setup.settings[layer.name].skip is None]
+    grids = {layer.name: [0.0, patterns[layer.name].fixed_sparsity] for layer in active
+             if patterns[layer.name].fixed_sparsity is not None}
+    alloc = allocate({layer.name: layer.size for layer in active},
+                     {layer.name: {lv: v["rel_l2"] for lv, v in sens[layer.name].items()} for layer in active},
+                     sparsity, grids) if active else {}
+    rows = []
+    for layer in setup.layers:
+        rows.append({**layer.to_dict(), "params": layer.size, "pattern": str(patterns[layer.name]),
+                     "skipped": setup.settings[layer.name].skip,
+                     "sensitivity": {f"{lv:g}": v for lv, v in sens[layer.name].items()},
+                     "allocation": round(alloc.get(layer.name, 0.0), 4)})
+    return {
+        "source_model": {"name": setup.source_name, "sha256": setup.sha256},
+        "method": method, "pattern": str(pattern_obj), "levels": levels,
+        "calibration": {"source": setup.calib_desc, "samples": calibrate.sample_count(data)},
+        "metric": "rel_l2: ||y_pruned - y_dense|| / ||y_dense|| averaged over float outputs; cosine: worst output's "
+                  "mean per-sample cosine similarity",
+        "layers": rows,
+        "not_prunable": setup.rejected,
+        "allocation": {"target": sparsity, "layers": {n: round(s, 4) for n, s in alloc.items()}},
+        "warnings": setup.warnings,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }

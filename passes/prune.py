@@ -1,0 +1,254 @@
+"""Pruning passes on onnx-ir models: find the prunable weights, zero them in a pattern, record what was done.
+
+- :func:`find_prunable_layers`: MatMul / Gemm / Conv nodes whose weight is a constant float initializer used by that
+  node alone (grouped convs and weights in the A slot are not prunable: the kernels do not take them).
+- :func:`default_skips`: the first Conv (it sees raw pixels and has few weights) and classifier heads (a layer whose
+  output reaches a graph output only through bias adds, softmax and reshapes).
+- :class:`PruneWeights`: zeroes each planned layer's weight in its pattern, scored by magnitude or Wanda.
+- :class:`AnnotateSparsity`: writes the sparsity facts into ``metadata_props`` (key ``edge_sparse.pruning``).
+
+The graph is never changed: only initializer values (zeros in place) and model metadata, so the result runs in
+onnxruntime unchanged and the compiler finds the zeros.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import InPlacePass, PassResult
+
+from edge_sparse.passes.prune_masks import Pattern, from_canonical, mask, score, to_canonical
+
+__all__ = ["PrunableLayer", "LayerPlan", "find_prunable_layers", "default_skips", "PruneWeights", "AnnotateSparsity",
+           "prune_weight",
+           "METADATA_KEY", "HEAD_OPS"]
+
+METADATA_KEY = "edge_sparse.pruning"
+
+# Ops allowed between a classifier head's matmul and a graph output (Add/Mul only with a constant operand).
+HEAD_OPS = {"Add", "Mul", "Softmax", "LogSoftmax", "Sigmoid", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
+            "Identity", "Cast", "ArgMax", "TopK", "Transpose"}
+
+
+@dataclasses.dataclass
+class PrunableLayer:
+    """One prunable weight. ``name`` is the initializer's name (what recipes and reports use), ``node`` its consumer.
+
+    ``activation`` is the node's data input; its reduction features lie on ``feature_axis``, and for convs each
+    input channel covers ``repeat`` = kh*kw columns of the canonical ``[N_out, K_in]`` matrix.
+    """
+
+    name: str
+    node: str
+    op: str
+    weight_shape: tuple[int, ...]
+    trans_b: bool
+    activation: str
+    feature_axis: int
+    repeat: int = 1
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.weight_shape))
+
+    @property
+    def n_out(self) -> int:
+        if self.op == "Conv" or (self.op == "Gemm" and self.trans_b):
+            return self.weight_shape[0]
+        return self.weight_shape[1]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "node": self.node, "op": self.op, "weight_shape": list(self.weight_shape)}
+
+
+@dataclasses.dataclass
+class LayerPlan:
+    """What to do to one layer: a pattern and a target sparsity (ignored for N:M, which fixes it)."""
+
+    pattern: Pattern
+    sparsity: float
+
+
+def _attr_int(node: ir.Node, name: str, default: int) -> int:
+    a = node.attributes.get(name)
+    return int(a.value) if a is not None else default
+
+
+def _const_initializer(graph: ir.Graph, value: ir.Value | None) -> bool:
+    return value is not None and value.name in graph.initializers and value.const_value is not None
+
+
+def _node_name(node: ir.Node, index: int) -> str:
+    return node.name or f"{node.op_type}#{index}"
+
+
+def find_prunable_layers(model: ir.Model) -> tuple[list[PrunableLayer], list[dict]]:
+    """(prunable layers in graph order, ``[{node, op, reason}]`` for MatMul/Gemm/Conv nodes that are not)."""
+    graph = model.graph
+    layers, rejected = [], []
+    for index, node in enumerate(graph):
+        if node.op_type not in ("MatMul", "Gemm", "Conv") or node.domain not in ("", "ai.onnx"):
+            continue
+        name = _node_name(node, index)
+
+        def reject(reason, node=node, name=name):
+            rejected.append({"node": name, "op": node.op_type, "reason": reason})
+
+        if len(node.inputs) < 2 or node.inputs[0] is None:
+            reject("missing inputs")
+            continue
+        weight = node.inputs[1]
+        if not _const_initializer(graph, weight):
+            reject("weight is not a constant initializer")
+            continue
+        tensor = weight.const_value
+        if tensor.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
+            reject(f"weight dtype {tensor.dtype.name} is not floating point")
+            continue
+        shape = tuple(int(d) for d in tensor.shape)
+        users = {id(u.node) for u in weight.uses()}
+        if len(users) > 1:
+            reject(f"weight {weight.name} is shared by {len(users)} nodes")
+            continue
+        trans_b, axis, repeat = False, -1, 1
+        if node.op_type == "MatMul":
+            if len(shape) != 2:
+                reject(f"weight has rank {len(shape)}; only 2-D MatMul weights are prunable")
+                continue
+        elif node.op_type == "Gemm":
+            trans_b = bool(_attr_int(node, "transB", 0))
+            axis = 0 if _attr_int(node, "transA", 0) else -1
+            if len(shape) != 2:
+                reject(f"weight has rank {len(shape)}")
+                continue
+        else:
+            if _attr_int(node, "group", 1) != 1:
+                reject("grouped/depthwise conv (no sparse kernel)")
+                continue
+            if len(shape) < 3:
+                reject(f"conv weight has rank {len(shape)}")
+                continue
+            axis, repeat = 1, int(np.prod(shape[2:]))
+        layers.append(PrunableLayer(weight.name, name, node.op_type, shape, trans_b, node.inputs[0].name, axis, repeat))
+    return layers, rejected
+
+
+def _is_constant(graph: ir.Graph, value: ir.Value | None) -> bool:
+    if value is None:
+        return True
+    if _const_initializer(graph, value):
+        return True
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Constant"
+
+
+def _reaches_output_as_head(graph: ir.Graph, node: ir.Node) -> bool:
+    outputs = {v.name for v in graph.outputs}
+    frontier, seen, reached = list(node.outputs), set(), False
+    while frontier:
+        value = frontier.pop()
+        if value.name in seen:
+            continue
+        seen.add(value.name)
+        if value.name in outputs:
+            reached = True
+        for use in value.uses():
+            consumer = use.node
+            if consumer.op_type not in HEAD_OPS:
+                return False
+            if consumer.op_type in ("Add", "Mul"):
+                others = [v for i, v in enumerate(consumer.inputs) if i != use.idx]
+                if not all(_is_constant(graph, v) for v in others):
+                    return False
+            frontier.extend(consumer.outputs)
+    return reached
+
+
+def default_skips(model: ir.Model, layers: list[PrunableLayer]) -> dict[str, str]:
+    """``{layer name: reason}`` for the first conv and the classifier head(s)."""
+    graph = model.graph
+    by_node = {layer.node: layer for layer in layers}
+    skips: dict[str, str] = {}
+    for index, node in enumerate(graph):
+        if node.op_type == "Conv":
+            layer = by_node.get(_node_name(node, index))
+            if layer is not None:
+                skips[layer.name] = "first conv (default skip)"
+            break
+    for index, node in enumerate(graph):
+        layer = by_node.get(_node_name(node, index))
+        if layer is not None and node.op_type in ("MatMul", "Gemm", "Conv") and _reaches_output_as_head(graph, node):
+            skips[layer.name] = "classifier head (default skip)"
+    return skips
+
+
+def _canonical_norm(layer: PrunableLayer, norms: dict[str, np.ndarray] | None) -> np.ndarray | None:
+    if norms is None or layer.activation not in norms:
+        return None
+    norm = norms[layer.activation]
+    return np.repeat(norm, layer.repeat) if layer.repeat > 1 else norm
+
+
+def prune_weight(layer: PrunableLayer, weight: np.ndarray, step: LayerPlan, method: str,
+                 input_norms: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """``weight`` (in its own layout) with the pruned elements set to zero; the input is not modified."""
+    canon = to_canonical(weight, layer.op, layer.trans_b)
+    scores = score(canon, method, _canonical_norm(layer, input_norms))
+    keep = mask(scores, step.pattern, step.sparsity, per_row=method == "wanda")
+    return from_canonical(np.where(keep, canon, 0).astype(weight.dtype), weight.shape, layer.op, layer.trans_b)
+
+
+class PruneWeights(InPlacePass):
+    """Zero the weights of the planned layers; ``self.reached`` then maps layer name -> fraction of zeros.
+
+    ``input_norms`` maps an activation tensor name to the L2 norm of each of its input features (needed for Wanda).
+    """
+
+    def __init__(self, layers: list[PrunableLayer], plan: dict[str, LayerPlan], method: str = "magnitude",
+                 input_norms: dict[str, np.ndarray] | None = None):
+        super().__init__()
+        self.layers = {layer.name: layer for layer in layers}
+        self.plan = plan
+        self.method = method
+        self.input_norms = input_norms
+        self.reached: dict[str, float] = {}
+
+    def call(self, model: ir.Model) -> PassResult:
+        modified = False
+        for name, step in self.plan.items():
+            layer = self.layers[name]
+            value = model.graph.initializers[name]
+            weight = value.const_value.numpy()
+            pruned = prune_weight(layer, weight, step, self.method, self.input_norms)
+            if not np.array_equal(pruned, weight):
+                value.const_value = ir.tensor(pruned, name=name)
+                modified = True
+            self.reached[name] = float(np.count_nonzero(pruned == 0) / pruned.size)
+        return PassResult(model, modified)
+
+
+class AnnotateSparsity(InPlacePass):
+    """Record the sparsity facts in ``model.metadata_props[METADATA_KEY]`` as compact JSON:
+    ``{"method", "pattern", "target", "overall", "layers": {name: {"sparsity", "pattern"}}}``;
+    ``overall`` is zeros / weights over all prunable layers (skipped ones included)."""
+
+    def __init__(self, layers: list[PrunableLayer], patterns: dict[str, str], method: str, pattern: str,
+                 target: float):
+        super().__init__()
+        self.layers, self.patterns = layers, patterns
+        self.method, self.pattern, self.target = method, pattern, target
+
+    def call(self, model: ir.Model) -> PassResult:
+        facts, zeros, total = {}, 0, 0
+        for layer in self.layers:
+            w = model.graph.initializers[layer.name].const_value.numpy()
+            z = int(np.count_nonzero(w == 0))
+            zeros, total = zeros + z, total + w.size
+            if layer.name in self.patterns:
+                facts[layer.name] = {"sparsity": round(z / w.size, 6), "pattern": self.patterns[layer.name]}
+        record = {"method": self.method, "pattern": self.pattern, "target": self.target,
+                  "overall": round(zeros / total, 6) if total else 0.0, "layers": facts}
+        model.metadata_props[METADATA_KEY] = json.dumps(record, separators=(",", ":"))
+        return PassResult(model, True)
