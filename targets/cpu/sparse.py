@@ -250,13 +250,14 @@ def bsr_conv1x1(Bt: int, K: int, HW: int, Cout: int, R: int, nnzb: int, activati
     act = _act_fn(activation)
     attrs = _attrs()
     padded = HWp != HW
+    xp_shape = (Bt, K, HWp) if padded else (1, 1, 1)   # the padded copy exists only when MV does not divide HW
 
     @T.prim_func(private=True)
     def f(X: T.Buffer((Bt, K, HW), "float32"), data: T.Buffer((nnzb, R), "float32"),
           indices: T.Buffer((nnzb,), "int32"), indptr: T.Buffer((NB + 1,), "int32"),
           B: T.Buffer((Cout,), "float32"), Y: T.Buffer((Bt, Cout, HW), "float32")):
         T.func_attr(attrs)
-        XP = T.decl_buffer((Bt, K, HWp), "float32")
+        XP = T.decl_buffer(xp_shape, "float32")
         if padded:
             for bk in T.parallel(Bt * K):
                 for s in range(HWp):
