@@ -451,7 +451,7 @@ def capture(mod, preset, input_infos: list[tuple[str, tuple[int, ...], str]] | N
         raise RuntimeError("CallTIRRewrite was not seen: the module has no Relax main")
     func = compiled.relax_mod["main"]
     if input_infos is None:
-        input_infos = [(p.name_hint, tuple(int(s) for s in p.ty.shape.values), str(p.ty.dtype)) for p in func.params]
+        input_infos = [(str(getattr(p, "name_hint", None) or p.name), tuple(int(s) for s in p.ty.shape.values), str(p.ty.dtype)) for p in func.params]
     planner = _Planner(compiled, preset.name)
     inputs, outputs = planner.run_relax(func, input_infos)
     return ex, planner.plan(inputs, outputs)

@@ -2,7 +2,8 @@
 
 Weight format (passes.formats.BSR): block = R consecutive output channels at one k; ``data[nnzb, R]``,
 ``indices[nnzb]`` (k, ascending within a block row), ``indptr[NB + 1]``, NB = ceil(N / R); R = 1 is CSR.
-Kernel arguments follow the sparsify pass: ``X, data, indices, indptr[, bias] -> Y``.
+Calling convention (shared with the CPU family, passes.formats.KernelSpec): ``X, data, indices, indptr, bias -> Y``;
+the bias is always passed (zeros when the layer has none) and only added when ``spec.has_bias``.
 
 Work mapping (one work-group per block row, so the j loop over a row's blocks is uniform in the group):
   * GEMV (M <= GEMV_MAX_M): threads (r, s): r over the R channels of the block (``data[j, r]`` loads coalesce),
@@ -59,7 +60,7 @@ def bsr_gemv(M, K, N, R, nnzb, *, bias=False, activation=None, threads=64, stage
     @T.prim_func(private=True)
     def kernel(X: T.Buffer((M, K), "float32"), data: T.Buffer((NNZ, R), "float32"),
                indices: T.Buffer((NNZ,), "int32"), indptr: T.Buffer((NB + 1,), "int32"),
-               B: T.Buffer((N if has_bias else 1,), "float32"), Y: T.Buffer((M, N), "float32")):
+               B: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, KERNEL_ATTR: 1})
         for nb in T.thread_binding(NB, thread="blockIdx.x"):
             for s in T.thread_binding(S, thread="threadIdx.y"):
@@ -126,7 +127,7 @@ def bsr_gemm(M, K, N, R, nnzb, *, bias=False, activation=None, rows_per_thread=N
     @T.prim_func(private=True)
     def kernel(X: T.Buffer((M, K), "float32"), data: T.Buffer((NNZ, R), "float32"),
                indices: T.Buffer((NNZ,), "int32"), indptr: T.Buffer((NB + 1,), "int32"),
-               B: T.Buffer((N if has_bias else 1,), "float32"), Y: T.Buffer((M, N), "float32")):
+               B: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, KERNEL_ATTR: 1})
         for mo in T.thread_binding(MO, thread="blockIdx.y"):
             for nb in T.thread_binding(NB, thread="blockIdx.x"):
@@ -184,7 +185,7 @@ def bsr_conv1x1(batch, K, P, cout, R, nnzb, *, bias=False, activation=None, thre
     @T.prim_func(private=True)
     def kernel(X: T.Buffer((batch, K, P), "float32"), data: T.Buffer((NNZ, R), "float32"),
                indices: T.Buffer((NNZ,), "int32"), indptr: T.Buffer((NB + 1,), "int32"),
-               B: T.Buffer((cout if has_bias else 1,), "float32"), Y: T.Buffer((batch, cout, P), "float32")):
+               B: T.Buffer((cout,), "float32"), Y: T.Buffer((batch, cout, P), "float32")):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, KERNEL_ATTR: 1})
         for bz in T.thread_binding(batch, thread="blockIdx.z"):
             for po in T.thread_binding(PO, thread="blockIdx.y"):
@@ -209,20 +210,6 @@ def bsr_conv1x1(batch, K, P, cout, R, nnzb, *, bias=False, activation=None, thre
     return kernel
 
 
-def _drop_bias(f, spec):
-    """Kernels are written with a bias parameter; without bias the sparsify pass passes no bias buffer.
-
-    ``has_bias`` is a Python constant in the kernel bodies, so TVMScript parses only the taken branch and the bias
-    parameter is unreferenced when it is False: dropping it from the parameter list is safe.
-    """
-    from tvm import tirx
-
-    if spec.has_bias:
-        return f
-    params = list(f.params)
-    return tirx.PrimFunc(params[:4] + params[5:], f.body, f.ret_type, attrs=f.attrs)
-
-
 def make_sparse_kernel(spec, preset):
     """PrimFunc for ``spec`` (passes.formats.KernelSpec) on an OpenCL preset, or None when no GPU kernel fits."""
     if spec.dtype != "float32" or spec.format not in FORMATS or spec.activation not in (None, "relu", "gelu"):
@@ -240,4 +227,4 @@ def make_sparse_kernel(spec, preset):
         f = bsr_conv1x1(spec.M, spec.K, spec.N, spec.out_channels, R, spec.nnz, **kw)
     else:
         return None
-    return _drop_bias(f, spec)
+    return f
