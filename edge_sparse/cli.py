@@ -104,6 +104,10 @@ def compile_cmd(model, target, target_file, output, input_shapes, sparse, measur
     if not quiet:
         click.echo(f"{output}: {manifest['library']} for {manifest['target']['name']}, {size / 1e6:.2f} MB, "
                    f"compiled in {manifest['compile']['seconds']:.1f} s")
+    from edge_sparse.bundle import summary_lines
+
+    for line in summary_lines(manifest, output, quiet=quiet):   # bundle sizes; the NDK link command (always)
+        click.echo(line)
 
 
 def _print_layers(layers) -> None:
@@ -469,6 +473,75 @@ def analyze_cmd(model, pattern, levels, sparsity, samples, calib, calib_random, 
         click.echo(f"{row['name'][:44]:<44} {row['op']:<6} {row['params']:>9,d} {cells} {alloc}  {row['skipped'] or ''}")
     for r in result["not_prunable"]:
         click.echo(f"{r['node'][:44]:<44} {r['op']:<6} not prunable: {r['reason']}")
+
+
+# ---------------------------------------------------------------------------------------------- check-opencl
+@cli.command("check-opencl")
+@click.argument("source", type=click.Path())
+@click.option("--model", "-m", "model_path", type=click.Path(dir_okay=False),
+              help="With an artifact DIR: the ONNX model it was compiled from (sha256 must match the manifest).")
+@click.option("--target", "-t", default=None, help="adreno, mali or another opencl preset (default: the artifact's, else mali).")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...", help="Fix an input's shape (repeatable).")
+@click.option("--sparse", default=None, help="auto, off or a format (default: the artifact's, else auto).")
+@click.option("--device", "-d", help="Substring of the OpenCL 'platform: device' name (default: the first device).")
+@click.option("--tolerance", default=1e-3, show_default=True, type=float, help="Max abs error vs onnxruntime, relative to max |ref|.")
+@click.option("--save-plan", type=click.Path(file_okay=False), help="Write the launch plan (kernels.cl, plan.json, consts.npz) here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@quiet_option
+def check_opencl_cmd(source, model_path, target, input_shapes, sparse, device, tolerance, save_plan, as_json, quiet):
+    """Run every OpenCL kernel of a model compiled for adreno/mali on a real OpenCL device; compare with onnxruntime.
+
+    SOURCE is an ONNX model, or an artifact directory plus --model (the model it was compiled from).
+    Exit 0 when every output is within --tolerance, 1 when not.
+    """
+    from pathlib import Path
+
+    from edge_sparse.intake import sha256_file
+    from edge_sparse.opencl_check import check_model
+    from edge_sparse.progress import Progress
+
+    _quiet(quiet)
+    src = Path(source)
+    shapes = _parse_shapes(input_shapes)
+    if src.is_dir():
+        from edge_sparse.artifact import read_manifest
+
+        man = read_manifest(src)
+        if not model_path:
+            raise UserError(f"{src} is an artifact directory; pass --model MODEL.onnx (the model it was compiled from: "
+                            f"{man.get('source_model', {}).get('name', '?')})")
+        want = man.get("source_model", {}).get("sha256")
+        if want and sha256_file(model_path) != want:
+            raise UserError(f"{model_path} is not the model {src} was compiled from (sha256 differs from manifest.json)")
+        target = target or man.get("target", {}).get("name")
+        sparse = sparse or man.get("compile", {}).get("sparse")
+        shapes = shapes or {t["name"]: tuple(t["shape"]) for t in man.get("inputs", [])}
+        model = model_path
+    elif src.is_file():
+        if model_path:
+            raise UserError("--model is only for artifact directories; pass the ONNX model as SOURCE")
+        model = src
+    else:
+        raise UserError(f"not found: {src}")
+    progress = Progress(quiet)
+    with progress.step(f"compiling for {target or 'mali'} and replaying on OpenCL"):
+        report = check_model(model, target or "mali", input_shapes=shapes or None, sparse=sparse or "auto",
+                             device=device, plan_dir=save_plan)
+    worst = max((o["max_rel_err"] for o in report["outputs"]), default=0.0)
+    ok = worst <= tolerance and all(o["finite"] for o in report["outputs"])
+    report["tolerance"], report["ok"] = tolerance, ok
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        n_sparse = sum(1 for x in report["sparse_layers"] if x.get("format") not in (None, "dense"))
+        click.echo(f"{report['target']} on {report['device']}: {report['kernels']} kernels, {report['launches']} launches, "
+                   f"{n_sparse} sparse layers")
+        for o in report["outputs"]:
+            click.echo(f"  {o['name']:<24} {'x'.join(map(str, o['shape'])):<14} max abs err {o['max_abs_err']:.3g} "
+                       f"(rel {o['max_rel_err']:.3g})")
+        click.echo("ok" if ok else f"MISMATCH: max relative error {worst:.3g} > {tolerance:g}")
+    if not ok:
+        sys.exit(1)
 
 
 def main(argv=None):
