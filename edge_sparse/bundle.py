@@ -33,7 +33,8 @@ from typing import Any
 from edge_sparse.errors import UserError
 from edge_sparse.progress import Progress
 
-__all__ = ["make_bundle", "runtime_files", "build_runner", "cache_dir", "android_link_command", "RuntimeFiles",
+__all__ = ["make_bundle", "runtime_files", "build_runner", "cache_dir", "android_link_command", "summary_lines",
+           "RuntimeFiles",
            "RUNNER_SOURCES", "WHEEL_PLATFORM"]
 
 RUNNER_DIR = Path(__file__).parent / "runner"
@@ -265,6 +266,25 @@ def android_link_command(library: str = "model.tar", api_level: int = 28, output
     """The one shell command that links an exported object archive into ``model.so`` with the Android NDK."""
     clang = f'"$ANDROID_NDK_HOME"/toolchains/llvm/prebuilt/linux-x86_64/bin/aarch64-linux-android{api_level}-clang++'
     return (f"mkdir -p objs && tar -xf {library} -C objs && {clang} -shared -fPIC -o {output} objs/*.o -lm")
+
+
+def summary_lines(manifest: dict[str, Any], out_dir: str | os.PathLike, *, quiet: bool = False) -> list[str]:
+    """What ``edge-sparse compile`` prints after the artifact line: bundle sizes, and for an unlinked Android
+    archive the one command that links it (printed even with --quiet: the artifact is unusable without it)."""
+    lines = []
+    b = manifest.get("bundle") or {}
+    s = b.get("sizes") or {}
+    if not quiet and "runtime" in s:
+        lines.append(f"bundle: model {_fmt_mb(s['model'])} + runtime {_fmt_mb(s['runtime'])} + runner "
+                     f"{_fmt_mb(s['runner'])} = {_fmt_mb(s['device'])} on the device (include/ + src/ "
+                     f"{_fmt_mb(s['sdk'])}); see {Path(out_dir) / 'RUN.md'}")
+    if str(manifest.get("library", "")).endswith(".tar"):
+        api = int(manifest.get("target", {}).get("link", {}).get("api_level", 28))
+        lines.append(f"link it for Android (ANDROID_NDK_HOME was not set): cd {out_dir} && "
+                     f"{android_link_command(manifest['library'], api)}")
+    elif not quiet and b.get("kind") == "android-arm64":
+        lines.append(f"Android bundle: build the TVM runtime with the NDK as {Path(out_dir) / 'RUN.md'} says")
+    return lines
 
 
 def make_bundle(out_dir: str | os.PathLike, preset, manifest) -> dict[str, Any]:
