@@ -62,12 +62,41 @@ def _register_tir_pipeline() -> None:
         _REGISTERED = True
 
 
+# Convolutions are computed channels-last (NHWC data, HWIO weights): output channels are then the contiguous axis of
+# both the output and the weights, so conv2d is a GEMM over (kh, kw, ci) that vectorises along channels, whatever the
+# spatial size or stride. The weight transposes fold into the constants; the data transposes are cheap copies.
+CONV_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
+
+
 def relax_pipeline(preset, *, tuning_db=None):
-    """The Relax pipeline for this preset: TVM's CPU phases plus our schedule rules (targets.cpu.schedules)."""
+    """The Relax pipeline for this preset: TVM's CPU phases with our schedule rules after fusion.
+
+    library dispatch -> channels-last convs -> fast exp/erf/tanh -> legalize + fuse (TVM) -> [tuned schedules from ``tuning_db``] ->
+    ``schedules.ScheduleDense`` for every PrimFunc still unscheduled -> dataflow lowering + finalize (TVM).
+    """
+    import tvm
     from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from edge_sparse.targets.cpu.schedules import ScheduleDense
 
     target = preset.tvm_target()
-    return relax.pipeline.get_default_pipeline(target)
+
+    @tvm.transform.module_pass(opt_level=0, name="edge_sparse.CPURelaxPipeline")
+    def _pipeline(mod, _ctx):
+        passes = list(cpu.library_dispatch_passes(target))
+        passes += [relax.transform.ConvertLayout(CONV_LAYOUTS), relax.transform.Normalize()]
+        # exp/erf/tanh/softmax as polynomials that vectorise (LLVM turns vector exp into one libm call per lane)
+        passes.append(relax.transform.FastMathTransform())
+        passes += list(cpu.legalize_passes(target))
+        if tuning_db is not None:
+            passes.append(relax.transform.MetaScheduleApplyDatabase(str(tuning_db)))
+        passes.append(ScheduleDense(preset))
+        passes += list(cpu.dataflow_lower_passes(target)) + list(cpu.finalize_passes(target))
+        with target:
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
 
 
 def build(mod, preset, *, tuning_db=None):

@@ -1,0 +1,410 @@
+"""Dense schedule rules for LLVM CPU targets (x86-64 AVX2/AVX-512, AArch64 NEON), applied per fused PrimFunc.
+
+TVM's default CPU pipeline leaves every PrimFunc unscheduled (scalar, one thread). :class:`ScheduleDense` walks the
+PrimFuncs after FuseTIR and gives each the first rule that fits:
+
+1. ``contraction``: a reduction block whose inputs are contiguous in the output's innermost index (or do not depend on
+   it) -- matmul, batched matmul, dense, conv2d (NHWC/HWIO after the layout pass; NCHW stride 1), depthwise conv,
+   pooling, mean over non-inner axes. Register tile ``mt x nt`` (``nt`` = whole vectors of the output's inner axis,
+   ``mt`` rows of another output axis that the vector operands do not depend on), reduction loops outside the tile,
+   accumulator in a small stack buffer, fused epilogues (bias, activation, residual) inlined into the tile store,
+   parallel over the outer tiles.
+2. ``row_reduction``: softmax / LayerNorm / RMSNorm shaped functions (dlight's CPU reduction rule: rows in parallel,
+   the row's blocks computed together, inner loops vectorised).
+3. ``injective``: elementwise / broadcast / transpose / reshape / pad: producers inlined, outer loops parallel,
+   innermost vectorised.
+4. ``fallback``: anything else (e.g. reductions along the contiguous axis): parallel over the leading spatial loops of
+   every block, innermost spatial loop vectorised when it is innermost.
+
+Register tiles come from the preset: ``vector_bits`` gives the f32 lanes, ``vector_registers`` the accumulator budget
+(half the register file), so AVX-512 gets 8 x 32 (16 zmm accumulators) and NEON 4 x 16 (16 q accumulators).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+__all__ = ["TileConfig", "tile_config", "ScheduleDense", "schedule_func", "SCHEDULED_ATTR"]
+
+# Marks a PrimFunc scheduled by one of our rules, naming the rule (for inspection and tests).
+SCHEDULED_ATTR = "edge_sparse.schedule"
+import os as _os
+STACK_BYTES = int(_os.environ.get("ES_STACK_BYTES", "1024"))
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    lanes: int       # f32 lanes of one vector register
+    registers: int   # vector registers of the ISA
+    mt: int          # register-tile rows (broadcast operand)
+    nvec: int        # vectors per register-tile row
+
+    @property
+    def nt(self) -> int:
+        return self.lanes * self.nvec
+
+    @property
+    def acc_budget(self) -> int:
+        """Vector registers the accumulators may use: half the file (the rest holds operands and addresses)."""
+        return max(2, self.registers // 2)
+
+
+def tile_config(preset) -> TileConfig:
+    """Register tile for a preset: AVX-512 8x(2x16), AVX2 4x(2x8), NEON 4x(4x4)."""
+    device = getattr(preset, "device", {}) or {}
+    bits = int(device.get("vector_bits", 128))
+    lanes = max(4, bits // 32)
+    arch = getattr(preset, "arch", "x86_64")
+    regs = int(device.get("vector_registers", 32 if arch == "aarch64" or bits >= 512 else 16))
+    nvec = int(_os.environ.get("ES_NVEC", 4 if lanes <= 4 else 2))
+    mt = max(1, min(8, (max(2, regs // 2)) // nvec))
+    return TileConfig(lanes=lanes, registers=regs, mt=mt, nvec=nvec)
+
+
+# --------------------------------------------------------------------------------------------------------- helpers
+def _int(x) -> int | None:
+    from tvm import tirx
+
+    return int(x.value) if isinstance(x, tirx.IntImm) else (int(x) if isinstance(x, int) else None)
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    for d in range(min(n, limit), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def _stride(expr, var) -> int | None:
+    """d expr / d var when expr is linear in var with a constant coefficient, else None."""
+    from tvm.sym import detect_linear_equation
+
+    coeffs = detect_linear_equation(expr, [var])
+    if len(coeffs) != 2:
+        return None
+    return _int(coeffs[0])
+
+
+def _uses(expr, var) -> bool:
+    return _stride(expr, var) != 0
+
+
+def _vector_lanes(sch, loop) -> int | None:
+    return _int(sch.get(loop).extent)
+
+
+def _vectorize_inner(sch, loop, lanes: int, max_len: int = 64) -> None:
+    """Vectorise ``loop``: whole when short, else in chunks of a divisor of its extent that is a multiple of lanes."""
+    ext = _int(sch.get(loop).extent)
+    if ext is None or ext < 2:
+        return
+    if ext <= max_len:
+        sch.vectorize(loop)
+        return
+    for width in (4 * lanes, 2 * lanes, lanes):
+        if ext % width == 0:
+            _, inner = sch.split(loop, factors=[None, width])
+            sch.vectorize(inner)
+            return
+    _, inner = sch.split(loop, factors=[None, lanes])
+    sch.vectorize(inner)
+
+
+def _parallel_outer(sch, loops, min_tasks: int = 2, max_loops: int | None = None):
+    """Fuse leading loops until there are enough parallel tasks, mark the fused loop parallel."""
+    if not loops:
+        return None
+    take, tasks = 0, 1
+    for lp in loops[: max_loops or len(loops)]:
+        ext = _int(sch.get(lp).extent)
+        if ext is None:
+            break
+        take += 1
+        tasks *= ext
+        if tasks >= 64:
+            break
+    if take == 0 or tasks < min_tasks:
+        return None
+    fused = sch.fuse(*loops[:take]) if take > 1 else loops[0]
+    sch.parallel(fused)
+    return fused
+
+
+# ----------------------------------------------------------------------------------------------------- rules
+def _blocks(sch):
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    return normalize_prim_func(sch)
+
+
+def _contraction(sch, cfg: TileConfig) -> bool:
+    """Register-tiled reduction (matmul, conv, pooling): see the module docstring."""
+    from tvm import tirx
+
+    infos = _blocks(sch)
+    if infos is None:
+        return False
+    reds = [b for b in infos if b.is_reduction()]
+    if len(reds) != 1:
+        return False
+    main = reds[0]
+    block = sch.get(main.block_rv)
+    if len(block.writes) != 1 or block.init is None:
+        return False
+    out = block.writes[0]
+    if out.source.dtype not in ("float32", "float16", "float64"):
+        return False
+    svars = {it.var: it for it in main.iters if it.kind == "S"}
+    rits = [it for it in main.iters if it.kind == "R"]
+    if any(it.kind not in ("S", "R") for it in main.iters) or not rits:
+        return False
+    # normalize_prim_func drops unit loops, leaving constant indices behind
+    out_idx = [r.min for r in out.region if not isinstance(r.min, tirx.IntImm)]
+    if not all(isinstance(e, tirx.Var) and any(e.same_as(v) for v in svars) for e in out_idx):
+        return False
+    # The vector axis j: innermost output index with extent > 1 that every read is contiguous in or independent of.
+    reads = [r for r in block.reads if not r.source.same_as(out.source)]
+    if not reads:
+        return False
+
+    def classify(jvar):
+        vec, bcast = [], []
+        for r in reads:
+            idx = [x.min for x in r.region]
+            strides = [_stride(e, jvar) for e in idx]
+            if any(s is None for s in strides):
+                return None
+            if all(s == 0 for s in strides):
+                bcast.append(r)
+            elif strides[-1] == 1 and all(s == 0 for s in strides[:-1]):
+                vec.append(r)
+            else:
+                return None
+        return (vec, bcast) if vec or not bcast else None
+
+    jvar = None
+    for e in reversed(out_idx):
+        it = _iter(svars, e)
+        if _int(it.dom) == 1:
+            continue
+        jvar = it.var if classify(it.var) is not None else None
+        break
+    if jvar is None:
+        return False
+    vec, bcast = classify(jvar)
+    jit = _iter(svars, jvar)
+    n_ext = _int(jit.dom)
+    if n_ext is None:
+        return False
+    # Row axis i: an output axis (not j) the vector operands depend on least; innermost wins ties.
+    cands = []
+    for pos, e in enumerate(out_idx):
+        it = _iter(svars, e)
+        if it.var.same_as(jvar) or (_int(it.dom) or 0) <= 1:
+            continue
+        deps = sum(1 for r in vec if any(_uses(x.min, it.var) for x in r.region))
+        cands.append((deps, -pos, it))
+    iit = min(cands, key=lambda c: (c[0], c[1]))[2] if cands else None
+
+    nt = n_ext if n_ext <= cfg.nt else _largest_divisor(n_ext, cfg.nt)
+    if nt < cfg.lanes and n_ext > cfg.nt:
+        nt = cfg.nt  # ragged tail; the predicate sits outside the vector lanes' dependence only for full tiles
+    nvec = -(-nt // cfg.lanes)
+    mt_cap = max(1, min(12, cfg.acc_budget // nvec))
+    # LowerTVMBuiltin keeps an allocation inside a parallel loop on the stack (where LLVM promotes it to registers)
+    # only below 1024 bytes; bigger ones become a heap workspace per task.
+    mt_cap = max(1, min(mt_cap, (STACK_BYTES // 4 - 1) // nt))
+    mt = 1
+    if iit is not None:
+        m_ext = _int(iit.dom)
+        mt = _largest_divisor(m_ext, mt_cap)
+        if mt * 2 <= mt_cap and m_ext > mt_cap:
+            mt = mt_cap  # ragged last row tile, predicated per row (not per lane)
+
+    jo, ji = sch.split(jit.loop_rv, factors=[None, nt])
+    if iit is not None:
+        io, ii = sch.split(iit.loop_rv, factors=[None, mt])
+    outer = [it.loop_rv for it in main.iters if it.kind == "S" and not it.var.same_as(jvar)
+             and (iit is None or not it.var.same_as(iit.var))]
+    red = [it.loop_rv for it in rits]
+    if iit is not None:
+        sch.reorder(*outer, jo, io, *red, ii, ji)
+        tile_loop = io
+    else:
+        sch.reorder(*outer, jo, *red, ji)
+        tile_loop = jo
+
+    acc = sch.cache_write(main.block_rv, 0, "global")
+    # Epilogues (bias, activation, residual, requantise...) go into the tile's store.
+    progress = True
+    while progress:
+        progress = False
+        for consumer in sch.get_consumers(acc):
+            try:
+                sch.reverse_compute_inline(consumer)
+                progress = True
+                break
+            except Exception:  # not elementwise on this buffer: scheduled below as its own loop nest
+                continue
+    sch.reverse_compute_at(acc, tile_loop, preserve_unit_loops=True)
+    n_tile_outer = len(outer) + (2 if iit is not None else 1)
+    # Loop marks go on before decompose_reduction: afterwards the update block is no longer a "reduction block" and
+    # parallel/vectorize refuse the loops around it.
+    par_loops = sch.get_loops(main.block_rv)[:n_tile_outer]
+    _parallel_outer(sch, par_loops, max_loops=len(par_loops))
+    if iit is not None and mt > 1:
+        sch.unroll(ii)
+    sch.vectorize(ji)
+    acc_loops = sch.get_loops(acc)
+    tile_depth = len(sch.get_loops(main.block_rv)) - len(red) - (2 if iit is not None else 1)
+    _tile_store(sch, acc_loops[tile_depth:], cfg, nt)
+    init = sch.decompose_reduction(main.block_rv, red[0])
+    _tile_store(sch, sch.get_loops(init)[tile_depth:], cfg, nt)
+    # Every other block (pad producers, epilogues that could not be inlined) as its own loop nest.
+    for other in _root_blocks(sch):
+        name = sch.get(other).name_hint
+        if name in (sch.get(main.block_rv).name_hint, sch.get(acc).name_hint, sch.get(init).name_hint):
+            continue
+        _spatial_nest(sch, other, cfg)
+    return True
+
+
+def _tile_store(sch, loops, cfg: TileConfig, nt: int) -> None:
+    """Inner loops of a tile's init / store: innermost vectorised, the others unrolled."""
+    loops = [lp for lp in loops if (_int(sch.get(lp).extent) or 0) > 1]
+    if not loops:
+        return
+    _vectorize_inner(sch, loops[-1], cfg.lanes, max_len=max(64, nt))
+    for lp in loops[:-1]:
+        sch.unroll(lp)
+
+
+def _iter(svars, e):
+    for v, it in svars.items():
+        if v.same_as(e):
+            return it
+    raise KeyError(e)
+
+
+def _root_blocks(sch):
+    from tvm.s_tir.dlight.analysis import get_root_block
+
+    return sch.get_child_blocks(get_root_block(sch))
+
+
+def _spatial_nest(sch, block_rv, cfg: TileConfig) -> None:
+    """Parallel over leading spatial loops, vectorise the innermost loop when it is spatial."""
+    from tvm.s_tir.dlight.analysis import get_sblock_info
+
+    info = get_sblock_info(sch, block_rv)
+    loops = sch.get_loops(block_rv)
+    kinds = [it.kind for it in info.iters]
+    if len(loops) != len(kinds) or not loops:
+        return
+    if kinds[-1] == "S" and (_int(sch.get(loops[-1]).extent) or 0) > 1:
+        ext = _int(sch.get(loops[-1]).extent)
+        if all(k == "S" for k in kinds) or ext >= cfg.lanes:
+            if ext > 4 * cfg.lanes and ext % cfg.lanes == 0:
+                _, vec = sch.split(loops[-1], factors=[None, cfg.lanes * (4 if ext % (4 * cfg.lanes) == 0 else 1)])
+                sch.vectorize(vec)
+            elif all(k == "S" for k in kinds):
+                _vectorize_inner(sch, loops[-1], cfg.lanes)
+            loops = sch.get_loops(block_rv)
+    lead = []
+    for lp, k in zip(loops, kinds):
+        if k != "S":
+            break
+        lead.append(lp)
+    if lead and len(lead) == len(sch.get_loops(block_rv)):
+        lead = lead[:-1]  # the innermost (vectorised) loop stays inside
+    if lead:
+        _parallel_outer(sch, lead)
+
+
+def _injective(sch, cfg: TileConfig) -> bool:
+    infos = _blocks(sch)
+    if infos is None or any(not b.is_injective() for b in infos):
+        return False
+    blocks = _root_blocks(sch)
+    for blk in blocks[:-1]:
+        try:
+            sch.compute_inline(blk)
+        except Exception:
+            pass
+    for blk in _root_blocks(sch):
+        _spatial_nest(sch, blk, cfg)
+    return True
+
+
+def _row_reduction(sch, cfg: TileConfig, func, target) -> object | None:
+    from tvm.s_tir.dlight.cpu import Reduction
+
+    return Reduction().apply(func, target, False)
+
+
+def _fallback(sch, cfg: TileConfig) -> bool:
+    blocks = _root_blocks(sch)
+    for blk in blocks:
+        try:
+            _spatial_nest(sch, blk, cfg)
+        except Exception:
+            continue
+    return True
+
+
+# ------------------------------------------------------------------------------------------------- driver
+def schedule_func(func, target, cfg: TileConfig):
+    """The scheduled PrimFunc (with ``SCHEDULED_ATTR`` naming the rule), or None when no rule applied."""
+    from tvm import s_tir
+
+    rules: list[tuple[str, Callable]] = [
+        ("contraction", lambda sch: _contraction(sch, cfg)),
+        ("row_reduction", None),
+        ("injective", lambda sch: _injective(sch, cfg)),
+        ("fallback", lambda sch: _fallback(sch, cfg)),
+    ]
+    for name, rule in rules:
+        try:
+            if rule is None:
+                sch = _row_reduction(None, cfg, func, target)
+                if sch is None:
+                    continue
+            else:
+                sch = s_tir.Schedule(func)
+                if not rule(sch):
+                    continue
+            return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr(SCHEDULED_ATTR, name)
+        except Exception:  # a rule that does not fit this function: try the next one
+            continue
+    return None
+
+
+def ScheduleDense(preset, *, skip_attrs=("tirx.is_scheduled",)):
+    """Module pass: schedule every unscheduled PrimFunc of the module for ``preset``'s CPU."""
+    import tvm
+    from tvm import tirx
+
+    cfg = tile_config(preset)
+    target = preset.tvm_target()
+
+    @tvm.transform.module_pass(opt_level=0, name="edge_sparse.ScheduleDense")
+    def _pass(mod, _ctx):
+        updates = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            attrs = func.attrs or {}
+            if any(k in attrs and bool(attrs[k]) for k in skip_attrs):
+                continue
+            from edge_sparse.targets.cpu import KERNEL_ATTR
+
+            if KERNEL_ATTR in attrs:
+                continue
+            scheduled = schedule_func(func, target, cfg)
+            if scheduled is not None:
+                updates[gv] = scheduled
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
+
+    return _pass
