@@ -375,10 +375,12 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
     if not held_part:
         warnings.append("no held-out split (too few samples or --holdout 0): accuracy is on calibration data only")
 
+    from edge_sparse.passes.prune import get_weight
+
     zeros = total = 0
     layer_rows = []
     for layer in setup.layers:
-        w = onnx.numpy_helper.to_array(_initializer(pruned, layer.name))
+        w = get_weight(irm, layer)
         z = int(np.count_nonzero(w == 0))
         zeros, total = zeros + z, total + w.size
         st = setup.settings[layer.name]
@@ -414,13 +416,6 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
     if rep_path is not None:
         _atomic_write(rep_path, lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
     return PruneResult(pruned, report)
-
-
-def _initializer(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
-    for init in model.graph.initializer:
-        if init.name == name:
-            return init
-    raise KeyError(name)
 
 
 # ----------------------------------------------------------------------------------------------------- analyze

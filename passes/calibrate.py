@@ -232,6 +232,17 @@ class Evaluator:
                 keep.append(init)
         del lifted.graph.initializer[:]
         lifted.graph.initializer.extend(keep)
+        nodes = []
+        for node in lifted.graph.node:        # weights held in Constant nodes (old exporters) become inputs too
+            if node.op_type == "Constant" and node.output[0] in wanted and node.output[0] not in self.weights:
+                value = next(a for a in node.attribute if a.name == "value").t
+                self.weights[node.output[0]] = onnx.numpy_helper.to_array(value)
+                lifted.graph.input.append(helper.make_tensor_value_info(node.output[0], value.data_type,
+                                                                        list(value.dims)))
+            else:
+                nodes.append(node)
+        del lifted.graph.node[:]
+        lifted.graph.node.extend(nodes)
         self.session = _session(lifted)
 
     def run(self, data: dict[str, np.ndarray], overrides: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:

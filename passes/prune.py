@@ -1,7 +1,7 @@
 """Pruning passes on onnx-ir models: find the prunable weights, zero them in a pattern, record what was done.
 
-- :func:`find_prunable_layers`: MatMul / Gemm / Conv nodes whose weight is a constant float initializer used by that
-  node alone (grouped convs and weights in the A slot are not prunable: the kernels do not take them).
+- :func:`find_prunable_layers`: MatMul / Gemm / Conv nodes whose weight is a constant float (an initializer or a
+  Constant node) used by that node alone (grouped convs and weights in the A slot are not prunable: the kernels do not take them).
 - :func:`default_skips`: the first Conv (it sees raw pixels and has few weights) and classifier heads (a layer whose
   output reaches a graph output only through bias adds, softmax and reshapes).
 - :class:`PruneWeights`: zeroes each planned layer's weight in its pattern, scored by magnitude or Wanda.
@@ -22,7 +22,7 @@ from onnx_ir.passes import InPlacePass, PassResult
 from edge_sparse.passes.prune_masks import Pattern, from_canonical, mask, score, to_canonical
 
 __all__ = ["PrunableLayer", "LayerPlan", "find_prunable_layers", "default_skips", "PruneWeights", "AnnotateSparsity",
-           "prune_weight",
+           "prune_weight", "get_weight", "set_weight",
            "METADATA_KEY", "HEAD_OPS"]
 
 METADATA_KEY = "edge_sparse.pruning"
@@ -80,6 +80,45 @@ def _const_initializer(graph: ir.Graph, value: ir.Value | None) -> bool:
     return value is not None and value.name in graph.initializers and value.const_value is not None
 
 
+def _constant_node(value: ir.Value | None) -> ir.Node | None:
+    """The ``Constant`` node (with a ``value`` tensor attribute) producing ``value``, if any (old Paddle exports)."""
+    producer = value.producer() if value is not None else None
+    if producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx") \
+            and "value" in producer.attributes:
+        return producer
+    return None
+
+
+def _weight_tensor(graph: ir.Graph, value: ir.Value | None):
+    if _const_initializer(graph, value):
+        return value.const_value
+    node = _constant_node(value)
+    return node.attributes["value"].value if node is not None else None
+
+
+def get_weight(model: ir.Model, layer: PrunableLayer) -> np.ndarray:
+    """The layer's weight as a numpy array (from its initializer or its Constant node)."""
+    value = model.graph.initializers.get(layer.name)
+    if value is not None and value.const_value is not None:
+        return value.const_value.numpy()
+    for node in model.graph:
+        if node.op_type == "Constant" and node.outputs[0].name == layer.name:
+            return node.attributes["value"].value.numpy()
+    raise KeyError(layer.name)
+
+
+def set_weight(model: ir.Model, layer: PrunableLayer, array: np.ndarray) -> None:
+    value = model.graph.initializers.get(layer.name)
+    if value is not None and value.const_value is not None:
+        value.const_value = ir.tensor(array, name=layer.name)
+        return
+    for node in model.graph:
+        if node.op_type == "Constant" and node.outputs[0].name == layer.name:
+            node.attributes["value"] = ir.AttrTensor("value", ir.tensor(array, name=layer.name))
+            return
+    raise KeyError(layer.name)
+
+
 def _node_name(node: ir.Node, index: int) -> str:
     return node.name or f"{node.op_type}#{index}"
 
@@ -100,10 +139,10 @@ def find_prunable_layers(model: ir.Model) -> tuple[list[PrunableLayer], list[dic
             reject("missing inputs")
             continue
         weight = node.inputs[1]
-        if not _const_initializer(graph, weight):
-            reject("weight is not a constant initializer")
+        tensor = _weight_tensor(graph, weight)
+        if tensor is None:
+            reject("weight is not a constant (initializer or Constant node)")
             continue
-        tensor = weight.const_value
         if tensor.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
             reject(f"weight dtype {tensor.dtype.name} is not floating point")
             continue
@@ -219,11 +258,10 @@ class PruneWeights(InPlacePass):
         modified = False
         for name, step in self.plan.items():
             layer = self.layers[name]
-            value = model.graph.initializers[name]
-            weight = value.const_value.numpy()
+            weight = get_weight(model, layer)
             pruned = prune_weight(layer, weight, step, self.method, self.input_norms)
             if not np.array_equal(pruned, weight):
-                value.const_value = ir.tensor(pruned, name=name)
+                set_weight(model, layer, pruned)
                 modified = True
             self.reached[name] = float(np.count_nonzero(pruned == 0) / pruned.size)
         return PassResult(model, modified)
@@ -243,7 +281,7 @@ class AnnotateSparsity(InPlacePass):
     def call(self, model: ir.Model) -> PassResult:
         facts, zeros, total = {}, 0, 0
         for layer in self.layers:
-            w = model.graph.initializers[layer.name].const_value.numpy()
+            w = get_weight(model, layer)
             z = int(np.count_nonzero(w == 0))
             zeros, total = zeros + z, total + w.size
             if layer.name in self.patterns:
