@@ -544,6 +544,52 @@ def check_opencl_cmd(source, model_path, target, input_shapes, sparse, device, t
         sys.exit(1)
 
 
+# ---------------------------------------------------------------------------------------------- bench
+@cli.command("bench")
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--rpc", metavar="HOST:PORT", help="Run on a TVM RPC server (python -m tvm.exec.rpc_server --host ...).")
+@click.option("--tracker", metavar="HOST:PORT", help="Request a server from a TVM RPC tracker (with --key).")
+@click.option("--key", help="Device key registered at the tracker.")
+@click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs before timing.")
+@click.option("--repeat", type=int, help="Timed runs (default: at least 50 and at least 1 s).")
+@click.option("--min-seconds", type=float, help="Time for at least this long.")
+@click.option("--threads", type=int, help="Threads for TVM and onnxruntime (default: the artifact's, else all cores).")
+@click.option("--compare", "compare", type=click.Path(dir_okay=False), metavar="MODEL.onnx",
+              help="Also time this ONNX model in onnxruntime (separate process, same inputs and threads).")
+@click.option("--energy", default="auto", show_default=True, metavar="SOURCE",
+              help="auto | none | estimate | rapl | pi5-pmic | android | jetson | nvml | csv:FILE")
+@click.option("--profile", is_flag=True, help="Print the top operators by time (Relax VM).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), metavar="OUT", help="Write the result as JSON (docs/bench-schema.md).")
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), metavar="OUT.png", help="Latency plot (needs matplotlib).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--force", is_flag=True, help="Overwrite existing --json/--plot files.")
+@quiet_option
+def bench_cmd(artifacts, rpc, tracker, key, warmup, repeat, min_seconds, threads, compare, energy, profile, json_out,
+              plot_out, seed, force, quiet):
+    """Benchmark artifact directories (side by side) locally or over TVM RPC: latency, memory, energy."""
+    from pathlib import Path
+
+    from edge_sparse import bench as B
+
+    _quiet(quiet)
+    for out in (json_out, plot_out):
+        if out is not None and Path(out).exists() and not force:
+            raise UserError(f"output file {out} already exists; pass --force to overwrite it")
+    if compare and any(Path(out).resolve() == Path(compare).resolve() for out in (json_out, plot_out) if out):
+        raise UserError("--json/--plot would overwrite the --compare model; choose another path")
+    results = []
+    for i, artifact in enumerate(artifacts):
+        results.append(B.bench(artifact, rpc=rpc, tracker=tracker, key=key, warmup=warmup, repeat=repeat,
+                               min_seconds=min_seconds, threads=threads, compare=compare if i == 0 else None,
+                               energy=energy, profile=profile, quiet=quiet, seed=seed))
+    result = B.combine(results)
+    click.echo(B.format_table(result))
+    if json_out:
+        B.write_json(result, json_out, force=force)
+    if plot_out:
+        B.plot(result, plot_out, force=force)
+
+
 def main(argv=None):
     """Console-script entry point."""
     try:
