@@ -590,6 +590,22 @@ def bench_cmd(artifacts, rpc, tracker, key, warmup, repeat, min_seconds, threads
         B.plot(result, plot_out, force=force)
 
 
+# ---------------------------------------------------------------------------------------------- demo
+@cli.command("demo")
+@click.option("--output", "-o", default="out/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--threads", type=int, help="Threads for both runtimes (default: all cores).")
+@click.option("--pi", "pi_target", default="rpi4", show_default=True, help="Which Pi preset to also compile for.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@quiet_option
+def demo_cmd(output, threads, pi_target, force, quiet):
+    """Prune the bundled demo model, compile it for the host and a Pi, check it against onnxruntime, benchmark it."""
+    from edge_sparse.demo import demo, format_summary
+
+    _quiet(quiet)
+    summary = demo(output, force=force, threads=threads, pi_target=pi_target, quiet=quiet)
+    click.echo(format_summary(summary))
+
+
 def main(argv=None):
     """Console-script entry point."""
     try:
