@@ -109,7 +109,7 @@ def _installed_versions() -> tuple[str, str]:
     return tvm.__version__, tvm_ffi.__version__
 
 
-def _download_wheels(dest: Path, tvm_version: str, ffi_version: str, progress: Progress) -> None:
+def _download_wheels(dest: Path, tvm_version: str, ffi_version: str, progress: Progress, manual_dir: Path) -> None:
     specs = [f"apache-tvm=={tvm_version}", f"apache-tvm-ffi=={ffi_version}"]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--platform", WHEEL_PLATFORM,
            "--python-version", WHEEL_PYTHON, "--dest", str(dest), "--quiet", *specs]
@@ -118,7 +118,7 @@ def _download_wheels(dest: Path, tvm_version: str, ffi_version: str, progress: P
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
         raise UserError(f"could not download the aarch64 TVM runtime wheels ({' '.join(specs)}): {last}; "
-                        f"check the network, or put both .whl files into {dest} by hand")
+                        f"check the network, or put both aarch64 .whl files into {manual_dir} by hand")
 
 
 def _find_wheel(folder: Path, package: str, version: str) -> Path | None:
@@ -145,7 +145,14 @@ def runtime_files(tvm_version: str | None = None, ffi_version: str | None = None
     wheels = {p: _find_wheel(wheels_dir, p, v) for p, v in packages.items()}
     if any(w is None for w in wheels.values()):
         wheels_dir.mkdir(parents=True, exist_ok=True)
-        _download_wheels(wheels_dir, tvm_version, ffi_version, progress)
+        # download beside the cache and move whole files in: a concurrent run never sees a partial wheel
+        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=wheels_dir))
+        try:
+            _download_wheels(tmp, tvm_version, ffi_version, progress, wheels_dir)
+            for w in tmp.glob("*.whl"):
+                os.replace(w, wheels_dir / w.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         wheels = {p: _find_wheel(wheels_dir, p, v) for p, v in packages.items()}
         missing = [f"{p}=={v}" for p, v in packages.items() if wheels[p] is None]
         if missing:
@@ -175,6 +182,7 @@ def runtime_files(tvm_version: str | None = None, ffi_version: str | None = None
                         dest = tmp / "include" / rel
                         dest.parent.mkdir(parents=True, exist_ok=True)
                         dest.write_bytes(z.read(info))
+                os.chmod(tmp, 0o755)
                 if root.exists():  # an incomplete extraction from an interrupted run
                     shutil.rmtree(root, ignore_errors=True)
                 try:

@@ -214,12 +214,16 @@ def test_runner_single_npy_io_and_bench(bundles, models, sample, tmp_path):
     _, x = sample
     np.save(tmp_path / "x.npy", x)
     proc = _qemu([root / "bin" / "edge-sparse-run", "-i", f"x={tmp_path / 'x.npy'}", "-o", tmp_path / "y.npy",
-                  "--bench", "5", "--warmup", "1", "--threads", "1"])   # MODEL_DIR defaults to the bundle root
+                  "--bench", "5", "--warmup", "1", "--threads", "1", "--json", tmp_path / "bench.json"])
+    # (MODEL_DIR defaults to the bundle root, the directory above bin/)
     assert proc.returncode == 0, proc.stderr
     _assert_close(np.load(tmp_path / "y.npy"), ort_run(models["dense"], {"x": x})[0])
     stats = dict(line.split(None, 1) for line in proc.stdout.splitlines() if line and not line.startswith("first"))
     assert stats["count"] == "5" and stats["threads"] == "1"
     assert float(stats["median"].split()[0]) > 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["count"] == 5 and report["threads"] == 1 and report["model"] == str(root)
+    assert report["min_ms"] <= report["median_ms"] <= report["max_ms"]
 
 
 @pytest.mark.slow

@@ -505,6 +505,11 @@ class Model {
     input_set_.assign(inputs_.size(), false);
   }
 
+  Model(const Model&) = delete;  // one Model owns its VM and input buffers; use one per thread
+  Model& operator=(const Model&) = delete;
+  Model(Model&&) = default;
+  Model& operator=(Model&&) = default;
+
   const std::vector<TensorInfo>& inputs() const { return inputs_; }
   const std::vector<TensorInfo>& outputs() const { return outputs_; }
   const json::Value& manifest() const { return manifest_; }

@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <iostream>
 #include <random>
 #include <string>
@@ -35,6 +36,7 @@ const char* kUsage =
     "  -o, --output F       write outputs to F.npz (all) or F.npy (single output)\n"
     "  --bench N            run N timed iterations and print latency statistics\n"
     "  --warmup W           untimed runs before --bench (default 5)\n"
+    "  --json F             also write the --bench statistics to F as JSON\n"
     "  --threads T          TVM worker threads (default: TVM_NUM_THREADS or TVM's choice)\n"
     "  --seed S             seed of the random inputs used when no -i is given (default 0)\n"
     "  --no-verify          skip the model's sha256 check\n"
@@ -45,7 +47,7 @@ const char* kUsage =
 struct Args {
   std::string dir;
   std::vector<std::string> inputs;
-  std::string output;
+  std::string output, json;
   int bench = 0, warmup = 5, threads = 0;
   unsigned seed = 0;
   bool verify = true, runtime_check = true, info = false;
@@ -91,6 +93,8 @@ Args parse_args(int argc, char** argv) {
       a.output = value();
     } else if (s == "--bench") {
       a.bench = to_int(s, value(), 1);
+    } else if (s == "--json") {
+      a.json = value();
     } else if (s == "--warmup") {
       a.warmup = to_int(s, value(), 0);
     } else if (s == "--threads") {
@@ -193,6 +197,15 @@ double percentile(const std::vector<double>& sorted, double q) {
   return sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo);
 }
 
+std::string json_escape(const std::string& in) {
+  std::string out;
+  for (char c : in) {
+    if (c == '"' || c == '\\') out += '\\';
+    if (static_cast<unsigned char>(c) >= 0x20) out += c;
+  }
+  return out;
+}
+
 double now_ms() {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
@@ -265,6 +278,20 @@ int main(int argc, char** argv) {
       std::printf("p99             %.3f ms\n", percentile(sorted, 0.99));
       std::printf("throughput      %.2f inferences/s\n", 1000.0 * args.bench / total);
       std::printf("peak memory     %.1f MiB (max RSS)\n", ru.ru_maxrss / 1024.0);
+      if (!args.json.empty()) {
+        char buf[1024];
+        std::snprintf(buf, sizeof(buf),
+                      "{\"model\": \"%s\", \"threads\": %s, \"init_ms\": %.4f, \"first_ms\": %.4f, \"warmup\": %d, "
+                      "\"count\": %d, \"mean_ms\": %.4f, \"median_ms\": %.4f, \"min_ms\": %.4f, \"max_ms\": %.4f, "
+                      "\"std_ms\": %.4f, \"p90_ms\": %.4f, \"p99_ms\": %.4f, \"throughput_per_s\": %.3f, "
+                      "\"peak_rss_mib\": %.2f}\n",
+                      json_escape(model.directory()).c_str(), env_threads ? env_threads : "null", init_ms, first_ms, args.warmup,
+                      args.bench, mean, percentile(sorted, 0.5), sorted.front(), sorted.back(), stdev,
+                      percentile(sorted, 0.9), percentile(sorted, 0.99), 1000.0 * args.bench / total,
+                      ru.ru_maxrss / 1024.0);
+        std::vector<uint8_t> bytes(buf, buf + std::strlen(buf));
+        edge_sparse::npy::write_file(args.json, bytes);
+      }
     } else if (args.output.empty()) {
       std::printf("ran %s in %.3f ms (init %.3f ms); pass -o OUT.npz to keep the outputs\n",
                   model.library_path().c_str(), first_ms, init_ms);
