@@ -136,6 +136,13 @@ def prepare(out: Path, quick: bool = False):
                               "R": R, "sparsity": sp, "nnzb": bsr.nnzb,
                               "launch": [list(plan.launches[0].global_size), list(plan.launches[0].local_size)]})
                 print(f"{name}: nnzb {bsr.nnzb}", flush=True)
+                if op == "matmul" and M <= kernels.GEMV_MAX_M and fmt == "bsr16x1":
+                    # the previous fixed 64-thread GEMV work-group, side by side with the adaptive size
+                    f64 = kernels.bsr_gemv(M, K, N, R, bsr.nnzb, bias=True, threads=64)
+                    _, plan = plan_primfunc(f64, "mali")
+                    plan.save(out / f"{name}_t64")
+                    cases.append(dict(cases[-1], name=f"{name}_t64", variant="t64",
+                                      launch=[list(plan.launches[0].global_size), list(plan.launches[0].local_size)]))
     (out / "cases.json").write_text(json.dumps(cases, indent=1))
     for tgt in ("mali", "adreno"):
         prepare_model(out / f"model_mlp_{tgt}", tgt)
@@ -146,6 +153,7 @@ def prepare_model(out: Path, target: str):
     import tempfile
 
     import onnx
+    import onnx.numpy_helper
     import onnxruntime as ort
 
     from edge_sparse.compiler import _sparsify, import_relax
@@ -156,18 +164,23 @@ def prepare_model(out: Path, target: str):
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "mlp.onnx"
-        onnx.save(synthetic.mlp(batch=1, seq=8, d_in=64, hidden=256, d_out=64), str(path))
+        model = synthetic.mlp(batch=1, seq=8, d_in=64, hidden=256, d_out=64)
+        rng = np.random.default_rng(0)
+        for init in model.graph.initializer:          # 80% of 4x1 blocks pruned: the sparse kernels get chosen
+            w = onnx.numpy_helper.to_array(init)
+            if w.ndim == 2:
+                keep = np.repeat(rng.random((w.shape[0], w.shape[1] // 4)) >= 0.8, 4, axis=1)
+                init.CopyFrom(onnx.numpy_helper.from_array((w * keep).astype(np.float32), init.name))
+        onnx.save(model, str(path))
         intake = load_model(path)
-    try:
-        mod, _ = _sparsify(import_relax(intake), targets.get(target), intake, "auto", False)
-    except Exception:  # no sparsify pass installed yet: the dense model still exercises the GPU pipeline
-        mod = import_relax(intake)
+    mod, layers = _sparsify(import_relax(intake), targets.get(target), intake, "auto", False)
     _, plan = capture(mod, target, [(t.name, tuple(t.shape), t.dtype) for t in intake.inputs])
     plan.save(out)
     x = {t.name: np.random.default_rng(3).standard_normal(t.shape).astype(t.dtype) for t in intake.inputs}
     ref = ort.InferenceSession(intake.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)
     np.savez(out / "io.npz", **{f"in_{k}": v for k, v in x.items()}, **{f"out_{i}": r for i, r in enumerate(ref)})
-    print(f"{out.name}: {len(plan.launches)} launches", flush=True)
+    formats = [x.get("format") for x in layers]
+    print(f"{out.name}: {len(plan.launches)} launches, layers {formats}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------- run
@@ -229,11 +242,15 @@ def run(plans: Path, json_path: Path | None, device: str | None, repeat: int, on
                                          "results": results}, indent=1))
 
 
+def _label(r):
+    return r["format"] + (f"/{r['variant']}" if r.get("variant") else "")
+
+
 def _table(results):
     by_shape: dict[tuple, dict] = {}
     for r in results:
         by_shape.setdefault((r["op"], r["M"], r["K"], r["N"]), {})[
-            r["kind"] if r["kind"] != "sparse" else f"{r['format']}@{int(r['sparsity'] * 100)}"] = r
+            r["kind"] if r["kind"] != "sparse" else _label(r) + f"@{int(r['sparsity'] * 100)}"] = r
     for (op, M, K, N), d in by_shape.items():
         dm = d.get("dense_mali", {}).get("us")
         da = d.get("dense_adreno", {}).get("us")
@@ -241,7 +258,9 @@ def _table(results):
               f"dense (adreno pipeline) {da and round(da, 1)} us")
         print(f"  {'format':<9} {'50%':>18} {'80%':>18} {'90%':>18}   (us, x vs best dense)")
         best = min(v for v in (dm, da) if v) if (dm or da) else None
-        for fmt in FORMATS:
+        for fmt in [*FORMATS, "bsr16x1/t64"]:
+            if not any(k.startswith(fmt + "@") for k in d):
+                continue
             cells = []
             for sp in (50, 80, 90):
                 r = d.get(f"{fmt}@{sp}")

@@ -65,6 +65,7 @@ MATMUL_CASES = [
     (2, 64, 40, "bsr8x1", 0.0, True, "gelu"),       # no zeros at all
     (3, 32, 24, "csr", 1.0, True, None),            # everything pruned: only the bias remains
     (4, 200, 64, "bsr16x1", 0.5, False, "relu"),
+    (1, 512, 48, "bsr16x1", 0.3, True, None),       # long rows: 256-thread work-groups
     (5, 64, 48, "bsr16x1", 0.9, True, None),
     (37, 96, 40, "bsr4x1", 0.5, True, "gelu"),
     (37, 96, 40, "csr", 0.9, True, None),

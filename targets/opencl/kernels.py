@@ -7,7 +7,8 @@ the bias is always passed (zeros when the layer has none) and only added when ``
 
 Work mapping (one work-group per block row, so the j loop over a row's blocks is uniform in the group):
   * GEMV (M <= GEMV_MAX_M): threads (r, s): r over the R channels of the block (``data[j, r]`` loads coalesce),
-    s splits the row's blocks; partial sums meet in a local-memory tree reduction. X is staged in local memory when
+    s splits the row's blocks (64..256 threads, about 16 blocks per lane); partial sums meet in a local-memory tree
+    reduction. X is staged in local memory when
     the work-group would gather at least half of X anyway (density * M >= 0.5) and it fits.
   * GEMM: threads (r, t), each t owning MT rows of X: weights load once per group and broadcast over the rows.
     X is staged in local memory chunk by chunk (coalesced loads, padded against bank conflicts) when each staged
@@ -26,6 +27,7 @@ __all__ = ["make_sparse_kernel", "bsr_gemv", "bsr_gemm", "bsr_conv1x1", "GEMV_MA
 
 KERNEL_ATTR = "edge_sparse.kernel"
 GEMV_MAX_M = 4
+MAX_THREADS = 256            # Adreno/Mali targets: max_num_threads
 LOCAL_BYTES = 8192            # local memory we allow ourselves per group (Adreno/Mali targets advertise 16 KiB)
 FORMATS = {"csr": 1, "bsr4x1": 4, "bsr8x1": 8, "bsr16x1": 16}
 
@@ -44,10 +46,18 @@ def _density(nnzb: int, NB: int, K: int) -> float:
     return nnzb / max(1, NB * K)
 
 
-def bsr_gemv(M, K, N, R, nnzb, *, bias=False, activation=None, threads=64, stage_x=None):
+def gemv_threads(R, blocks_per_row) -> int:
+    """Work-group size for a GEMV: enough lanes that each handles <= ~16 of a row's blocks, 64..256 threads."""
+    lanes = 1 << max(0, math.ceil(math.log2(max(1.0, blocks_per_row / 16))))
+    return int(min(MAX_THREADS, max(64, R * lanes)))
+
+
+def bsr_gemv(M, K, N, R, nnzb, *, bias=False, activation=None, threads=None, stage_x=None):
     """Y[M, N] = act(X[M, K] @ W + b) for small M; one work-group per block row."""
     NB = -(-N // R)
     NNZ = max(nnzb, 1)
+    if threads is None:
+        threads = gemv_threads(R, nnzb / NB)
     S = max(1, threads // R)                # lanes splitting a row's blocks
     LOGS = int(math.log2(S))
     assert 1 << LOGS == S, "threads / R must be a power of two"
