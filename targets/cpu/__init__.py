@@ -68,31 +68,45 @@ def _register_tir_pipeline() -> None:
 CONV_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 
 
-def relax_pipeline(preset, *, tuning_db=None):
-    """The Relax pipeline for this preset: TVM's CPU phases with our schedule rules after fusion.
-
-    library dispatch -> channels-last convs -> fast exp/erf/tanh -> legalize + fuse (TVM) -> [tuned schedules from ``tuning_db``] ->
-    ``schedules.ScheduleDense`` for every PrimFunc still unscheduled -> dataflow lowering + finalize (TVM).
-    """
-    import tvm
+def relax_passes(preset, *, tuning_db=None, lower: bool = True) -> list:
+    """The passes of :func:`relax_pipeline` in order; ``lower=False`` stops after scheduling (for profiling)."""
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from edge_sparse.targets.cpu.schedules import ScheduleDense
 
     target = preset.tvm_target()
+    passes = list(cpu.library_dispatch_passes(target))
+    passes += [relax.transform.ConvertLayout(CONV_LAYOUTS), relax.transform.Normalize()]
+    # exp/erf/tanh/softmax as polynomials that vectorise (LLVM turns vector exp into one libm call per lane)
+    passes.append(relax.transform.FastMathTransform())
+    passes += list(cpu.legalize_passes(target))
+    if tuning_db is not None:
+        passes.append(relax.transform.MetaScheduleApplyDatabase(str(tuning_db)))
+    # constant weights may be repacked by the schedules (layout_free_buffers); the repacking is folded away
+    passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
+    passes.append(ScheduleDense(preset))
+    passes += [relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant(),
+               relax.transform.DeadCodeElimination()]
+    if lower:
+        passes += list(cpu.dataflow_lower_passes(target)) + list(cpu.finalize_passes(target))
+    return passes
+
+
+def relax_pipeline(preset, *, tuning_db=None):
+    """The Relax pipeline for this preset: TVM's CPU phases with our schedule rules after fusion.
+
+    library dispatch -> channels-last convs -> fast exp/erf/tanh -> legalize + fuse (TVM) -> [tuned schedules from
+    ``tuning_db``] -> ``schedules.ScheduleDense`` for every PrimFunc still unscheduled -> weight repacking folded
+    into the constants -> dataflow lowering + finalize (TVM).
+    """
+    import tvm
+
+    target = preset.tvm_target()
+    passes = relax_passes(preset, tuning_db=tuning_db)
 
     @tvm.transform.module_pass(opt_level=0, name="edge_sparse.CPURelaxPipeline")
     def _pipeline(mod, _ctx):
-        passes = list(cpu.library_dispatch_passes(target))
-        passes += [relax.transform.ConvertLayout(CONV_LAYOUTS), relax.transform.Normalize()]
-        # exp/erf/tanh/softmax as polynomials that vectorise (LLVM turns vector exp into one libm call per lane)
-        passes.append(relax.transform.FastMathTransform())
-        passes += list(cpu.legalize_passes(target))
-        if tuning_db is not None:
-            passes.append(relax.transform.MetaScheduleApplyDatabase(str(tuning_db)))
-        passes.append(ScheduleDense(preset))
-        passes += list(cpu.dataflow_lower_passes(target)) + list(cpu.finalize_passes(target))
         with target:
             return tvm.transform.Sequential(passes)(mod)
 

@@ -30,6 +30,7 @@ __all__ = ["TileConfig", "tile_config", "ScheduleDense", "schedule_func", "SCHED
 SCHEDULED_ATTR = "edge_sparse.schedule"
 import os as _os
 STACK_BYTES = int(_os.environ.get("ES_STACK_BYTES", "1024"))
+PACK_WEIGHTS = _os.environ.get("ES_PACK", "1") == "1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,13 +261,44 @@ def _contraction(sch, cfg: TileConfig) -> bool:
     _tile_store(sch, acc_loops[tile_depth:], cfg, nt)
     init = sch.decompose_reduction(main.block_rv, red[0])
     _tile_store(sch, sch.get_loops(init)[tile_depth:], cfg, nt)
+    # Constant weights read as the vector operand are packed into column panels [N/nt, ..., nt]: each k step then
+    # reads one contiguous nt-vector instead of jumping a whole row (TLB and prefetcher friendly). The copy block is
+    # split out by SplitLayoutRewritePreproc and folded into the constant at compile time.
+    packed = _pack_weights(sch, main.block_rv, vec, nt, n_ext) if PACK_WEIGHTS else []
     # Every other block (pad producers, epilogues that could not be inlined) as its own loop nest.
     for other in _root_blocks(sch):
         name = sch.get(other).name_hint
-        if name in (sch.get(main.block_rv).name_hint, sch.get(acc).name_hint, sch.get(init).name_hint):
+        if name in (sch.get(main.block_rv).name_hint, sch.get(acc).name_hint, sch.get(init).name_hint) or name in packed:
             continue
         _spatial_nest(sch, other, cfg)
     return True
+
+
+def _pack_weights(sch, block_rv, vec_regions, nt: int, n_ext: int) -> list[str]:
+    """Pack layout-free (constant) vector operands into [N/nt, ..., nt] panels; names of the copy blocks."""
+    from tvm.tirx import IndexMap
+
+    func = sch.mod["main"]
+    free = {int(i) for i in (func.attrs.get("layout_free_buffers", []) if func.attrs else [])}
+    if not free or n_ext % nt or n_ext == nt:
+        return []
+    free_bufs = [p for i, p in enumerate(func.params) if i in free]
+    names = []
+    for region in vec_regions:
+        buf = region.source
+        if not any(buf.same_as(p) for p in free_bufs):
+            continue
+        reads = sch.get(block_rv).reads
+        idx = next(i for i, r in enumerate(reads) if r.source.same_as(buf))
+        ndim = len(buf.shape)
+        if _int(buf.shape[-1]) != n_ext:
+            continue
+        copy = sch.cache_read(block_rv, idx, "global")
+        sch.transform_layout(block_rv, ("read", idx), IndexMap.from_func(
+            lambda *x: [x[-1] // nt, *x[:-1], x[-1] % nt], ndim=ndim))
+        sch.annotate(copy, "meta_schedule.layout_rewrite_preproc", True)
+        names.append(sch.get(copy).name_hint)
+    return names
 
 
 def _tile_store(sch, loops, cfg: TileConfig, nt: int) -> None:
