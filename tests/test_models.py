@@ -293,3 +293,31 @@ def test_export_bad_input(tiny_module):
     out.write_bytes(b"keep me")
     res = invoke(["export", "tinynet_es:make", "-o", out, *shape])
     assert res.exit_code == 2 and "--force" in res.output and out.read_bytes() == b"keep me"
+
+
+# ------------------------------------------------------------------------------------------- benchmarks/e2e.py
+@pytest.mark.slow
+def test_e2e_benchmark_smoke(tmp_path):
+    """The e2e script end to end on the smallest model: rows, accuracy of the dense row, ES == ORT, outputs."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "e2e"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "e2e.py"), "--models", "ppocr-cls",
+                           "--configs", "dense,b70", "--threads", "1", "--warmup", "1", "--repeat", "3",
+                           "--min-seconds", "0", "--out-dir", str(out)],
+                          capture_output=True, text=True, timeout=1200, env=dict(os.environ, TVM_BIND_THREADS="0"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((out / "e2e.json").read_text())
+    rows = {r["config"]: r for r in result["rows"]}
+    assert set(rows) == {"dense", "b70"} and not any("error" in r for r in rows.values()), rows
+    assert rows["dense"]["accuracy"] == {"metric": "top-1 agreement", "value": 1.0}
+    for r in rows.values():
+        assert r["es_vs_ort"] < 1e-4                       # compiled artifact == onnxruntime on the same ONNX
+        assert r["latency"]["ort_1t"]["count"] >= 3 and r["latency"]["es_1t"]["count"] >= 3
+        assert r["estimate"]["rpi4"]["seconds"] > r["estimate"]["rpi5"]["seconds"] > 0
+    assert 0.65 < rows["b70"]["sparsity"]["overall"] < 0.75
+    table = (out / "e2e.md").read_text()
+    assert "| ppocr-cls | 70% 16x1 |" in table and "estimates" in table
+    assert (out / "e2e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
