@@ -216,7 +216,10 @@ def _extract(recipe: Recipe, root: Path, progress: Progress) -> None:
 
 def _render_line(text: str, height: int = 48, font_px: int = 30) -> np.ndarray:
     """A dark-on-light text line as uint8 [h, w, 3] (Pillow's built-in scalable font: no font files needed)."""
-    from PIL import Image, ImageDraw, ImageFont
+    try:
+        from PIL import Image, ImageDraw, ImageFont
+    except ImportError:
+        raise UserError("the OCR sample inputs are rendered with Pillow: pip install pillow") from None
 
     font = ImageFont.load_default(size=font_px)
     left, top, right, bottom = font.getbbox(text)
@@ -291,7 +294,10 @@ SENTENCES = ("Sparse kernels make pruned transformers fast on small ARM boards."
 
 
 def _minilm_files(root: Path, progress: Progress, source_sha256: str) -> tuple[dict, dict, str]:
-    from safetensors.numpy import load as load_safetensors
+    try:
+        from safetensors.numpy import load as load_safetensors
+    except ImportError:
+        raise UserError("minilm-l6 reads safetensors weights: pip install 'edge-sparse[export]'") from None
 
     weights = load_safetensors(_MINILM.read(_MINILM_DIR + "model.safetensors", source_sha256, root, progress))
     config = json.loads(_MINILM.read(_MINILM_DIR + "config.json", None, root, progress))
