@@ -189,9 +189,11 @@ def _load_remote(sess, artifact: Path, manifest: dict[str, Any], threads: int):
 
 # ---------------------------------------------------------------------------------------------- timed loop
 def _timed_loop(chunk: Callable[[int], list[float]], est_latency: float, repeat: int | None,
-                min_seconds: float | None) -> Callable[[Callable[[], None]], int]:
+                min_seconds: float | None) -> tuple[Callable[[Callable[[], None]], int], dict[str, Any]]:
     """A workload for energy.measure: runs chunks until count >= repeat and elapsed >= min_seconds; returns the
-    number of inferences (untimed evaluator calls included) and leaves samples in ``work.samples``."""
+    number of inferences (untimed evaluator calls included). Samples land in the returned dict (no reference
+    cycle, so a remote session is released as soon as bench() returns)."""
+    state: dict[str, Any] = {"samples": [], "seconds": 0.0}
     k = int(min(1000, max(1, CHUNK_SECONDS / max(est_latency, 1e-7))))
 
     def work(tick):
@@ -208,11 +210,11 @@ def _timed_loop(chunk: Callable[[int], list[float]], est_latency: float, repeat:
             elapsed = time.perf_counter() - t0
             if (repeat is None or len(samples) >= repeat) and (min_seconds is None or elapsed >= min_seconds):
                 break
-        work.samples = samples
-        work.seconds = time.perf_counter() - t0
+        state["samples"] = samples
+        state["seconds"] = time.perf_counter() - t0
         return calls
 
-    return work
+    return work, state
 
 
 def _choose_energy(energy: str, sess, family: str):
@@ -273,7 +275,7 @@ def _ort_child(spec_path: str) -> None:
             out.append(time.perf_counter() - t0)
         return out
 
-    work = _timed_loop(lambda k: chunk(k + 1)[1:], est, spec["repeat"], spec["min_seconds"])
+    work, state = _timed_loop(lambda k: chunk(k + 1)[1:], est, spec["repeat"], spec["min_seconds"])
     energy_out = None
     if spec.get("energy"):
         from edge_sparse import energy as E
@@ -288,7 +290,7 @@ def _ort_child(spec_path: str) -> None:
     result = {
         "load_ms": load_s * 1e3, "first_inference_ms": first_s * 1e3,
         "warmup": {"count": len(warm), "mean_ms": float(np.mean(warm) * 1e3) if warm else None},
-        "samples_s": work.samples, "peak_rss_mb": _proc_status_mb("VmHWM"), "rss_before_load_mb": rss0,
+        "samples_s": state["samples"], "peak_rss_mb": _proc_status_mb("VmHWM"), "rss_before_load_mb": rss0,
         "energy": energy_out, "version": ort.__version__,
     }
     Path(spec["result"]).write_text(json.dumps(result))
@@ -445,7 +447,7 @@ def bench(artifact_dir: str | os.PathLike, *, rpc: str | None = None, tracker: s
             run_min_seconds = max(min_seconds or 0.0, ENERGY_MIN_SECONDS)
             if (min_seconds or 0.0) < ENERGY_MIN_SECONDS:
                 notes.append(f"timed window lengthened to >= {ENERGY_MIN_SECONDS:g} s for the energy meter")
-        work = _timed_loop(runner.chunk, est, repeat, run_min_seconds)
+        work, state = _timed_loop(runner.chunk, est, repeat, run_min_seconds)
         energy_out = None
         idle_watts = None
         with progress.step("timing" + (f" with energy meter {meter.name}" if meter else "")):
@@ -454,7 +456,7 @@ def bench(artifact_dir: str | os.PathLike, *, rpc: str | None = None, tracker: s
                 idle_watts = energy_out["idle_watts"]
             else:
                 work(lambda: None)
-        samples = work.samples
+        samples = state["samples"]
         stats = latency_stats(samples)
         if energy_mode == "estimate":
             energy_out = E.estimate(manifest.get("target", {}).get("device") or {}, family, threads,
@@ -474,6 +476,11 @@ def bench(artifact_dir: str | os.PathLike, *, rpc: str | None = None, tracker: s
     finally:
         if meter is not None:
             meter.close()
+        if sess is not None:  # release the server (it serves one session at a time) before returning
+            runner = work = tensors = sess = None
+            import gc
+
+            gc.collect()
 
     sparse_layers = [l for l in manifest.get("layers", []) if l.get("format") not in (None, "dense")]
     run = {
@@ -567,6 +574,16 @@ def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
         return results[0]
     out = dict(results[0])
     out["runs"] = [r for res in results for r in res["runs"] if r["runtime"] == "tvm"]
+    seen: dict[str, int] = {}
+    for res in results:   # the same directory twice: keep the runs apart by name
+        for r in res["runs"]:
+            seen[r["name"]] = seen.get(r["name"], 0) + 1
+            if seen[r["name"]] > 1:
+                old = r["name"]
+                r["name"] = f"{old} #{seen[old]}"
+                for c in res["comparisons"]:
+                    if c["run"] == old:
+                        c["run"] = r["name"]
     bases = [r for res in results for r in res["runs"] if r["runtime"] != "tvm"]
     out["runs"] += bases
     out["notes"] = [n for res in results for n in res["notes"]]
