@@ -108,7 +108,8 @@ def _calibration(proto, calib, calib_random, seed):
             return calibrate.check_calibration(calib, specs, "calibration data"), "arrays", []
         return calibrate.load_calibration(calib, specs), str(calib), []
     if calib_random is not None:
-        return calibrate.random_calibration(specs, int(calib_random), seed), f"random ({calib_random})", [RANDOM_WARNING]
+        data = calibrate.random_calibration(specs, int(calib_random), seed)
+        return data, f"random ({calib_random})", [RANDOM_WARNING]
     return None, None, []
 
 
@@ -117,7 +118,8 @@ def _curve_cost(curve: dict[float, float], s: float) -> float:
     """Squared output error (additive across layers to first order) at sparsity ``s``, interpolated from the
     measured levels with error 0 at sparsity 0 and the last slope extrapolated beyond the highest level."""
     xs = [0.0, *sorted(curve)]
-    ys = [0.0, *(curve[x] for x in sorted(curve))]
+    # measured errors are noisy on small layers; pruning more never helps, so use the running maximum
+    ys = list(np.maximum.accumulate([0.0, *(curve[x] for x in sorted(curve))]))
     if s <= xs[-1]:
         e = float(np.interp(s, xs, ys))
     else:

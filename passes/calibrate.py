@@ -19,7 +19,8 @@ from onnx import helper
 
 from edge_sparse.errors import UserError
 
-__all__ = ["InputSpec", "input_specs", "load_calibration", "check_calibration", "random_calibration", "split_holdout", "sample_count",
+__all__ = ["InputSpec", "input_specs", "load_calibration", "check_calibration", "random_calibration", "split_holdout",
+           "sample_count",
            "collect_input_norms", "run_model", "Evaluator", "compare", "classifier_outputs", "DEFAULT_BATCH"]
 
 DEFAULT_BATCH = 8          # samples per onnxruntime call when the model's batch dimension is dynamic

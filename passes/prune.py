@@ -1,7 +1,8 @@
 """Pruning passes on onnx-ir models: find the prunable weights, zero them in a pattern, record what was done.
 
 - :func:`find_prunable_layers`: MatMul / Gemm / Conv nodes whose weight is a constant float (an initializer or a
-  Constant node) used by that node alone (grouped convs and weights in the A slot are not prunable: the kernels do not take them).
+  Constant node) used by that node alone (grouped convs and weights in the A slot are not prunable: the kernels
+  do not take them).
 - :func:`default_skips`: the first Conv (it sees raw pixels and has few weights) and classifier heads (a layer whose
   output reaches a graph output only through bias adds, softmax and reshapes).
 - :class:`PruneWeights`: zeroes each planned layer's weight in its pattern, scored by magnitude or Wanda.
