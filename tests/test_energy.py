@@ -15,7 +15,8 @@ import pytest
 from edge_sparse import energy as E
 from edge_sparse.errors import UserError
 
-# Captured on a Raspberry Pi 5 (firmware 2024-09), trimmed to the usual rails; EXT5V_V/BATT_V have no current.
+# The layout of `vcgencmd pmic_read_adc` on a Raspberry Pi 5: right-aligned names, channel indices out of order,
+# currents first, then voltages; EXT5V_V and BATT_V have no current. Values are typical of an idle board.
 PMIC_OUTPUT = """\
  3V7_WL_SW_A current(0)=0.00390372A
    3V3_SYS_A current(1)=0.05563080A
@@ -25,6 +26,9 @@ PMIC_OUTPUT = """\
    1V1_SYS_A current(5)=0.14639400A
     0V8_SW_A current(6)=0.31226730A
   VDD_CORE_A current(7)=0.73200000A
+   3V3_DAC_A current(17)=0.00018315A
+   0V8_AON_A current(16)=0.00293040A
+      HDMI_A current(22)=0.02085180A
  3V7_WL_SW_V volt(8)=3.74340500V
    3V3_SYS_V volt(9)=3.30843600V
    1V8_SYS_V volt(10)=1.79891400V
@@ -33,6 +37,9 @@ PMIC_OUTPUT = """\
    1V1_SYS_V volt(13)=1.10989200V
     0V8_SW_V volt(14)=0.80024640V
   VDD_CORE_V volt(15)=0.72121100V
+   3V3_DAC_V volt(20)=3.30476900V
+   0V8_AON_V volt(19)=0.80036850V
+      HDMI_V volt(23)=5.14500000V
      EXT5V_V volt(24)=5.14500000V
       BATT_V volt(25)=0.00000000V
 """
@@ -102,12 +109,14 @@ def test_rapl_absent(tmp_path):
 # ---------------------------------------------------------------------------------------------- Pi 5
 def test_pmic_pairs_rails_by_name():
     rails = E.parse_pmic_adc(PMIC_OUTPUT)
-    assert set(rails) == {"3V7_WL_SW", "3V3_SYS", "1V8_SYS", "DDR_VDD2", "DDR_VDDQ", "1V1_SYS", "0V8_SW", "VDD_CORE"}
+    assert set(rails) == {"3V7_WL_SW", "3V3_SYS", "1V8_SYS", "DDR_VDD2", "DDR_VDDQ", "1V1_SYS", "0V8_SW", "VDD_CORE",
+                          "3V3_DAC", "0V8_AON", "HDMI"}
     assert rails["VDD_CORE"] == (0.732, 0.721211)
     assert "EXT5V" not in rails and "BATT" not in rails
     meter = E.Pi5PmicMeter(runner=lambda: PMIC_OUTPUT)
     expected = (0.00390372 * 3.743405 + 0.0556308 * 3.308436 + 0.1717716 * 1.798914 + 0.0195186 * 1.113558
-                + 0.0 * 0.6054594 + 0.146394 * 1.109892 + 0.3122673 * 0.8002464 + 0.732 * 0.721211)
+                + 0.0 * 0.6054594 + 0.146394 * 1.109892 + 0.3122673 * 0.8002464 + 0.732 * 0.721211
+                + 0.00018315 * 3.304769 + 0.0029304 * 0.8003685 + 0.0208518 * 5.145)
     assert meter.read() == pytest.approx(expected, rel=1e-12)
     assert "internal rails" in meter.boundary and "5 V input" in meter.boundary
 
