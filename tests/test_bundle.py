@@ -59,75 +59,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return {"dense": root / "dense.onnx", "sparse": root / "sparse.onnx"}
 
 
-def _sparsify_available() -> bool:
-    try:
-        from edge_sparse.passes import sparsify  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _hand_wired_sparse(model_path: Path, target: str, out: Path) -> dict:
-    """The sparse MLP built from targets.cpu's BSR kernels wired into Relax by hand, then linked and bundled
-    exactly as compile(bundle=True) does. Used until the sparsify pass (passes/sparsify.py) is installed."""
-    import onnx
-    import tvm
-    from onnx import numpy_helper
-    from tvm import relax
-
-    from edge_sparse import targets
-    from edge_sparse.artifact import Manifest, commit_dir, sha256_file, staging_dir, write_manifest
-    from edge_sparse.bundle import make_bundle
-    from edge_sparse.compiler import _versions
-    from edge_sparse.passes.formats import KernelSpec, to_bsr
-    from edge_sparse.targets.cpu.sparse import kernel_name, make_sparse_kernel
-
-    preset = targets.get(target)
-    family = targets.family_module(preset)
-    m = onnx.load(str(model_path))
-    w = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
-    x_info = m.graph.input[0].type.tensor_type.shape.dim
-    batch, seq, d_in = (d.dim_value for d in x_info)
-    M = batch * seq
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((batch, seq, d_in), "float32"))
-    layers = []
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            cur = bb.emit(relax.op.reshape(x, (M, d_in)))
-            for wname, bname, act in (("fc0_1.weight", "fc0_1.bias", "relu"), ("fc0_2.weight", "fc0_2.bias", None)):
-                bsr = to_bsr(w[wname], 16)
-                spec = KernelSpec(op="matmul", M=M, K=bsr.K, N=bsr.N, format="bsr16x1", R=16, nnz=bsr.nnzb,
-                                  has_bias=True, activation=act)
-                kernel = make_sparse_kernel(spec, preset)
-                gv = bb.add_func(kernel, f"bsr_{wname.split('.')[0]}")
-                args = [cur, *(relax.const(a) for a in bsr.arrays()), relax.const(w[bname].astype(np.float32))]
-                cur = bb.emit(relax.call_tir(gv, args, relax.TensorType((M, bsr.N), "float32")))
-                layers.append({"name": wname, "op": "MatMul", "weight_shape": list(w[wname].shape),
-                               "sparsity": round(1 - bsr.density, 3), "format": "bsr16x1",
-                               "kernel": kernel_name(spec, preset)})
-            y = bb.emit_output(bb.emit(relax.op.reshape(cur, (batch, seq, bsr.N))))
-        bb.emit_func_output(y)
-    ex = family.build(bb.get(), preset)
-    stage = staging_dir(out)
-    library = family.export(ex, stage, preset)
-    tool, tvm_versions = _versions()
-    manifest = Manifest(tool=tool, tvm=tvm_versions, target=preset.to_dict(), library=library,
-                        inputs=[{"name": "x", "shape": [batch, seq, d_in], "dtype": "float32"}],
-                        outputs=[{"name": "y", "shape": [batch, seq, bsr.N], "dtype": "float32"}],
-                        source_model={"name": model_path.name, "sha256": sha256_file(model_path)},
-                        layers=layers, compile={"sparse": "bsr16x1 (hand-wired)"})
-    manifest.bundle = make_bundle(stage, preset, manifest)
-    write_manifest(stage, manifest)
-    commit_dir(stage, out)
-    return manifest.to_dict()
-
-
 def _build(models, kind: str, target: str, out: Path) -> dict:
     from edge_sparse import compiler
 
-    if kind == "sparse" and not _sparsify_available():
-        return _hand_wired_sparse(models[kind], target, out)
     return compiler.compile(str(models[kind]), target, out, sparse="off" if kind == "dense" else "bsr16x1",
                             bundle=True, force=True, quiet=True)
 
@@ -197,7 +131,8 @@ def test_runner_matches_onnxruntime(bundles, models, sample, target, kind, tmp_p
     root = bundles[(target, kind)]
     man = json.loads((root / "manifest.json").read_text())
     if kind == "sparse":
-        assert man["layers"] and all(l["format"] == "bsr16x1" for l in man["layers"]), man["layers"]
+        assert man["layers"] and all(l["format"] == "bsr16x1" and l["kernel"].startswith("bsr")
+                                     for l in man["layers"]), man["layers"]
     inputs, x = sample
     out = tmp_path / "outputs.npz"
     proc = _qemu([root / "bin" / "edge-sparse-run", root, "-i", inputs, "-o", out])
