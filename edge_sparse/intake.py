@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from edge_sparse.artifact import sha256_file
 from edge_sparse.errors import UserError
 
 __all__ = ["TensorInfo", "Intake", "load_model", "parse_input_shape", "sha256_file", "unsupported_ops"]
@@ -49,14 +50,6 @@ class Intake:
     @property
     def shape_dict(self) -> dict[str, list[int]]:
         return {t.name: list(t.shape) for t in self.inputs}
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 _SHAPE_RE = re.compile(r"^\s*([^=\s]+)\s*=\s*(\d+(?:\s*[,x]\s*\d+)*)\s*$")
