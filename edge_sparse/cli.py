@@ -496,7 +496,7 @@ def check_opencl_cmd(source, model_path, target, input_shapes, sparse, device, t
     """
     from pathlib import Path
 
-    from edge_sparse.intake import sha256_file
+    from edge_sparse.artifact import sha256_file
     from edge_sparse.opencl_check import check_model
     from edge_sparse.progress import Progress
 

@@ -19,7 +19,7 @@ import onnx
 from edge_sparse.artifact import sha256_file
 from edge_sparse.errors import UserError
 
-__all__ = ["TensorInfo", "Intake", "load_model", "parse_input_shape", "sha256_file", "unsupported_ops"]
+__all__ = ["TensorInfo", "Intake", "load_model", "parse_input_shape", "unsupported_ops"]
 
 _ONNX_DTYPES = {
     onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.DOUBLE: "float64",
