@@ -6,6 +6,7 @@ sparsities (0% and 100% included) and batch sizes. Tolerance: |tvm - ort| <= 1e-
 from __future__ import annotations
 
 import hashlib
+import re
 
 import numpy as np
 import onnx
@@ -86,7 +87,8 @@ def build_model(kind: str, x_shape, dims, bias, acts, fmt, sparsity, seed):
                           [oh.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                           [numpy_helper.from_array(v, k) for k, v in inits.items()])
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
-    names = {hashlib.sha1(np.ascontiguousarray(v).tobytes()).hexdigest(): k for k, v in inits.items() if v.ndim >= 2}
+    names = {hashlib.sha1(np.ascontiguousarray(v).tobytes()).hexdigest(): k
+             for k, v in sorted(inits.items(), reverse=True) if v.ndim >= 2}
     return model, names
 
 
@@ -105,7 +107,8 @@ def compile_and_compare(model, x, mode, names, measure=False):
 
 
 def _count_call_tir_sparse(mod) -> int:
-    return sum(1 for gv, _ in mod.functions_items() if gv.name_hint.startswith("sparse_"))
+    """call_tir calls of sparse kernels in main (identical kernels are one PrimFunc, called several times)."""
+    return len(re.findall(r"R\.call_tir\((?:cls\.)?sparse_", mod["main"].script()))
 
 
 KINDS = st.sampled_from(["matmul", "gemm", "conv1x1"])
@@ -131,7 +134,11 @@ def test_forced_format_matches_onnxruntime(kind, batch, dims, bias, acts, fmt, s
     mod2, layers = compile_and_compare(model, x, fmt, names)
     assert len(layers) == len(dims) - 1
     assert all(entry["format"] == fmt for entry in layers), [e["reason"] for e in layers]
-    assert [entry["name"] for entry in layers] == [f"l{i}_W" for i in range(len(dims) - 1)]
+    expected = [f"l{i}_W" for i in range(len(dims) - 1)]
+    if len(set(names)) == len(expected):      # distinct weights: each layer carries its own initializer's name
+        assert [entry["name"] for entry in layers] == expected
+    else:                                     # identical weights (tiny or all-zero) hash alike
+        assert {entry["name"] for entry in layers} <= set(expected)
     assert _count_call_tir_sparse(mod2) == len(layers)
     # the fused epilogue leaves no dense matmul/conv behind
     assert "R.matmul" not in mod2.script() and "R.nn.conv2d" not in mod2.script()

@@ -34,7 +34,7 @@ from edge_sparse.passes.formats import KernelSpec
 
 __all__ = [
     "make_sparse_kernel", "vector_params", "bsr_gemv", "bsr_rows", "bsr_gemm_t", "bsr_conv1x1", "nm_gemv",
-    "nm_gemm_t", "ACTIVATIONS", "build_kernel", "kernel_name",
+    "nm_gemm_t", "ACTIVATIONS", "build_kernel", "kernel_name", "as_block_func",
 ]
 
 ACTIVATIONS = (None, "relu", "gelu")
@@ -415,8 +415,25 @@ def kernel_name(spec: KernelSpec, preset) -> str:
     return "bsr_gemm_t"
 
 
+def as_block_func(func):
+    """``func`` with its body inside a root block holding one opaque block.
+
+    Relax passes of the CPU pipeline (``SplitLayoutRewritePreproc``) walk every PrimFunc of the module and require
+    the s_tir convention (a root block whose statements contain blocks); lowering removes the blocks again.
+    """
+    from tvm import s_tir
+
+    inner = s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "sparse_kernel", func.body))
+    return func.with_body(s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", inner)))
+
+
 def make_sparse_kernel(spec: KernelSpec, preset):
     """A PrimFunc for ``spec`` on a CPU preset, or None when no sparse kernel fits (the layer stays dense)."""
+    pf = _make_sparse_kernel(spec, preset)
+    return as_block_func(pf) if pf is not None else None
+
+
+def _make_sparse_kernel(spec: KernelSpec, preset):
     if spec.dtype != "float32" or spec.activation not in ACTIVATIONS:
         return None
     lanes, regs = vector_params(preset)
