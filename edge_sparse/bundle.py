@@ -313,7 +313,8 @@ def make_bundle(out_dir: str | os.PathLike, preset, manifest) -> dict[str, Any]:
         return _android_bundle(out_dir, preset, library, tvm_version, ffi_version, model_bytes)
 
     runtime = runtime_files(tvm_version, ffi_version)
-    cxx = preset.link.get("cxx", "aarch64-linux-gnu-g++") if kind == "cross" else "aarch64-linux-gnu-g++"
+    # compiling on an aarch64 machine itself (link kind "host"): its own g++ builds the runner
+    cxx = preset.link.get("cxx") or ("g++" if kind == "host" and preset.is_native else "aarch64-linux-gnu-g++")
     runner = build_runner(runtime, cxx)
     (out_dir / "lib").mkdir(exist_ok=True)
     for name in _LIBS:
