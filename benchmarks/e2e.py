@@ -464,6 +464,20 @@ def _write(result: dict, out_dir: Path) -> None:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_worker"]:                       # internal: one timing process (see _spawn)
+        w = argparse.ArgumentParser(prog="e2e.py _worker")
+        w.add_argument("--runtime", choices=["ort", "tvm"], required=True)
+        w.add_argument("--path", required=True)
+        w.add_argument("--inputs", required=True)
+        w.add_argument("--threads", type=int, required=True)
+        w.add_argument("--warmup", type=int, default=5)
+        w.add_argument("--repeat", type=int, default=20)
+        w.add_argument("--min-seconds", type=float, default=1.5)
+        w.add_argument("--samples", type=int, default=8)
+        w.add_argument("--save-outputs")
+        _worker(w.parse_args(argv[1:]))
+        return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", default="ppocr-cls,ppocr-rec,minilm-l6", help="comma-separated zoo names")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated: {', '.join(CONFIGS)}")
@@ -478,21 +492,7 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", help="pruned models and artifacts (default: a temporary directory)")
     p.add_argument("--resume", action="store_true", help="keep finished rows of an existing e2e.json")
     p.add_argument("--no-plot", action="store_true")
-    sub = p.add_subparsers(dest="cmd")
-    w = sub.add_parser("_worker")
-    w.add_argument("--runtime", choices=["ort", "tvm"], required=True)
-    w.add_argument("--path", required=True)
-    w.add_argument("--inputs", required=True)
-    w.add_argument("--threads", type=int, required=True)
-    w.add_argument("--warmup", type=int, default=5)
-    w.add_argument("--repeat", type=int, default=20)
-    w.add_argument("--min-seconds", type=float, default=1.5)
-    w.add_argument("--samples", type=int, default=8)
-    w.add_argument("--save-outputs")
     args = p.parse_args(argv)
-    if args.cmd == "_worker":
-        _worker(args)
-        return 0
 
     import onnxruntime as ort
 
@@ -506,7 +506,7 @@ def main(argv=None) -> int:
         p.error(f"unknown model/config: {', '.join(unknown)}")
     args.threads = [int(t) for t in args.threads.split(",")]
     out_dir = Path(args.out_dir)
-    result = {"command": "python benchmarks/e2e.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    result = {"command": "python benchmarks/e2e.py " + " ".join(argv),
               "machine": _machine(), "threads": args.threads, "method": args.method, "sparse_mode": args.sparse,
               "estimate_model": {"layers": "passes.sparsify.estimate_us", "other_ops_efficiency": EFFICIENCY, "parallel_efficiency": PARALLEL_EFFICIENCY,
                                  "bandwidth_efficiency": BW_EFFICIENCY, "op_overhead_s": OP_OVERHEAD_S,
@@ -547,7 +547,7 @@ def main(argv=None) -> int:
                 print(f"[e2e] {name} {key}: " + (row.get("error") or
                       f"acc {_fmt_acc(row['accuracy'])}, speedup " +
                       ", ".join(f"{row[f'speedup_{t}t']:.2f}x@{t}t" for t in args.threads)) +
-                      f" ({row.get('seconds', 0)} s)", file=sys.stderr, flush=True)
+                      (f" ({row['seconds']} s)" if "seconds" in row else ""), file=sys.stderr, flush=True)
     finally:
         if tmp_ctx is not None:
             tmp_ctx.cleanup()
