@@ -297,12 +297,15 @@ def _run_config(name: str, key: str, src: Path, work: Path, args, dense_outputs:
     if pattern is not None:
         from edge_sparse import prune
 
-        onnx_path = work / f"{key}.onnx"
-        calib = {k: np.concatenate([recipe.sample_input(i)[k] for i in CALIB]) for k in recipe.input_shapes}
-        result = prune(src, onnx_path, sparsity=sparsity, pattern=pattern, method=args.method, calib=calib,
-                       holdout=0.0, force=True, quiet=True)
-        row["sparsity"] = result.report["sparsity"]
-        row["prune_method"] = result.report["method"]
+        onnx_path = work / f"{key}.{args.method}.onnx"
+        report_path = work / f"{key}.{args.method}.report.json"
+        report = json.loads(report_path.read_text()) if report_path.exists() and onnx_path.exists() else None
+        if report is None or report["source_model"]["sha256"] != recipe.sha256 and recipe.sha256 is not None:
+            calib = {k: np.concatenate([recipe.sample_input(i)[k] for i in CALIB]) for k in recipe.input_shapes}
+            report = prune(src, onnx_path, sparsity=sparsity, pattern=pattern, method=args.method, calib=calib,
+                           holdout=0.0, report_path=report_path, force=True, quiet=True).report
+        row["sparsity"] = report["sparsity"]
+        row["prune_method"] = report["method"]
     art = work / f"{key}-art"
     t = time.perf_counter()
     manifest = compiler.compile(onnx_path, "host", art, input_shapes=recipe.input_shapes,
