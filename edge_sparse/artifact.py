@@ -133,6 +133,7 @@ def staging_dir(out_dir: Path) -> Path:
 def commit_dir(staging: Path, out_dir: Path) -> None:
     """Move the finished staging directory into place, replacing an old ``out_dir`` (--force)."""
     out_dir = Path(out_dir)
+    os.chmod(staging, 0o755)                     # mkdtemp makes it owner-only; artifacts are shared/copied
     old = None
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")

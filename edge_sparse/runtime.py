@@ -48,11 +48,14 @@ def _check_arch(manifest: dict[str, Any]) -> None:
 
 def _check_versions(manifest: dict[str, Any]) -> None:
     import tvm
+    import tvm_ffi
 
-    built = manifest.get("tvm", {}).get("version")
-    if built and built != tvm.__version__:
-        raise UserError(f"artifact was compiled with TVM {built} but this runtime is TVM {tvm.__version__}; "
-                        f"install apache-tvm=={built} or recompile")
+    built = manifest.get("tvm", {})
+    for pkg, want, have in (("apache-tvm", built.get("version"), tvm.__version__),
+                            ("apache-tvm-ffi", built.get("ffi_version"), tvm_ffi.__version__)):
+        if want and want != have:
+            raise UserError(f"artifact was compiled with {pkg} {want} but this runtime has {pkg} {have}; "
+                            f"install {pkg}=={want} or recompile")
 
 
 class Model:
