@@ -276,3 +276,14 @@ def test_runtime_imports_no_compiler_stack():
             "print(','.join(bad))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert p.stdout.strip() == ""
+
+
+def test_runtime_version_mismatch(synthetic_models, tmp_path):
+    art = tmp_path / "art"
+    _compile(synthetic_models["cnn"], art)
+    m = json.loads((art / "manifest.json").read_text())
+    m["tvm"]["ffi_version"] = "0.1.15.post2"
+    (art / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UserError, match="apache-tvm-ffi 0.1.15.post2"):
+        runtime.load(art)
+    assert oct((art).stat().st_mode & 0o777) == oct(0o755)
