@@ -354,9 +354,9 @@ def _parse_fraction(text, what: str) -> float:
 
 
 def _warn(warnings, quiet: bool) -> None:
-    if not quiet:
-        for w in warnings:
-            click.echo(f"warning: {w}", err=True)
+    """Warnings go to stderr even with --quiet (that silences progress, not what the user must know)."""
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
 
 
 def _print_accuracy(accuracy: dict) -> None:
@@ -557,7 +557,8 @@ def check_opencl_cmd(source, model_path, target, input_shapes, sparse, device, t
 @click.option("--compare", "compare", type=click.Path(dir_okay=False), metavar="MODEL.onnx",
               help="Also time this ONNX model in onnxruntime (separate process, same inputs and threads).")
 @click.option("--energy", default="auto", show_default=True, metavar="SOURCE",
-              help="auto | none | estimate | rapl | pi5-pmic | android | jetson | nvml | csv:FILE")
+              help="auto | none | estimate | rapl | pi5-pmic | android | android:adb | jetson | nvml | csv:FILE "
+                   "(docs/bench-schema.md)")
 @click.option("--profile", is_flag=True, help="Print the top operators by time (Relax VM).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), metavar="OUT", help="Write the result as JSON (docs/bench-schema.md).")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), metavar="OUT.png", help="Latency plot (needs matplotlib).")

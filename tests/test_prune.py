@@ -459,3 +459,42 @@ def test_other_bad_inputs(tiny, tmp_path):
     assert "2:4" in _bad(tmp_path, [path, "-s", "0.8", "-p", "2:4"])
     assert "--sparsity is required" in _bad(tmp_path, [path])
     assert "allocation" in _bad(tmp_path, [path, "-s", "0.5", "--allocate", "greedy"])
+
+
+def test_no_calibration_warns_and_reports_on_random_inputs(tiny, tmp_path):
+    path, _ = tiny
+    out = tmp_path / "m.onnx"
+    r = invoke(["prune", path, "-o", out, "-s", "0.5", "--holdout", "0"])
+    assert r.exit_code == 0, r.output
+    assert "warning: no calibration data" in r.output and "warning: no held-out split" in r.output
+    report = json.loads((tmp_path / "m.report.json").read_text())
+    assert report["method"] == "magnitude" and report["accuracy"]["holdout"] is None
+    assert report["calibration"] == {"source": "random (8)", "samples": 8, "holdout_samples": 0}
+
+
+def test_calib_random_warns_and_defaults_to_wanda(tiny, tmp_path):
+    path, _ = tiny
+    r = invoke(["prune", path, "-o", tmp_path / "m.onnx", "-s", "0.5", "--calib-random", "8", "-q"])
+    assert r.exit_code == 0, r.output
+    assert "poor proxy" in r.output
+    assert json.loads((tmp_path / "m.report.json").read_text())["method"] == "wanda"
+
+
+def test_fixed_batch_needs_whole_batches(tmp_path):
+    model = tiny_model()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    path = tmp_path / "b2.onnx"
+    onnx.save(model, str(path))
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=np.zeros((5, 3, 8, 8), np.float32))
+    assert "batch size 2" in _bad(tmp_path, [path, "-s", "0.5", "--calib", calib])
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    res = pruning.prune(path, sparsity=0.5, calib=calib, holdout=0.25, quiet=True)
+    assert res.report["calibration"]["samples"] == 6 and res.report["calibration"]["holdout_samples"] == 2
+
+
+def test_sensitivity_allocation_with_two_four_leaves_some_layers_dense(tiny):
+    path, calib = tiny
+    res = pruning.prune(path, sparsity=0.3, pattern="2:4", calib=calib, allocate_by="sensitivity", quiet=True)
+    active = {r["name"]: r["sparsity"] for r in res.report["layers"] if not r["skipped"]}
+    assert set(active.values()) <= {0.0, 0.5} and 0.0 in active.values() and 0.5 in active.values()
