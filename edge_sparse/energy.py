@@ -12,8 +12,8 @@ name           source                                                 boundary
                paired with ``<RAIL>_V volt(..)=`` by rail name          I x V); not the 5 V input, USB/HAT loads or
                                                                       regulator losses (a Pi 4 needs a USB meter)
 ``android``    ``/sys/class/power_supply/battery/{current_now,         the whole phone from its battery (SoC,
-               voltage_now}`` (µA, µV) read locally, over adb or over   display, radios); unplug USB power
-               the TVM RPC session
+               voltage_now}`` (µA, µV) read locally, through the TVM    display, radios); unplug USB power
+               RPC session, or (``android:adb``) streamed by adb
 ``jetson``     INA3221 hwmon ``in*_label``, ``in*_input`` (mV),         ``VDD_IN`` (module input) when present,
                ``curr*_input`` (mA)                                      else the sum of the listed rails
 ``nvml``       NVML ``nvmlDeviceGetTotalEnergyConsumption`` (mJ)        the NVIDIA GPU board (chip + its memory);
@@ -55,7 +55,7 @@ __all__ = [
     "NvmlMeter", "CsvMeter", "parse_pmic_adc", "open_meter", "auto_meter", "measure", "estimate", "energy_model",
 ]
 
-METERS = ("rapl", "pi5-pmic", "android", "jetson", "nvml", "csv:FILE")
+METERS = ("rapl", "pi5-pmic", "android", "android:adb", "jetson", "nvml", "csv:FILE")
 MIN_HZ = 10.0
 
 
@@ -518,25 +518,33 @@ def _read_text(path, default: str | None = None) -> str:
 
 # ---------------------------------------------------------------------------------------------- choosing
 def open_meter(spec: str, *, remote=None, adb: str | None = None, roots: dict[str, str] | None = None):
-    """A meter by name (see :data:`METERS`). ``remote``: an RPC session when benchmarking over RPC (then only
-    ``android`` and ``csv`` measure the remote device). ``roots`` overrides sysfs roots (tests, unusual layouts)."""
+    """A meter by name (see :data:`METERS`). ``remote``: the RPC session when benchmarking over RPC; then only
+    ``android`` (battery files read through that session, between chunks of work), ``android:adb`` (the same files
+    streamed by ``adb shell``; ``ANDROID_SERIAL`` picks the phone) and ``csv:FILE`` measure the remote device.
+    ``roots`` overrides sysfs roots (tests, unusual layouts)."""
     roots = roots or {}
     if spec.startswith("csv:"):
         return CsvMeter(spec[4:])
-    if remote is not None and spec not in ("android",):
+    if remote is not None and spec not in ("android", "android:adb"):
         raise UserError(f"--energy {spec} reads this machine, not the RPC device; over RPC use --energy android "
-                        "(battery files read through the RPC session), csv:FILE (external meter) or none")
+                        "(battery files read through the RPC session), android:adb, csv:FILE (external meter) or none")
     try:
         if spec == "rapl":
             return RaplMeter(roots.get("rapl", "/sys/class/powercap"))
         if spec == "pi5-pmic":
             return Pi5PmicMeter()
-        if spec == "android":
+        if spec in ("android", "android:adb"):
             root = roots.get("android", "/sys/class/power_supply/battery")
+            if spec == "android:adb":
+                if remote is None:
+                    raise UserError("--energy android:adb reads a phone, but the model runs on this machine; "
+                                    "benchmark on the phone with --rpc HOST:PORT")
+                return AndroidBatteryMeter(root=root, adb=adb or "adb", serial=os.environ.get("ANDROID_SERIAL"))
             if remote is not None:
                 return AndroidBatteryMeter(root=root, remote=remote)
-            if adb is not None or (not Path(root).exists() and shutil.which("adb")):
-                return AndroidBatteryMeter(root=root, adb=adb or "adb", serial=os.environ.get("ANDROID_SERIAL"))
+            if not Path(root).exists():
+                raise MeterUnavailable(f"no {root} on this machine; to measure a phone, run the model there "
+                                       "(--rpc to its RPC server, or bench on the phone itself)")
             return AndroidBatteryMeter(root=root)
         if spec == "jetson":
             return JetsonIna3221Meter(roots.get("jetson", "/sys/bus/i2c/drivers/ina3221"))
@@ -558,10 +566,6 @@ def auto_meter(*, remote=None, family: str = "cpu", roots: dict[str, str] | None
         order = ["jetson", "pi5-pmic", "android", "rapl"]
     for name in order:
         try:
-            if name == "android" and remote is None:
-                root = (roots or {}).get("android", "/sys/class/power_supply/battery")
-                if not Path(root).exists():
-                    raise MeterUnavailable(f"no {root}")
             return open_meter(name, remote=remote, roots=roots), skipped
         except (UserError, MeterUnavailable) as e:
             skipped.append(str(e))

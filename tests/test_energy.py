@@ -171,6 +171,13 @@ def test_android_over_adb_stream(tmp_path):
         meter.close()
 
 
+def test_android_needs_the_phone(tmp_path):
+    with pytest.raises(UserError, match="android:adb reads a phone"):
+        E.open_meter("android:adb")
+    with pytest.raises(UserError, match="to measure a phone, run the model there"):
+        E.open_meter("android", roots={"android": str(tmp_path / "absent")})
+
+
 # ---------------------------------------------------------------------------------------------- Jetson
 def _ina(root: Path, channels: dict[int, tuple[str, int, int]]) -> Path:
     base = root / "1-0040" / "hwmon" / "hwmon3"
