@@ -367,8 +367,7 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
     accuracy = {}
     with progress.step("accuracy versus the dense model"):
         for split, part in (("calibration", calib_part), ("holdout", held_part)):
-            if not part:
-                accuracy[split] = None
+            if not part:                      # no held-out split: the key is absent
                 continue
             dense_out = calibrate.run_model(setup.proto, part, batch)
             pruned_out = calibrate.run_model(pruned, part, batch)
