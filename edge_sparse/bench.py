@@ -33,7 +33,7 @@ DEFAULT_REPEAT = 50            # LiteRT benchmark_model: --num_runs=50 ...
 DEFAULT_MIN_SECONDS = 1.0      # ... and --min_secs=1
 ENERGY_MIN_SECONDS = 2.0       # a meter needs a window long enough to see the model above its noise
 MAX_SAMPLES_KEPT = 10000
-CHUNK_SECONDS = 0.05           # time_evaluator chunk: keeps interleaved meters at >= 10 Hz
+CHUNK_SECONDS = 0.03           # time_evaluator chunk: lets interleaved meters sample at >= 10 Hz
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -197,6 +197,7 @@ def _timed_loop(chunk: Callable[[int], list[float]], est_latency: float, repeat:
     k = int(min(1000, max(1, CHUNK_SECONDS / max(est_latency, 1e-7))))
 
     def work(tick):
+        nonlocal k
         samples: list[float] = []
         calls = 0
         t0 = time.perf_counter()
@@ -204,9 +205,13 @@ def _timed_loop(chunk: Callable[[int], list[float]], est_latency: float, repeat:
             want = k
             if repeat is not None and len(samples) < repeat:
                 want = min(k, repeat - len(samples))
+            c0 = time.perf_counter()
             samples.extend(chunk(want))
+            took = time.perf_counter() - c0
             calls += want + 1
             tick()
+            if want == k and took > 0:  # keep chunks near CHUNK_SECONDS whatever the per-call overhead is
+                k = int(min(1000, max(1, k * CHUNK_SECONDS / took)))
             elapsed = time.perf_counter() - t0
             if (repeat is None or len(samples) >= repeat) and (min_seconds is None or elapsed >= min_seconds):
                 break

@@ -534,7 +534,8 @@ def open_meter(spec: str, *, remote=None, adb: str | None = None, roots: dict[st
         if spec == "pi5-pmic":
             return Pi5PmicMeter()
         if spec in ("android", "android:adb"):
-            root = roots.get("android", "/sys/class/power_supply/battery")
+            # some phones name the fuel gauge differently (bms, max170xx_battery): EDGE_SPARSE_BATTERY overrides
+            root = roots.get("android", os.environ.get("EDGE_SPARSE_BATTERY", "/sys/class/power_supply/battery"))
             if spec == "android:adb":
                 if remote is None:
                     raise UserError("--energy android:adb reads a phone, but the model runs on this machine; "

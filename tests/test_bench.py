@@ -224,6 +224,24 @@ def test_android_meter_reads_through_rpc_session(rpc_server, tmp_path):
     assert watts == pytest.approx(1.0)
 
 
+def test_rpc_bench_with_battery_meter(mlp_art, rpc_server, tmp_path, monkeypatch):
+    """--energy android over RPC: the battery files are read through the benchmark's own session between chunks."""
+    bat = tmp_path / "battery"
+    bat.mkdir()
+    (bat / "current_now").write_text("-500000\n")     # 0.5 A at 4.0 V: 2 W, constant
+    (bat / "voltage_now").write_text("4000000\n")
+    (bat / "status").write_text("Discharging\n")
+    monkeypatch.setenv("EDGE_SPARSE_BATTERY", str(bat))
+    r = B.bench(mlp_art, rpc=rpc_server, warmup=1, repeat=20, threads=1, energy="android", idle_seconds=0.5,
+                quiet=True)
+    e = r["runs"][0]["energy"]
+    assert e["source"] == "android" and e["estimate"] is False and "battery" in e["boundary"]
+    assert e["sample_hz"] >= 10
+    assert e["idle_watts"] == pytest.approx(2.0)
+    assert e["window_joules"] == pytest.approx(2.0 * e["window_seconds"], rel=1e-6)
+    assert e["joules_per_inference_gross"] == pytest.approx(e["window_joules"] / e["inferences"])
+
+
 def test_tracker_bench(mlp_art, tracker_with_server):
     r = B.bench(mlp_art, tracker=tracker_with_server, key="test-board", warmup=1, repeat=10, threads=1,
                 energy="estimate", quiet=True)
