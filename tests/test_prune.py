@@ -498,3 +498,9 @@ def test_sensitivity_allocation_with_two_four_leaves_some_layers_dense(tiny):
     res = pruning.prune(path, sparsity=0.3, pattern="2:4", calib=calib, allocate_by="sensitivity", quiet=True)
     active = {r["name"]: r["sparsity"] for r in res.report["layers"] if not r["skipped"]}
     assert set(active.values()) <= {0.0, 0.5} and 0.0 in active.values() and 0.5 in active.values()
+
+
+def test_recipe_sparsity_conflicting_with_nm_pattern(tiny, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[layer]]\nmatch = "fc.weight"\npattern = "2:4"\nsparsity = 0.7\n')
+    assert "prunes exactly 0.5" in _bad(tmp_path, [tiny[0], "-s", "0.5", "--recipe", recipe])
