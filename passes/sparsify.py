@@ -196,18 +196,24 @@ def _match_epilogue(g: _Graph, var, N: int, conv: bool, ops):
             b = _bias_vector(g, other, N, conv, ops)
             if b is not None and _shape(nxt) == _shape(root):
                 bias, root = b, nxt
-    # activation
+    # activation, possibly behind a reshape (ORT's basic optimisation turns a 3-D MatMul+Add into
+    # Reshape-Gemm-Reshape, so the activation follows the reshape back to 3-D); elementwise, so it commutes
+    starts = [root]
     nxt = g.only_user(root)
-    if nxt is not None:
-        for op_name in ("nn.relu", "nn.gelu"):
-            c = g.call(nxt, ops[op_name])
-            if c is not None:
-                if op_name == "nn.gelu" and getattr(c.attrs, "approximate", "none") not in ("none", None):
-                    break
-                return nxt, bias, "relu" if op_name == "nn.relu" else "gelu"
-    gelu_root = _match_erf_gelu(g, root, ops)
-    if gelu_root is not None:
-        return gelu_root, bias, "gelu"
+    if nxt is not None and g.call(nxt, ops["reshape"]) is not None:
+        starts.append(nxt)
+    for start in starts:
+        nxt = g.only_user(start)
+        if nxt is not None:
+            for op_name in ("nn.relu", "nn.gelu"):
+                c = g.call(nxt, ops[op_name])
+                if c is not None:
+                    if op_name == "nn.gelu" and str(getattr(c.attrs, "approximate", "none")) not in ("none", ""):
+                        continue
+                    return nxt, bias, "relu" if op_name == "nn.relu" else "gelu"
+        gelu_root = _match_erf_gelu(g, start, ops)
+        if gelu_root is not None:
+            return gelu_root, bias, "gelu"
     return root, bias, None
 
 
