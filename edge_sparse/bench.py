@@ -93,8 +93,6 @@ def _default_threads(manifest: dict[str, Any], remote: bool) -> int:
 class _Runner:
     """Drives one Relax VM (local or remote) through set_input / invoke_stateful / time_evaluator."""
 
-    where = "local"
-
     def __init__(self, vm, dev, manifest: dict[str, Any]):
         self.vm, self.dev, self.manifest = vm, dev, manifest
         self._timer = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=1)
@@ -154,7 +152,7 @@ def _load_local(artifact: Path, threads: int):
 
 
 def _load_remote(sess, artifact: Path, manifest: dict[str, Any], threads: int):
-    import tvm
+    """(runner, load seconds): upload the library, load it remotely, size the remote thread pool, make the VM."""
     from tvm.runtime.vm import VirtualMachine
 
     from edge_sparse.rpc import describe_error
@@ -184,7 +182,7 @@ def _load_remote(sess, artifact: Path, manifest: dict[str, Any], threads: int):
                         f" (artifact built for {manifest.get('target', {}).get('name')} with TVM "
                         f"{manifest.get('tvm', {}).get('version')}; the device needs the same TVM)") from None
     load_s = time.perf_counter() - t0
-    return _Runner(vm, dev, manifest), load_s, tvm
+    return _Runner(vm, dev, manifest), load_s
 
 
 # ---------------------------------------------------------------------------------------------- timed loop
@@ -302,7 +300,7 @@ def _ort_child(spec_path: str) -> None:
 
 
 def _run_ort(model_path: str, inputs: dict[str, np.ndarray], threads: int, warmup: int, repeat: int | None,
-             min_seconds: float | None, energy_spec: str | None, idle_watts: float | None, quiet: bool) -> dict:
+             min_seconds: float | None, energy_spec: str | None, idle_watts: float | None) -> dict:
     if not Path(model_path).is_file():
         raise UserError(f"--compare model not found: {model_path}")
     with tempfile.TemporaryDirectory(prefix="edge-sparse-ort-") as tmp:
@@ -436,7 +434,7 @@ def bench(artifact_dir: str | os.PathLike, *, rpc: str | None = None, tracker: s
             if sess is None:
                 runner, model, load_s, rss0 = _load_local(artifact, threads)
             else:
-                runner, load_s, _ = _load_remote(sess, artifact, manifest, threads)
+                runner, load_s = _load_remote(sess, artifact, manifest, threads)
                 model, rss0 = None, None
         import tvm
 
@@ -487,7 +485,7 @@ def bench(artifact_dir: str | os.PathLike, *, rpc: str | None = None, tracker: s
 
             gc.collect()
 
-    sparse_layers = [l for l in manifest.get("layers", []) if l.get("format") not in (None, "dense")]
+    sparse_layers = [layer for layer in manifest.get("layers", []) if layer.get("format") not in (None, "dense")]
     run = {
         "name": f"edge-sparse {artifact.name}",
         "runtime": "tvm",
@@ -516,7 +514,7 @@ def bench(artifact_dir: str | os.PathLike, *, rpc: str | None = None, tracker: s
             ort_energy = f"csv:{meter.path}"
         with progress.step(f"onnxruntime baseline ({Path(compare).name}, separate process)"):
             ort = _run_ort(str(compare), dict(zip([i["name"] for i in manifest["inputs"]], arrays)), threads, warmup,
-                           repeat, run_min_seconds, ort_energy, idle_watts, quiet)
+                           repeat, run_min_seconds, ort_energy, idle_watts)
         ort_stats = latency_stats(ort["samples_s"])
         ort_energy_out = ort["energy"]
         if energy_mode == "estimate":

@@ -194,7 +194,8 @@ def test_rpc_bench_and_outputs(mlp_art, synthetic_models, rpc_server):
 
     manifest = read_manifest(mlp_art)
     sess, _ = connect(rpc_server)
-    runner, load_s, _ = B._load_remote(sess, Path(mlp_art), manifest, 1)
+    runner, load_s = B._load_remote(sess, Path(mlp_art), manifest, 1)
+    assert load_s > 0
     inputs = Model(mlp_art, manifest, None, None, None).make_inputs("random", 3)
     runner.set_inputs([tvm.runtime.tensor(a, runner.dev) for a in inputs.values()])
     runner.first()

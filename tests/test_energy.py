@@ -1,10 +1,8 @@
 """Energy meters on recorded sysfs trees and captured command outputs; the idle/window protocol; the estimate."""
 from __future__ import annotations
 
-import os
 import stat
 import subprocess
-import sys
 import textwrap
 import threading
 import time
