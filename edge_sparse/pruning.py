@@ -327,13 +327,13 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
         raise UserError("every prunable layer is skipped; nothing to prune (check --skip / the recipe, or pass "
                         "--no-default-skips)")
     patterns = {layer.name: setup.settings[layer.name].pattern or pattern_obj for layer in active}
-    norms = _norms(setup, active, calib_part, batch, progress) if method == "wanda" else None
-
     for layer in active:
         fixed, wanted = patterns[layer.name].fixed_sparsity, setup.settings[layer.name].sparsity
         if fixed is not None and wanted is not None and wanted not in (0.0, fixed):
             raise UserError(f"recipe sets sparsity {wanted:g} for {layer.name}, but its pattern "
                             f"{patterns[layer.name]} prunes exactly {fixed:g}; drop the sparsity or use 0")
+    norms = _norms(setup, active, calib_part, batch, progress) if method == "wanda" else None
+
     free = [layer for layer in active if setup.settings[layer.name].sparsity is None]
     targets = {layer.name: setup.settings[layer.name].sparsity for layer in active if layer not in free}
     sensitivity = None
