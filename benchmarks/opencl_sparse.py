@@ -104,7 +104,7 @@ def _dense_module(op, M, K, N):
     return bb.get()
 
 
-def prepare(out: Path, quick: bool = False):
+def prepare(out: Path, quick: bool = False, extra_models=(), input_shapes=None):
     from edge_sparse import targets
     from edge_sparse.opencl_check import capture, plan_primfunc
     from edge_sparse.passes.formats import KernelSpec
@@ -146,33 +146,43 @@ def prepare(out: Path, quick: bool = False):
     (out / "cases.json").write_text(json.dumps(cases, indent=1))
     for tgt in ("mali", "adreno"):
         prepare_model(out / f"model_mlp_{tgt}", tgt)
+        for path in extra_models:
+            prepare_model(out / f"model_{Path(path).stem}_{tgt}", tgt, Path(path), input_shapes)
 
 
-def prepare_model(out: Path, target: str):
-    """A small synthetic MLP through the whole OpenCL build: plan + inputs + onnxruntime outputs (io.npz)."""
+def _pruned_mlp_intake():
     import tempfile
 
     import onnx
     import onnx.numpy_helper
-    import onnxruntime as ort
 
-    from edge_sparse.compiler import _sparsify, import_relax
-    from edge_sparse import targets
     from edge_sparse.intake import load_model
     from edge_sparse.models import synthetic
-    from edge_sparse.opencl_check import capture
 
+    model = synthetic.mlp(batch=1, seq=8, d_in=64, hidden=256, d_out=64)
+    rng = np.random.default_rng(0)
+    for init in model.graph.initializer:          # 80% of 4x1 blocks pruned: the sparse kernels get chosen
+        w = onnx.numpy_helper.to_array(init)
+        if w.ndim == 2:
+            keep = np.repeat(rng.random((w.shape[0], w.shape[1] // 4)) >= 0.8, 4, axis=1)
+            init.CopyFrom(onnx.numpy_helper.from_array((w * keep).astype(np.float32), init.name))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "mlp.onnx"
-        model = synthetic.mlp(batch=1, seq=8, d_in=64, hidden=256, d_out=64)
-        rng = np.random.default_rng(0)
-        for init in model.graph.initializer:          # 80% of 4x1 blocks pruned: the sparse kernels get chosen
-            w = onnx.numpy_helper.to_array(init)
-            if w.ndim == 2:
-                keep = np.repeat(rng.random((w.shape[0], w.shape[1] // 4)) >= 0.8, 4, axis=1)
-                init.CopyFrom(onnx.numpy_helper.from_array((w * keep).astype(np.float32), init.name))
         onnx.save(model, str(path))
-        intake = load_model(path)
+        return load_model(path)
+
+
+def prepare_model(out: Path, target: str, onnx_path: Path | None = None, input_shapes=None):
+    """A model through the whole OpenCL build (sparse="auto"): plan + inputs + onnxruntime outputs (io.npz).
+    Default: a small synthetic MLP with 80% of its 4x1 blocks pruned."""
+    import onnxruntime as ort
+
+    from edge_sparse import targets
+    from edge_sparse.compiler import _sparsify, import_relax
+    from edge_sparse.intake import load_model
+    from edge_sparse.opencl_check import capture
+
+    intake = load_model(onnx_path, input_shapes) if onnx_path is not None else _pruned_mlp_intake()
     mod, layers = _sparsify(import_relax(intake), targets.get(target), intake, "auto", False)
     _, plan = capture(mod, target, [(t.name, tuple(t.shape), t.dtype) for t in intake.inputs])
     plan.save(out)
@@ -274,6 +284,8 @@ def main(argv=None):
     p = sub.add_parser("prepare")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quick", action="store_true", help="first shape only")
+    p.add_argument("--extra-model", action="append", default=[], help="also an ONNX model (static shapes or --input-shape)")
+    p.add_argument("--input-shape", action="append", default=[], help="NAME=D1,D2,... for --extra-model")
     r = sub.add_parser("run")
     r.add_argument("plans", type=Path)
     r.add_argument("--json", "-o", type=Path)
@@ -282,7 +294,11 @@ def main(argv=None):
     r.add_argument("--only", help="substring of case names to run")
     a = ap.parse_args(argv)
     if a.cmd == "prepare":
-        prepare(a.out, a.quick)
+        shapes = {}
+        for spec in a.input_shape:
+            name, dims = spec.split("=")
+            shapes[name] = tuple(int(d) for d in dims.split(","))
+        prepare(a.out, a.quick, a.extra_model, shapes or None)
     else:
         run(a.plans, a.json, a.device, a.repeat, a.only)
 

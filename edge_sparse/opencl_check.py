@@ -589,6 +589,29 @@ class Replayer:
         self.launch_all()
         return self.read_outputs()
 
+    def first_nonfinite(self, inputs) -> dict[str, Any] | None:
+        """Run launch by launch; the first launch after which one of its buffers holds NaN/inf (unwritten outputs
+        stay NaN from the poison fill), with the buffer and how many elements; None when all stay finite."""
+        self._poison()
+        self.write_inputs(inputs)
+        for i, (ln, args) in enumerate(zip(self.plan.launches, self._launch_args)):
+            self._kernels[ln.kernel](self.queue, ln.global_size, ln.local_size, *args)
+            for a in ln.args:
+                if a[0] != "buf":
+                    continue
+                b = self.plan.buffers[a[1]]
+                if not b["dtype"].startswith("float") or not b["nbytes"]:
+                    continue
+                host = np.empty(b["nbytes"] // np.dtype(b["dtype"]).itemsize, b["dtype"])
+                self.cl.enqueue_copy(self.queue, host, self.bufs[a[1]])
+                self.queue.finish()
+                bad = int(np.count_nonzero(~np.isfinite(host)))
+                if bad:
+                    return {"launch": i, "kernel": ln.kernel, "caller": ln.caller, "buffer": a[1],
+                            "buffer_kind": b["kind"], "nonfinite": bad, "size": int(host.size),
+                            "global": list(ln.global_size), "local": list(ln.local_size)}
+        return None
+
     def time_launches(self, inputs, *, warmup: int = 3, repeat: int = 50) -> dict[str, Any]:
         """Median/min device time (profiling events, microseconds) per launch and for the whole sequence."""
         self.write_inputs(inputs)

@@ -79,8 +79,9 @@ def test_pruned_mlp_gemv_auto_matches_onnxruntime(pruned_models, target):
     _assert_close(report)
 
 
-def test_pruned_cnn_sparse_pointwise_convs_match_onnxruntime(pruned_models):
-    report = oc.check_model(pruned_models["cnn"], "mali", sparse="bsr8x1")
+@pytest.mark.parametrize("target", ["mali", "adreno"])
+def test_pruned_cnn_sparse_pointwise_convs_match_onnxruntime(pruned_models, target):
+    report = oc.check_model(pruned_models["cnn"], target, sparse="bsr8x1")
     assert sum(x.get("kind") == "conv1x1" and x.get("format") == "bsr8x1" for x in report["sparse_layers"]) == 4, \
         report["sparse_layers"]
     _assert_close(report)

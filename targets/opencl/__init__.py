@@ -3,9 +3,10 @@
 Interface shared by every family module: ``build(mod, preset, *, tuning_db=None) -> Executable``,
 ``export(ex, out_dir, preset) -> file name`` and ``make_sparse_kernel(spec, preset) -> PrimFunc | None``.
 
-Dense operators go through TVM's own GPU pipelines: the Adreno pipeline (dlight adreno rules, then dlight gpu
-Reduction/GeneralReduction/Fallback) for ``device = "adreno"``, the generic GPU pipeline (dlight gpu Matmul/GEMV/...)
-for everything else (Mali). The Adreno "texture" key variant is refused: it crashes or miscompiles CNNs with the
+Dense operators go through TVM's own GPU pipelines: for ``device = "adreno"`` the Adreno pipeline (dlight adreno
+Conv2d/LayoutTransform/Pool2D rules, then dlight gpu rules; we add gpu Matmul to its Reduction/
+GeneralReduction/Fallback, see ``_adreno_pipeline``), for everything else (Mali) the generic GPU pipeline (dlight gpu
+Matmul/GEMV/Reduction/GeneralReduction/Fallback). The Adreno "texture" key variant is refused: it crashes or miscompiles CNNs with the
 pinned TVM (TVM_NOTES). Sparse kernels (``targets.opencl.kernels``) arrive already scheduled (thread bindings,
 ``tirx.is_scheduled``), so dlight leaves them alone, and ``AnnotateTIROpPattern`` marks them opaque so fusion does too.
 
@@ -27,14 +28,57 @@ KERNEL_ATTR = "edge_sparse.kernel"
 
 
 def relax_pipeline(preset, *, tuning_db=None):
-    """TVM's GPU pipeline for this preset's target (Adreno pipeline for adreno, generic GPU pipeline otherwise)."""
+    """The Relax pipeline for this preset: TVM's generic GPU pipeline, or for Adreno TVM's Adreno pipeline whose
+    dlight stage also gets the gpu Matmul rule (see ``_adreno_pipeline``)."""
     from tvm import relax
 
     target = preset.tvm_target()
     if "texture" in target.keys:
         raise UserError(f"target '{preset.name}': the Adreno 'texture' variant is not supported with TVM 0.27 "
                         f"(it crashes in conv2d legalisation); drop 'texture' from the target keys")
+    if "adreno" in target.keys:
+        return _adreno_pipeline(target)
     return relax.pipeline.get_default_pipeline(target)
+
+
+def _adreno_pipeline(target):
+    """TVM 0.27's Adreno pipeline (non-texture path: same passes, same order) with dlight's gpu Matmul rule ahead of
+    its Reduction/GeneralReduction/Fallback rules.
+
+    TVM's own Adreno pipeline schedules dense matmuls and 1x1 convs with the Reduction/Fallback rules (no tiling).
+    Through NVIDIA's OpenCL on an H100 (not a mobile GPU; benchmarks/results/opencl_nvidia_h100.json), a 128x768x3072
+    matmul took 2130 us that way and 240 us with the Matmul rule; 128x3072x768 2244 -> 713 us; a 256->256 1x1 conv on
+    28x28 401 -> 151 us. Not yet measured on an Adreno GPU.
+    The gpu GEMV rule is left out on purpose: on this pipeline it miscompiled PP-OCR cls's squeeze-excitation block
+    (the fused 1x1 conv * broadcast multiply wrote 576 of its 9216 outputs; found by edge_sparse.opencl_check).
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.adreno import pipeline as adreno
+    from tvm.s_tir import dlight as dl
+
+    legalize = [
+        tvm.tirx.transform.BindTarget(target),
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+        relax.transform.Normalize(),
+        dl.ApplyDefaultSchedule(dl.adreno.Conv2d(), dl.adreno.LayoutTransform(), dl.adreno.Pool2D()),
+        dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()),
+    ]
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgeSparseAdrenoPipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            seq = tvm.transform.Sequential(adreno.library_dispatch_passes(target) + legalize
+                                           + adreno.dataflow_lower_passes(target) + adreno.finalize_passes(target))
+            return seq(mod)
+
+    return _pipeline
 
 
 def build(mod, preset, *, tuning_db=None):
