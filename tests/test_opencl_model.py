@@ -101,6 +101,33 @@ def test_dense_model_plan_replays_after_save(pruned_models, tmp_path):
     assert len(plan.launches) == report["launches"] and "__kernel" in plan.source
 
 
+def _squeeze_excitation(C=8, H=12, W=96, Cr=2) -> onnx.ModelProto:
+    """x * hardsigmoid(conv(relu(conv(avgpool(x))))): the MobileNetV3 block of PP-OCR cls, shapes from that model."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in [("w1", (Cr, C, 1, 1)), ("b1", (Cr,)), ("w2", (C, Cr, 1, 1)), ("b2", (C,))]]
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["p"]),
+             helper.make_node("Conv", ["p", "w1", "b1"], ["c1"]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"]),
+             helper.make_node("HardSigmoid", ["c2"], ["s"], alpha=0.2, beta=0.5),
+             helper.make_node("Mul", ["x", "s"], ["y"])]
+    g = helper.make_graph(nodes, "se", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C, H, W])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, C, H, W])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("target", ["mali", "adreno"])
+def test_squeeze_excitation_block_matches_onnxruntime(tmp_path, target):
+    """Regression: dlight's gpu GEMV rule on the Adreno pipeline wrote 1/16 of this block's output (NaN-poisoned
+    elements stayed NaN in the replay); targets.opencl keeps that rule out of the Adreno pipeline."""
+    path = tmp_path / "se.onnx"
+    onnx.save(_squeeze_excitation(), path)
+    _assert_close(oc.check_model(path, target, sparse="off"))
+
+
 # ------------------------------------------------------------------------------------------------------ CLI
 def test_cli_check_opencl_model_and_artifact(pruned_models, tmp_path):
     r = invoke(["check-opencl", pruned_models["mlp_gemm"], "--target", "mali", "--sparse", "bsr4x1", "-q"])
