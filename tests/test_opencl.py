@@ -7,6 +7,7 @@ atol = 2e-6 * K (fp32 sums of K products of N(0, 1) values, accumulated in a dif
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -156,7 +157,7 @@ def test_kernels_stay_within_target_limits():
         _, plan = oc.plan_primfunc(f, "adreno")
         for ln in plan.launches:
             assert int(np.prod(ln.local_size)) <= 256, (M, fmt, ln)
-        local_floats = sum(int(n) for n in __import__("re").findall(r"__local float \w+\[(\d+)\]", plan.source))
+        local_floats = sum(int(n) for n in re.findall(r"__local float \w+\[(\d+)\]", plan.source))
         assert local_floats * 4 <= 16384, (M, fmt, local_floats)
 
 
