@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -728,6 +729,18 @@ def plot(result: dict[str, Any], path: str | os.PathLike, force: bool = False) -
     fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+class _CallableModule(types.ModuleType):
+    """``edge_sparse.bench`` names both this module and the function ``bench`` (the package's lazy export). Once
+    the module is imported, the import system makes ``edge_sparse.bench`` the module, so the module calls
+    ``bench`` too: ``edge_sparse.bench(dir, ...)`` works in either order."""
+
+    def __call__(self, *args, **kwargs):
+        return bench(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 if __name__ == "__main__":  # the onnxruntime baseline process

@@ -115,6 +115,14 @@ def test_latency_stats_match_numpy():
         assert got[key] == pytest.approx(ref, rel=1e-12)
 
 
+def test_package_exports_bench_callable(mlp_art):
+    import edge_sparse
+    import edge_sparse.bench    # after this the package attribute is the module; it must still call bench()
+
+    r = edge_sparse.bench(mlp_art, warmup=0, repeat=3, energy="none", quiet=True)
+    assert r["schema"] == B.SCHEMA and r["runs"][0]["latency"]["count"] == 3
+
+
 # ---------------------------------------------------------------------------------------------- local
 def test_local_bench_with_onnxruntime_baseline(mlp_art, synthetic_models):
     r = B.bench(mlp_art, warmup=2, repeat=30, threads=1, compare=synthetic_models["mlp"], energy="estimate",
