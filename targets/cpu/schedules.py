@@ -69,6 +69,22 @@ def _int(x) -> int | None:
     return int(x.value) if isinstance(x, tirx.IntImm) else (int(x) if isinstance(x, int) else None)
 
 
+def _vector_tile(n: int, cfg: TileConfig) -> tuple[int, int]:
+    """(columns per register tile, vector width): the tile is a divisor of n (no ragged tail) made of whole
+    power-of-two vectors -- LLVM scalarises odd-length vectors such as <40 x float> -- close to ``cfg.nt``.
+    E.g. AVX-512: 384 -> (32, 16), 200 -> (40, 8) (five ymm per row), 48 -> (48, 16)."""
+    w = cfg.lanes
+    while w >= 4:
+        if n % w == 0:
+            nv = _largest_divisor(n // w, max(1, (cfg.nt + cfg.nt // 2) // w))
+            return nv * w, w
+        w //= 2
+    if n <= cfg.nt:
+        return n, n
+    d = _largest_divisor(n, cfg.nt)
+    return d, d
+
+
 def _largest_divisor(n: int, limit: int) -> int:
     for d in range(min(n, limit), 0, -1):
         if n % d == 0:
@@ -138,7 +154,7 @@ def _blocks(sch):
     return normalize_prim_func(sch)
 
 
-def _contraction(sch, cfg: TileConfig) -> bool:
+def _contraction(sch, cfg: TileConfig, _padded: bool = False) -> bool:
     """Register-tiled reduction (matmul, conv, pooling): see the module docstring."""
     from tvm import tirx
 
@@ -197,6 +213,16 @@ def _contraction(sch, cfg: TileConfig) -> bool:
     n_ext = _int(jit.dom)
     if n_ext is None:
         return False
+    if n_ext % 4 and n_ext > cfg.nt and not _padded:
+        # odd output width (6625 OCR classes): compute a zero-padded multiple of the vector width, copy out after;
+        # the weight padding block reads a constant, so it is folded at compile time like the packing
+        padding = [cfg.nt if it.var.same_as(jvar) else 1 for it in main.iters]
+        sch.pad_einsum(main.block_rv, padding)
+        for blk in _root_blocks(sch):
+            b = sch.get(blk)
+            if b.name_hint.endswith("_pad") and len(b.reads) == 1 and _is_layout_free(sch, b.reads[0].source):
+                sch.annotate(blk, "meta_schedule.layout_rewrite_preproc", True)
+        return _contraction(sch, cfg, _padded=True)
     # Row axis i: an output axis (not j) the vector operands depend on least; innermost wins ties.
     cands = []
     for pos, e in enumerate(out_idx):
@@ -207,10 +233,8 @@ def _contraction(sch, cfg: TileConfig) -> bool:
         cands.append((deps, -pos, it))
     iit = min(cands, key=lambda c: (c[0], c[1]))[2] if cands else None
 
-    nt = n_ext if n_ext <= cfg.nt else _largest_divisor(n_ext, cfg.nt)
-    if nt < cfg.lanes and n_ext > cfg.nt:
-        nt = cfg.nt  # ragged tail; the predicate sits outside the vector lanes' dependence only for full tiles
-    nvec = -(-nt // cfg.lanes)
+    nt, vw = _vector_tile(n_ext, cfg)
+    nvec = -(-nt // vw)
     mt_cap = max(1, min(12, cfg.acc_budget // nvec))
     # LowerTVMBuiltin keeps an allocation inside a parallel loop on the stack (where LLVM promotes it to registers)
     # only below 1024 bytes; bigger ones become a heap workspace per task.
@@ -237,10 +261,16 @@ def _contraction(sch, cfg: TileConfig) -> bool:
 
     acc = sch.cache_write(main.block_rv, 0, "global")
     # Epilogues (bias, activation, residual, requantise...) go into the tile's store.
-    progress = True
+    # (not after pad_einsum: inlining the un-padding copy drops its bound, TVM 0.27 then writes past the output)
+    progress = not _padded
     while progress:
         progress = False
-        for consumer in sch.get_consumers(acc):
+        consumers = sch.get_consumers(acc)
+        # Only a sole consumer reading the tile once: with two consumers (x * sigmoid(x)) TVM 0.27's
+        # reverse_compute_inline rewires one and leaves the other reading a buffer nobody writes.
+        if len(consumers) != 1 or _loads_of(sch, consumers[0], sch.get(acc).writes[0].source) != 1:
+            break
+        for consumer in consumers:
             try:
                 sch.reverse_compute_inline(consumer)
                 progress = True
@@ -253,14 +283,13 @@ def _contraction(sch, cfg: TileConfig) -> bool:
     # parallel/vectorize refuse the loops around it.
     par_loops = sch.get_loops(main.block_rv)[:n_tile_outer]
     _parallel_outer(sch, par_loops, max_loops=len(par_loops))
+    tile_depth = len(sch.get_loops(main.block_rv)) - len(red) - (2 if iit is not None else 1)
     if iit is not None and mt > 1:
         sch.unroll(ii)
-    sch.vectorize(ji)
-    acc_loops = sch.get_loops(acc)
-    tile_depth = len(sch.get_loops(main.block_rv)) - len(red) - (2 if iit is not None else 1)
-    _tile_store(sch, acc_loops[tile_depth:], cfg, nt)
+    _vector_split(sch, ji, vw)
+    _tile_store(sch, sch.get_loops(acc)[tile_depth:], vw)
     init = sch.decompose_reduction(main.block_rv, red[0])
-    _tile_store(sch, sch.get_loops(init)[tile_depth:], cfg, nt)
+    _tile_store(sch, sch.get_loops(init)[tile_depth:], vw)
     # Constant weights read as the vector operand are packed into column panels [N/nt, ..., nt]: each k step then
     # reads one contiguous nt-vector instead of jumping a whole row (TLB and prefetcher friendly). The copy block is
     # split out by SplitLayoutRewritePreproc and folded into the constant at compile time.
@@ -270,8 +299,16 @@ def _contraction(sch, cfg: TileConfig) -> bool:
         name = sch.get(other).name_hint
         if name in (sch.get(main.block_rv).name_hint, sch.get(acc).name_hint, sch.get(init).name_hint) or name in packed:
             continue
+        if "meta_schedule.layout_rewrite_preproc" in sch.get(other).annotations:
+            continue
         _spatial_nest(sch, other, cfg)
     return True
+
+
+def _is_layout_free(sch, buffer) -> bool:
+    func = sch.mod["main"]
+    free = {int(i) for i in (func.attrs.get("layout_free_buffers", []) if func.attrs else [])}
+    return any(buffer.same_as(p) for i, p in enumerate(func.params) if i in free)
 
 
 def _pack_weights(sch, block_rv, vec_regions, nt: int, n_ext: int) -> list[str]:
@@ -301,14 +338,33 @@ def _pack_weights(sch, block_rv, vec_regions, nt: int, n_ext: int) -> list[str]:
     return names
 
 
-def _tile_store(sch, loops, cfg: TileConfig, nt: int) -> None:
-    """Inner loops of a tile's init / store: innermost vectorised, the others unrolled."""
+def _vector_split(sch, loop, width: int) -> None:
+    """Vectorise ``loop`` as unrolled whole vectors of ``width`` lanes."""
+    ext = _int(sch.get(loop).extent)
+    if ext is not None and ext > width and ext % width == 0:
+        outer, inner = sch.split(loop, factors=[None, width])
+        sch.unroll(outer)
+        sch.vectorize(inner)
+    elif ext is not None and ext > 1:
+        sch.vectorize(loop)
+
+
+def _tile_store(sch, loops, width: int) -> None:
+    """Inner loops of a tile's init / store: innermost as vectors, the others unrolled."""
     loops = [lp for lp in loops if (_int(sch.get(lp).extent) or 0) > 1]
     if not loops:
         return
-    _vectorize_inner(sch, loops[-1], cfg.lanes, max_len=max(64, nt))
     for lp in loops[:-1]:
         sch.unroll(lp)
+    _vector_split(sch, loops[-1], width)
+
+
+def _loads_of(sch, block_rv, buffer) -> int:
+    """How many times the block's body reads ``buffer`` (there is no Python TIR visitor in 0.27: count in the text)."""
+    import re
+
+    text = sch.get(block_rv).body.script() if hasattr(sch.get(block_rv).body, "script") else str(sch.get(block_rv).body)
+    return len(re.findall(r"(?<![\w.])" + re.escape(buffer.name) + r"\[", text))
 
 
 def _iter(svars, e):
