@@ -201,3 +201,26 @@ def test_timing_reports_every_launch(ctx):
     t = rep.time_launches(args, warmup=1, repeat=3)
     assert len(t["launches"]) == len(plan.launches) == 1
     assert t["launches"][0]["median_us"] > 0 and t["total_us_median"] > 0
+
+
+def test_kernels_follow_a_toml_presets_limits(tmp_path, ctx):
+    """A user's GPU preset with smaller work-groups / local memory gets kernels within them, still correct."""
+    toml = tmp_path / "small_gpu.toml"
+    toml.write_text('name = "small-gpu"\nfamily = "opencl"\narch = "aarch64"\n\n[target]\nkind = "opencl"\n'
+                    'device = "mali"\nmax_num_threads = 128\nmax_shared_memory_per_block = 4096\n\n'
+                    '[host]\nkind = "llvm"\nmtriple = "aarch64-linux-gnu"\n')
+    preset = targets.get(None, toml)
+    rng = np.random.default_rng(5)
+    M, K, N, R = 1, 1024, 32, 16                   # long rows: the default would use 256 threads
+    w = _pruned(rng, K, N, R, 0.3)
+    bsr = to_bsr(w, R)
+    f = kernels.make_sparse_kernel(KernelSpec(op="matmul", M=M, K=K, N=N, format="bsr16x1", R=R, nnz=bsr.nnzb,
+                                              has_bias=True), preset)
+    _, plan = oc.plan_primfunc(f, preset)
+    assert all(int(np.prod(ln.local_size)) <= 128 for ln in plan.launches)
+    local_floats = sum(int(n) for n in re.findall(r"__local float \w+\[(\d+)\]", plan.source))
+    assert local_floats * 4 <= 4096
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    b = rng.standard_normal(N).astype(np.float32)
+    got = _run(f, [x, *bsr.arrays(), b, np.zeros((M, N), np.float32)], ctx, preset)
+    np.testing.assert_allclose(got, x.astype(np.float64) @ w + b, **_tol(K))

@@ -8,8 +8,8 @@ the bias is always passed (zeros when the layer has none) and only added when ``
 Work mapping (one work-group per block row, so the j loop over a row's blocks is uniform in the group):
   * GEMV (M <= GEMV_MAX_M): threads (r, s): r over the R channels of the block (``data[j, r]`` loads coalesce),
     s splits the row's blocks (64..256 threads, about 16 blocks per lane); partial sums meet in a local-memory tree
-    reduction. X is staged in local memory when
-    the work-group would gather at least half of X anyway (density * M >= 0.5) and it fits.
+    reduction. X is staged in local memory when the work-group would gather at least half of X anyway
+    (density * M >= 0.5) and it fits.
   * GEMM: threads (r, t), each t owning MT rows of X: weights load once per group and broadcast over the rows.
     X is staged in local memory chunk by chunk (coalesced loads, padded against bank conflicts) when each staged
     element is used at least once on average (density * R >= 1); otherwise rows read X straight from global memory.
@@ -23,7 +23,7 @@ import math
 
 from tvm.script import tirx as T
 
-__all__ = ["make_sparse_kernel", "bsr_gemv", "bsr_gemm", "bsr_conv1x1", "GEMV_MAX_M", "KERNEL_ATTR"]
+__all__ = ["make_sparse_kernel", "bsr_gemv", "bsr_gemm", "bsr_conv1x1", "gemv_threads", "GEMV_MAX_M", "KERNEL_ATTR"]
 
 KERNEL_ATTR = "edge_sparse.kernel"
 GEMV_MAX_M = 4
@@ -46,23 +46,24 @@ def _density(nnzb: int, NB: int, K: int) -> float:
     return nnzb / max(1, NB * K)
 
 
-def gemv_threads(R, blocks_per_row) -> int:
-    """Work-group size for a GEMV: enough lanes that each handles <= ~16 of a row's blocks, 64..256 threads."""
+def gemv_threads(R, blocks_per_row, max_threads=MAX_THREADS) -> int:
+    """Work-group size for a GEMV: enough lanes that each handles <= ~16 of a row's blocks, 64..max_threads."""
     lanes = 1 << max(0, math.ceil(math.log2(max(1.0, blocks_per_row / 16))))
-    return int(min(MAX_THREADS, max(64, R * lanes)))
+    return int(min(max_threads, max(64, R * lanes)))
 
 
-def bsr_gemv(M, K, N, R, nnzb, *, bias=False, activation=None, threads=None, stage_x=None):
+def bsr_gemv(M, K, N, R, nnzb, *, bias=False, activation=None, threads=None, stage_x=None,
+             max_threads=MAX_THREADS, local_bytes=LOCAL_BYTES):
     """Y[M, N] = act(X[M, K] @ W + b) for small M; one work-group per block row."""
     NB = -(-N // R)
     NNZ = max(nnzb, 1)
     if threads is None:
-        threads = gemv_threads(R, nnzb / NB)
+        threads = gemv_threads(R, nnzb / NB, max_threads)
     S = max(1, threads // R)                # lanes splitting a row's blocks
     LOGS = int(math.log2(S))
     assert 1 << LOGS == S, "threads / R must be a power of two"
     if stage_x is None:
-        stage_x = M * K * 4 <= LOCAL_BYTES and _density(nnzb, NB, K) * M >= 0.5
+        stage_x = M * K * 4 <= local_bytes and _density(nnzb, NB, K) * M >= 0.5
     XS = K if stage_x else 1
     NT = R * S
     has_bias, act = bias, activation
@@ -118,7 +119,8 @@ def bsr_gemv(M, K, N, R, nnzb, *, bias=False, activation=None, threads=None, sta
     return kernel
 
 
-def bsr_gemm(M, K, N, R, nnzb, *, bias=False, activation=None, rows_per_thread=None, stage_x=None):
+def bsr_gemm(M, K, N, R, nnzb, *, bias=False, activation=None, rows_per_thread=None, stage_x=None,
+             local_bytes=LOCAL_BYTES):
     """Y[M, N] = act(X[M, K] @ W + b); one work-group per (block row, tile of rows of X)."""
     NB = -(-N // R)
     NNZ = max(nnzb, 1)
@@ -129,7 +131,7 @@ def bsr_gemm(M, K, N, R, nnzb, *, bias=False, activation=None, rows_per_thread=N
     NT = R * TY
     if stage_x is None:
         stage_x = _density(nnzb, NB, K) * R >= 1.0
-    KC = max(8, min(K, (LOCAL_BYTES // 4) // TM - 1)) if stage_x else 1   # k chunk staged per round
+    KC = max(8, min(K, (local_bytes // 4) // TM - 1)) if stage_x else 1   # k chunk staged per round
     KCP = KC + 1 if stage_x else 1          # padded row: threads of different rows hit different banks
     NCH = -(-K // KC) if stage_x else 1
     has_bias, act = bias, activation
@@ -220,19 +222,30 @@ def bsr_conv1x1(batch, K, P, cout, R, nnzb, *, bias=False, activation=None, thre
     return kernel
 
 
+def _limits(preset) -> tuple[int, int]:
+    """(max work-group size, local bytes for staging) from the preset's TVM target (a TOML preset may set
+    max_num_threads / max_shared_memory_per_block); staging gets half the local memory, the rest is for reductions."""
+    try:
+        attrs = preset.tvm_target().attrs
+        threads = int(attrs.get("max_num_threads", MAX_THREADS))
+        local = int(attrs.get("max_shared_memory_per_block", 2 * LOCAL_BYTES)) // 2
+    except Exception:  # not a TVM-valid target: keep the Adreno/Mali defaults
+        return MAX_THREADS, LOCAL_BYTES
+    return max(64, min(threads, 1024)), max(1024, local)
+
+
 def make_sparse_kernel(spec, preset):
     """PrimFunc for ``spec`` (passes.formats.KernelSpec) on an OpenCL preset, or None when no GPU kernel fits."""
     if spec.dtype != "float32" or spec.format not in FORMATS or spec.activation not in (None, "relu", "gelu"):
         return None
-    R = FORMATS[spec.format]
-    if spec.R not in (R, 0) and spec.R != R:
-        return None
+    R = FORMATS[spec.format]                # the format names the block height; spec.R repeats it
+    max_threads, local_bytes = _limits(preset)
     kw = {"bias": spec.has_bias, "activation": spec.activation}
     if spec.op == "matmul":
         if spec.M <= GEMV_MAX_M:
-            f = bsr_gemv(spec.M, spec.K, spec.N, R, spec.nnz, **kw)
+            f = bsr_gemv(spec.M, spec.K, spec.N, R, spec.nnz, max_threads=max_threads, local_bytes=local_bytes, **kw)
         else:
-            f = bsr_gemm(spec.M, spec.K, spec.N, R, spec.nnz, **kw)
+            f = bsr_gemm(spec.M, spec.K, spec.N, R, spec.nnz, local_bytes=local_bytes, **kw)
     elif spec.op == "conv1x1":
         f = bsr_conv1x1(spec.M, spec.K, spec.N, spec.out_channels, R, spec.nnz, **kw)
     else:
