@@ -243,21 +243,28 @@ def _match_erf_gelu(g: _Graph, b, ops):
     ac = g.call(a, ops["add"]) if a is not None else None
     if ac is None or not _close(_scalar(ac.args[1] if ac.args[0].same_as(e) else ac.args[0]), 1.0):
         return None
+    # (1 + erf) = a; the products b * a * 0.5 in the three associations exports use
     p = g.only_user(a)
-    if p is None:
-        return None
-    pc = g.call(p, ops["multiply"])
+    pc = g.call(p, ops["multiply"]) if p is not None else None
     if pc is None:
         return None
-    # either p = b * a then y = p * 0.5, or q = b * 0.5 (other_user) then p = q * a
-    if p.same_as(other_user):
+    other = pc.args[1] if pc.args[0].same_as(a) else pc.args[0]
+    if other.same_as(b):                                   # y = (b * a) * 0.5
         y = g.only_user(p)
         yc = g.call(y, ops["multiply"]) if y is not None else None
         if yc is not None and _close(_scalar(yc.args[1] if yc.args[0].same_as(p) else yc.args[0]), 0.5):
             return y
         return None
-    qc = g.call(other_user, ops["multiply"])
-    if qc is not None and g.only_user(other_user) is not None and g.only_user(other_user).same_as(p):
+    if _close(_scalar(other), 0.5):                        # y = b * (0.5 * a)
+        y = g.only_user(p)
+        yc = g.call(y, ops["multiply"]) if y is not None else None
+        if yc is not None and y.same_as(other_user) and \
+                (yc.args[0].same_as(b) or yc.args[1].same_as(b)):
+            return y
+        return None
+    qc = g.call(other_user, ops["multiply"])               # y = (b * 0.5) * a
+    if qc is not None and other.same_as(other_user) and g.only_user(other_user) is not None \
+            and g.only_user(other_user).same_as(p):
         half = qc.args[1] if qc.args[0].same_as(b) else qc.args[0]
         if _close(_scalar(half), 0.5):
             return p

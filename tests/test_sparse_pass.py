@@ -60,13 +60,20 @@ def _layer_nodes(kind: str, inp: str, out: str, K: int, N: int, bias: bool, act:
         nodes.append(oh.make_node("Conv", ins, [y], kernel_shape=[1, 1]))
     if act == "relu":
         nodes.append(oh.make_node("Relu", [y], [out]))
-    elif act == "gelu":   # the Erf pattern of BERT-style exports
+    elif act and act.startswith("gelu"):   # the Erf pattern of BERT-style exports, in its three associations
         inits.update({f"{tag}_s2": np.array(1.4142135, np.float32), f"{tag}_one": np.array(1.0, np.float32),
                       f"{tag}_half": np.array(0.5, np.float32)})
         nodes += [oh.make_node("Div", [y, f"{tag}_s2"], [f"{tag}_d"]), oh.make_node("Erf", [f"{tag}_d"], [f"{tag}_e"]),
-                  oh.make_node("Add", [f"{tag}_e", f"{tag}_one"], [f"{tag}_a"]),
-                  oh.make_node("Mul", [y, f"{tag}_a"], [f"{tag}_m"]),
-                  oh.make_node("Mul", [f"{tag}_m", f"{tag}_half"], [out])]
+                  oh.make_node("Add", [f"{tag}_e", f"{tag}_one"], [f"{tag}_a"])]
+        if act == "gelu":          # (x * a) * 0.5
+            nodes += [oh.make_node("Mul", [y, f"{tag}_a"], [f"{tag}_m"]),
+                      oh.make_node("Mul", [f"{tag}_m", f"{tag}_half"], [out])]
+        elif act == "gelu_b":      # x * (0.5 * a)   (the MiniLM export)
+            nodes += [oh.make_node("Mul", [f"{tag}_half", f"{tag}_a"], [f"{tag}_m"]),
+                      oh.make_node("Mul", [y, f"{tag}_m"], [out])]
+        else:                      # (x * 0.5) * a
+            nodes += [oh.make_node("Mul", [y, f"{tag}_half"], [f"{tag}_m"]),
+                      oh.make_node("Mul", [f"{tag}_m", f"{tag}_a"], [out])]
     else:
         nodes.append(oh.make_node("Identity", [y], [out]))
     return nodes, inits
@@ -116,7 +123,8 @@ KINDS = st.sampled_from(["matmul", "gemm", "conv1x1"])
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(kind=KINDS, batch=st.sampled_from([1, 2, 3, 17, 64]), dims=st.lists(st.integers(1, 48), min_size=2, max_size=3),
-       bias=st.booleans(), acts=st.lists(st.sampled_from([None, "relu", "gelu"]), min_size=1, max_size=2),
+       bias=st.booleans(), acts=st.lists(st.sampled_from([None, "relu", "gelu", "gelu_b", "gelu_c"]), min_size=1,
+                                         max_size=2),
        fmt=st.sampled_from(F.FORMATS), sparsity=st.sampled_from([0.0, 0.5, 0.9, 1.0]), seq3d=st.booleans(),
        seed=st.integers(0, 2**16))
 def test_forced_format_matches_onnxruntime(kind, batch, dims, bias, acts, fmt, sparsity, seq3d, seed):
@@ -140,6 +148,8 @@ def test_forced_format_matches_onnxruntime(kind, batch, dims, bias, acts, fmt, s
     else:                                     # identical weights (tiny or all-zero) hash alike
         assert {entry["name"] for entry in layers} <= set(expected)
     assert _count_call_tir_sparse(mod2) == len(layers)
+    assert [e["activation"] for e in layers] == [
+        (acts[i % len(acts)] or "")[:4] or None for i in range(len(dims) - 1)]
     # the fused epilogue leaves no dense matmul/conv behind
     assert "R.matmul" not in mod2.script() and "R.nn.conv2d" not in mod2.script()
 
