@@ -677,7 +677,8 @@ def check_model(model, target: str = "mali", *, input_shapes: dict[str, tuple[in
     if inputs is None:
         rng = np.random.default_rng(seed)
         inputs = {t.name: _random_input(rng, t) for t in intake.inputs}
-    sess = ort.InferenceSession(intake.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    # the reference is the user's model file as onnxruntime runs it (not intake's folded copy)
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     ref = sess.run(None, inputs)
     rep = Replayer(plan, ctx if ctx is not None else default_context(device))
     got = list(rep.run(inputs).values())
