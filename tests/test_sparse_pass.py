@@ -265,3 +265,44 @@ def test_compile_api_fuses_relu_behind_reshape(tmp_path):
     out = list(m.run(inputs).values())[0]
     ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, inputs)[0]
     assert float(np.abs(out - ref).max()) <= 1e-4 * (1 + float(np.abs(ref).max()))
+
+
+ARM_CASES = [("rpi4", "bsr16x1", 1), ("rpi4", "csr", 1), ("rpi4", "2:4", 1), ("rpi5", "bsr8x1", 1),
+             ("rpi4", "csr", 20), ("rpi5", "2:4", 20), ("rpi4", "bsr4x1", 20), ("rpi5", "bsr16x1", 20)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target,fmt,seq", ARM_CASES)
+def test_arm_kernels_match_onnxruntime_under_qemu(target, fmt, seq, tmp_path):
+    """Every AArch64 kernel kind (GEMV, rows, transposed GEMM, 2:4 select/gather; NEON tiles) computes the right
+    thing: the artifact bundle's runner under qemu-aarch64 vs onnxruntime on the same pruned MLP."""
+    import shutil
+    import subprocess
+
+    from edge_sparse import compiler
+    from edge_sparse.models import synthetic
+
+    for tool in ("aarch64-linux-gnu-g++", "qemu-aarch64"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is missing (CI installs g++-aarch64-linux-gnu and qemu-user)")
+    model = synthetic.mlp(seq=seq, d_in=72, hidden=136, d_out=40, seed=2)   # 72, 136, 40: no 16-divisible dims
+    rng = np.random.default_rng(3)
+    for init in model.graph.initializer:
+        w = numpy_helper.to_array(init)
+        if w.ndim == 2:
+            init.CopyFrom(numpy_helper.from_array(prune(w.astype(np.float32), fmt, 0.7, rng), init.name))
+    path = tmp_path / "mlp.onnx"
+    synthetic.save(model, path)
+    art = tmp_path / "art"
+    man = compiler.compile(str(path), target, art, sparse=fmt, bundle=True, quiet=True)
+    assert [e["format"] for e in man["layers"]] == [fmt, fmt]
+    x = np.random.default_rng(4).standard_normal((1, seq, 72)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    proc = subprocess.run(["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", str(art / "bin" / "edge-sparse-run"),
+                           str(art), "-i", str(tmp_path / "in.npz"), "-o", str(tmp_path / "out.npz")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got = np.load(tmp_path / "out.npz")["y"]
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert got.shape == ref.shape
+    assert float(np.abs(got - ref).max()) <= 1e-4 * (1 + float(np.abs(ref).max()))
