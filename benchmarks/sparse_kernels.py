@@ -146,6 +146,27 @@ def _child(kind: str, threads: int, repeat: int, quick: bool):
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def _calibration(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per format: how efficiently the sparse kernel uses what it stores, relative to the dense path.
+
+    gemv (M = 1): (stored bytes / sparse time) / (dense bytes / dense time), i.e. the bandwidth fraction of dense;
+    gemm (M > 1): (stored multiply-adds / sparse time) / (dense multiply-adds / dense time). Multiplied by the dense
+    path's own efficiency these are the ``CALIBRATION`` factors of ``passes/sparsify.py``.
+    """
+    out: dict[str, dict[str, list[float]]] = {"gemv": {}, "gemm": {}}
+    for r in rows:
+        if r["sparsity"] >= 0.95:     # tiny kernels: call overhead dominates
+            continue
+        regime = "gemv" if r["M"] == 1 else "gemm"
+        if regime == "gemv":
+            rel = (r["weight_bytes_sparse"] / r["sparse_us"]) / (r["weight_bytes_dense"] / r["tvm_dense_us"])
+        else:
+            stored = r["K"] * r["N"] * (1 - r["sparsity"]) if r["format"] != "2:4" else r["K"] * r["N"] / 2
+            rel = (stored / r["sparse_us"]) / (r["K"] * r["N"] / r["tvm_dense_us"])
+        out[regime].setdefault(r["format"], []).append(rel)
+    return {k: {f: round(float(np.median(v)), 3) for f, v in d.items()} for k, d in out.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -192,11 +213,15 @@ def main(argv=None) -> int:
         if not c["met"]:
             print(f"  missed: {c['K']}x{c['N']} M={c['M']} {c['threads']}t {c['sparsity']:.0%}: "
                   f"{c['x_ort']:.2f}x < {c['target']}x")
+    calibration = _calibration(rows)
+    print("\ncost-model calibration (efficiency relative to the dense path, median over shapes and sparsities):")
+    for regime, per_fmt in calibration.items():
+        print(f"  {regime}: " + ", ".join(f"{f} {v:.2f}" for f, v in per_fmt.items()))
     if args.json:
         import platform
 
         result = {"host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                  "repeat": args.repeat, "rows": rows, "targets": checks}
+                  "repeat": args.repeat, "rows": rows, "targets": checks, "calibration": calibration}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")

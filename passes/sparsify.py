@@ -449,6 +449,9 @@ def _kernel_args(layer: Layer, spec: KernelSpec, obj) -> list[np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------------ rewrite
+_DENSE_TIMES: dict[tuple, float] = {}     # per sparsify() call (cleared there)
+
+
 def _choose(layer: Layer, preset, family, mode: str, measure: bool, log) -> dict[str, Any]:
     """Decide one layer's format; returns its report entry plus the private keys _obj/_spec/_pf."""
     dense_b = F.dense_bytes(layer.K, layer.N)
@@ -489,8 +492,12 @@ def _choose(layer: Layer, preset, family, mode: str, measure: bool, log) -> dict
         if not preset.is_native:
             log(f"measure: target '{preset.name}' does not run on this machine; using the cost model")
         else:
+            # the dense time depends on shapes and epilogue only: layers of one shape share one measurement
+            key = (layer.op, layer.x_shape, layer.K, layer.N, layer.bias is not None, layer.activation)
             try:
-                timings["dense"] = _time_dense(layer, preset, family)
+                if key not in _DENSE_TIMES:
+                    _DENSE_TIMES[key] = _time_dense(layer, preset, family)
+                timings["dense"] = _DENSE_TIMES[key]
             except Exception as e:  # dense timing failed: compare sparse candidates against the model instead
                 log(f"measure: dense timing failed for layer {layer.index}: {e}")
             best = est[order[0]]
@@ -603,6 +610,7 @@ def sparsify(mod, preset, *, mode: str = "auto", measure: bool = False, weight_n
     family = targets.family_module(preset)
     log = log or (lambda msg: None)
     names = weight_names or {}
+    _DENSE_TIMES.clear()
     layers_report: list[dict[str, Any]] = []
     plans = []
     for gv, func in mod.functions_items():
