@@ -28,9 +28,11 @@ __all__ = ["TileConfig", "tile_config", "ScheduleDense", "schedule_func", "SCHED
 
 # Marks a PrimFunc scheduled by one of our rules, naming the rule (for inspection and tests).
 SCHEDULED_ATTR = "edge_sparse.schedule"
-import os as _os
-STACK_BYTES = int(_os.environ.get("ES_STACK_BYTES", "1024"))
-PACK_WEIGHTS = _os.environ.get("ES_PACK", "1") == "1"
+# LowerTVMBuiltin keeps a constant-size buffer allocated inside a parallel loop on the stack (where LLVM promotes
+# the accumulator tile to registers) only below this size; bigger ones become a heap workspace per task.
+STACK_BYTES = 1024
+# Repack constant weights into column panels (measured ~10% on MiniLM's matmuls here).
+PACK_WEIGHTS = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +59,7 @@ def tile_config(preset) -> TileConfig:
     lanes = max(4, bits // 32)
     arch = getattr(preset, "arch", "x86_64")
     regs = int(device.get("vector_registers", 32 if arch == "aarch64" or bits >= 512 else 16))
-    nvec = int(_os.environ.get("ES_NVEC", 4 if lanes <= 4 else 2))
+    nvec = 4 if lanes <= 4 else 2
     mt = max(1, min(8, (max(2, regs // 2)) // nvec))
     return TileConfig(lanes=lanes, registers=regs, mt=mt, nvec=nvec)
 
@@ -106,25 +108,22 @@ def _uses(expr, var) -> bool:
     return _stride(expr, var) != 0
 
 
-def _vector_lanes(sch, loop) -> int | None:
-    return _int(sch.get(loop).extent)
-
-
 def _vectorize_inner(sch, loop, lanes: int, max_len: int = 64) -> None:
-    """Vectorise ``loop``: whole when short, else in chunks of a divisor of its extent that is a multiple of lanes."""
+    """Vectorise ``loop`` in power-of-two chunks (up to 4 vectors) that divide its extent; a loop with no such chunk
+    is left scalar (LLVM's own loop vectoriser may still take it) -- odd TVM vectors (<25 x float>) scalarise."""
     ext = _int(sch.get(loop).extent)
     if ext is None or ext < 2:
         return
-    if ext <= max_len:
-        sch.vectorize(loop)
-        return
-    for width in (4 * lanes, 2 * lanes, lanes):
-        if ext % width == 0:
-            _, inner = sch.split(loop, factors=[None, width])
-            sch.vectorize(inner)
+    for width in (4 * lanes, 2 * lanes, lanes, lanes // 2, lanes // 4):
+        if width >= 4 and ext % width == 0:
+            if ext == width:
+                sch.vectorize(loop)
+            else:
+                _, inner = sch.split(loop, factors=[None, width])
+                sch.vectorize(inner)
             return
-    _, inner = sch.split(loop, factors=[None, lanes])
-    sch.vectorize(inner)
+    if ext in (2, 4, 8, 16, 32, 64) and ext <= max_len:
+        sch.vectorize(loop)
 
 
 def _parallel_outer(sch, loops, min_tasks: int = 2, max_loops: int | None = None):
@@ -236,9 +235,7 @@ def _contraction(sch, cfg: TileConfig, _padded: bool = False) -> bool:
     nt, vw = _vector_tile(n_ext, cfg)
     nvec = -(-nt // vw)
     mt_cap = max(1, min(12, cfg.acc_budget // nvec))
-    # LowerTVMBuiltin keeps an allocation inside a parallel loop on the stack (where LLVM promotes it to registers)
-    # only below 1024 bytes; bigger ones become a heap workspace per task.
-    mt_cap = max(1, min(mt_cap, (STACK_BYTES // 4 - 1) // nt))
+    mt_cap = max(1, min(mt_cap, (STACK_BYTES // 4 - 1) // nt))  # the tile must stay on the stack
     mt = 1
     if iit is not None:
         m_ext = _int(iit.dom)
@@ -381,7 +378,7 @@ def _root_blocks(sch):
 
 
 def _spatial_nest(sch, block_rv, cfg: TileConfig) -> None:
-    """Parallel over leading spatial loops, vectorise the innermost loop when it is spatial."""
+    """Parallel over the leading spatial loops; an all-spatial block also vectorises its innermost loop."""
     from tvm.s_tir.dlight.analysis import get_sblock_info
 
     info = get_sblock_info(sch, block_rv)
@@ -389,24 +386,13 @@ def _spatial_nest(sch, block_rv, cfg: TileConfig) -> None:
     kinds = [it.kind for it in info.iters]
     if len(loops) != len(kinds) or not loops:
         return
-    if kinds[-1] == "S" and (_int(sch.get(loops[-1]).extent) or 0) > 1:
-        ext = _int(sch.get(loops[-1]).extent)
-        if all(k == "S" for k in kinds) or ext >= cfg.lanes:
-            if ext > 4 * cfg.lanes and ext % cfg.lanes == 0:
-                _, vec = sch.split(loops[-1], factors=[None, cfg.lanes * (4 if ext % (4 * cfg.lanes) == 0 else 1)])
-                sch.vectorize(vec)
-            elif all(k == "S" for k in kinds):
-                _vectorize_inner(sch, loops[-1], cfg.lanes)
-            loops = sch.get_loops(block_rv)
-    lead = []
-    for lp, k in zip(loops, kinds):
-        if k != "S":
-            break
-        lead.append(lp)
-    if lead and len(lead) == len(sch.get_loops(block_rv)):
-        lead = lead[:-1]  # the innermost (vectorised) loop stays inside
-    if lead:
-        _parallel_outer(sch, lead)
+    n_lead = len(kinds) - len("".join(kinds).lstrip("S"))
+    if n_lead == len(kinds):
+        _vectorize_inner(sch, loops[-1], cfg.lanes)
+        n_lead -= 1  # the innermost loop (or its vector part's outer loop) stays inside the task
+    loops = sch.get_loops(block_rv)
+    if n_lead > 0:
+        _parallel_outer(sch, loops[:n_lead])
 
 
 def _injective(sch, cfg: TileConfig) -> bool:
