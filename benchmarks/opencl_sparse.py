@@ -136,6 +136,15 @@ def prepare(out: Path, quick: bool = False, extra_models=(), input_shapes=None):
                               "R": R, "sparsity": sp, "nnzb": bsr.nnzb,
                               "launch": [list(plan.launches[0].global_size), list(plan.launches[0].local_size)]})
                 print(f"{name}: nnzb {bsr.nnzb}", flush=True)
+                if op == "matmul" and M > kernels.GEMV_MAX_M and fmt != "csr":
+                    # X staged in local memory vs read from global memory, both forced, side by side
+                    for variant, stage in (("stage", True), ("nostage", False)):
+                        fv = kernels.bsr_gemm(M, K, N, R, bsr.nnzb, bias=True, stage_x=stage)
+                        _, plan = plan_primfunc(fv, "mali")
+                        plan.save(out / f"{name}_{variant}")
+                        cases.append(dict(cases[-1], name=f"{name}_{variant}", variant=variant,
+                                          launch=[list(plan.launches[0].global_size),
+                                                  list(plan.launches[0].local_size)]))
                 if op == "matmul" and M <= kernels.GEMV_MAX_M and fmt == "bsr16x1":
                     # the previous fixed 64-thread GEMV work-group, side by side with the adaptive size
                     f64 = kernels.bsr_gemv(M, K, N, R, bsr.nnzb, bias=True, threads=64)
@@ -268,7 +277,7 @@ def _table(results):
               f"dense (adreno pipeline) {da and round(da, 1)} us")
         print(f"  {'format':<9} {'50%':>18} {'80%':>18} {'90%':>18}   (us, x vs best dense)")
         best = min(v for v in (dm, da) if v) if (dm or da) else None
-        for fmt in [*FORMATS, "bsr16x1/t64"]:
+        for fmt in [*FORMATS, "bsr16x1/t64", "bsr16x1/stage", "bsr16x1/nostage", "bsr4x1/stage", "bsr4x1/nostage"]:
             if not any(k.startswith(fmt + "@") for k in d):
                 continue
             cells = []

@@ -484,11 +484,14 @@ def analyze_cmd(model, pattern, levels, sparsity, samples, calib, calib_random, 
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...", help="Fix an input's shape (repeatable).")
 @click.option("--sparse", default=None, help="auto, off or a format (default: the artifact's, else auto).")
 @click.option("--device", "-d", help="Substring of the OpenCL 'platform: device' name (default: the first device).")
+@click.option("--input", "-i", "input_path", type=click.Path(dir_okay=False),
+              help=".npz of inputs by name (default: seeded random; integer inputs 0/1).")
 @click.option("--tolerance", default=1e-3, show_default=True, type=float, help="Max abs error vs onnxruntime, relative to max |ref|.")
 @click.option("--save-plan", type=click.Path(file_okay=False), help="Write the launch plan (kernels.cl, plan.json, consts.npz) here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @quiet_option
-def check_opencl_cmd(source, model_path, target, input_shapes, sparse, device, tolerance, save_plan, as_json, quiet):
+def check_opencl_cmd(source, model_path, target, input_shapes, sparse, device, input_path, tolerance, save_plan, as_json,
+                     quiet):
     """Run every OpenCL kernel of a model compiled for adreno/mali on a real OpenCL device; compare with onnxruntime.
 
     SOURCE is an ONNX model, or an artifact directory plus --model (the model it was compiled from).
@@ -526,7 +529,7 @@ def check_opencl_cmd(source, model_path, target, input_shapes, sparse, device, t
     progress = Progress(quiet)
     with progress.step(f"compiling for {target or 'mali'} and replaying on OpenCL"):
         report = check_model(model, target or "mali", input_shapes=shapes or None, sparse=sparse or "auto",
-                             device=device, plan_dir=save_plan)
+                             device=device, plan_dir=save_plan, inputs=_load_npz(input_path) if input_path else None)
     worst = max((o["max_rel_err"] for o in report["outputs"]), default=0.0)
     ok = worst <= tolerance and all(o["finite"] for o in report["outputs"])
     report["tolerance"], report["ok"] = tolerance, ok
@@ -605,6 +608,34 @@ def demo_cmd(output, threads, pi_target, force, quiet):
     _quiet(quiet)
     summary = demo(output, force=force, threads=threads, pi_target=pi_target, quiet=quiet)
     click.echo(format_summary(summary))
+
+
+# ---------------------------------------------------------------------------------------------- tune
+@cli.command("tune")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--target", "-t", default="host", show_default=True, help="Preset name (see 'edge-sparse targets').")
+@click.option("--target-file", type=click.Path(dir_okay=False), help="A device preset in TOML (no code needed).")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
+              help="Tuning database directory to write (use it with 'compile --tuning-db').")
+@click.option("--trials", type=int, default=64, show_default=True, help="Measured candidates over all operators.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
+              help="Fix an input's shape (repeatable); use the same shapes as for compile.")
+@click.option("--tracker", metavar="HOST:PORT", help="Measure on a device registered with this TVM RPC tracker.")
+@click.option("--key", help="Device key at the tracker (with --tracker).")
+@click.option("--rpc", metavar="HOST:PORT", help="Bare RPC server (not supported by meta_schedule: use --tracker).")
+@click.option("--force", is_flag=True, help="Replace an existing database directory.")
+@quiet_option
+def tune_cmd(model, target, target_file, output, trials, input_shapes, tracker, key, rpc, force, quiet):
+    """Search faster schedules for MODEL's dense operators with meta_schedule (minutes to hours)."""
+    from edge_sparse.tuning import tune
+
+    _quiet(quiet)
+    summary = tune(model, target if not target_file or target != "host" else None, output, trials=trials,
+                   input_shapes=_parse_shapes(input_shapes), target_file=target_file, tracker=tracker, key=key,
+                   rpc=rpc, force=force, quiet=quiet)
+    if not quiet:
+        click.echo(f"{summary['database']}: {summary['records']} records from {summary['trials']} trials on "
+                   f"{summary['target']} in {summary['seconds']} s; compile with --tuning-db {summary['database']}")
 
 
 def main(argv=None):

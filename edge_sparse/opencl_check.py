@@ -677,6 +677,8 @@ def check_model(model, target: str = "mali", *, input_shapes: dict[str, tuple[in
     if inputs is None:
         rng = np.random.default_rng(seed)
         inputs = {t.name: _random_input(rng, t) for t in intake.inputs}
+    else:
+        inputs = _check_inputs(dict(inputs), intake.inputs)
     # the reference is the user's model file as onnxruntime runs it (not intake's folded copy)
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     ref = sess.run(None, inputs)
@@ -695,9 +697,25 @@ def check_model(model, target: str = "mali", *, input_shapes: dict[str, tuple[in
             "launches": len(plan.launches), "sparse_layers": [dict(x) for x in layers], "outputs": outs}
 
 
+def _check_inputs(inputs: dict[str, np.ndarray], infos) -> dict[str, np.ndarray]:
+    if "__single__" in inputs and len(infos) == 1:           # a bare .npy for a one-input model
+        inputs = {infos[0].name: inputs.pop("__single__")}
+    missing = [t.name for t in infos if t.name not in inputs]
+    if missing:
+        raise UserError(f"inputs lack {', '.join(missing)} (the model's inputs: {', '.join(t.name for t in infos)})")
+    out = {}
+    for t in infos:
+        x = np.asarray(inputs[t.name])
+        if tuple(x.shape) != tuple(t.shape):
+            raise UserError(f"input '{t.name}' has shape {tuple(x.shape)}, the model expects {tuple(t.shape)}")
+        out[t.name] = x.astype(t.dtype, copy=False)
+    return out
+
+
 def _random_input(rng, info):
     if info.dtype.startswith("float"):
         return rng.standard_normal(info.shape).astype(info.dtype)
     if info.dtype == "bool":
         return rng.integers(0, 2, info.shape).astype(bool)
-    return rng.integers(0, 8, info.shape).astype(info.dtype)
+    # 0/1: valid token ids, token types and masks alike (a random id can index past a small embedding table)
+    return rng.integers(0, 2, info.shape).astype(info.dtype)

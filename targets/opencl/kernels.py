@@ -10,9 +10,10 @@ Work mapping (one work-group per block row, so the j loop over a row's blocks is
     s splits the row's blocks (64..256 threads, about 16 blocks per lane); partial sums meet in a local-memory tree
     reduction. X is staged in local memory when the work-group would gather at least half of X anyway
     (density * M >= 0.5) and it fits.
-  * GEMM: threads (r, t), each t owning MT rows of X: weights load once per group and broadcast over the rows.
-    X is staged in local memory chunk by chunk (coalesced loads, padded against bank conflicts) when each staged
-    element is used at least once on average (density * R >= 1); otherwise rows read X straight from global memory.
+  * GEMM: threads (r, t), each t owning MT rows of X: weights load once per group and broadcast over the rows,
+    rows read X straight from global memory. Staging X chunk by chunk in local memory (coalesced loads, padded
+    against bank conflicts) is available (``stage_x=True``) but off by default: it lost at 50-90% sparsity in every
+    measurement (see ``bsr_gemm``).
   * 1x1 conv (NCHW, X[b, K, P]): threads over pixels p, R accumulators each; X[b, k, p] loads coalesce over p and
     ``data[j, :]`` is a broadcast, so no staging is needed.
 Bias and relu/gelu are fused into the store. fp32 only (PoCL and many Mali drivers lack cl_khr_fp16).
@@ -130,7 +131,12 @@ def bsr_gemm(M, K, N, R, nnzb, *, bias=False, activation=None, rows_per_thread=N
     MO = -(-M // TM)
     NT = R * TY
     if stage_x is None:
-        stage_x = _density(nnzb, NB, K) * R >= 1.0
+        # Staging reads all K columns of the tile whatever the sparsity; reading the rows' nonzero columns straight
+        # from global memory (through the caches) won at every point measured: on an H100 through NVIDIA OpenCL,
+        # 128x768x3072 bsr16x1 50/80/90% 143/94/76 us staged vs 67/35/24 us direct, bsr4x1 260/185/165 vs
+        # 190/83/45 (benchmarks/results/opencl_nvidia_h100.txt). Not measured on a mobile GPU: staging stays
+        # available (stage_x=True) but is off by default.
+        stage_x = False
     KC = max(8, min(K, (local_bytes // 4) // TM - 1)) if stage_x else 1   # k chunk staged per round
     KCP = KC + 1 if stage_x else 1          # padded row: threads of different rows hit different banks
     NCH = -(-K // KC) if stage_x else 1
