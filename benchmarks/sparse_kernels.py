@@ -172,9 +172,16 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeat", type=int, default=21)
     ap.add_argument("--quick", action="store_true", help="16x1 only (skip the other formats)")
+    ap.add_argument("--shapes", nargs="+", default=None, help="subset of KxN shapes, e.g. 3072x768")
     ap.add_argument("--json", "-o", default=None)
     ap.add_argument("--child", choices=["tvm", "ort"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.shapes:
+        global SHAPES
+        SHAPES = tuple(tuple(int(v) for v in sh.split("x")) for sh in args.shapes)
+        os.environ["EDGE_SPARSE_BENCH_SHAPES"] = " ".join(args.shapes)
+    elif os.environ.get("EDGE_SPARSE_BENCH_SHAPES"):
+        SHAPES = tuple(tuple(int(v) for v in sh.split("x")) for sh in os.environ["EDGE_SPARSE_BENCH_SHAPES"].split())
     if args.child:
         thr = args.threads[0]
         res = _run_tvm(thr, args.repeat, args.quick) if args.child == "tvm" else _run_ort(thr, args.repeat)
