@@ -610,6 +610,34 @@ def demo_cmd(output, threads, pi_target, force, quiet):
     click.echo(format_summary(summary))
 
 
+# ---------------------------------------------------------------------------------------------- tune
+@cli.command("tune")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--target", "-t", default="host", show_default=True, help="Preset name (see 'edge-sparse targets').")
+@click.option("--target-file", type=click.Path(dir_okay=False), help="A device preset in TOML (no code needed).")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
+              help="Tuning database directory to write (use it with 'compile --tuning-db').")
+@click.option("--trials", type=int, default=64, show_default=True, help="Measured candidates over all operators.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
+              help="Fix an input's shape (repeatable); use the same shapes as for compile.")
+@click.option("--tracker", metavar="HOST:PORT", help="Measure on a device registered with this TVM RPC tracker.")
+@click.option("--key", help="Device key at the tracker (with --tracker).")
+@click.option("--rpc", metavar="HOST:PORT", help="Bare RPC server (not supported by meta_schedule: use --tracker).")
+@click.option("--force", is_flag=True, help="Replace an existing database directory.")
+@quiet_option
+def tune_cmd(model, target, target_file, output, trials, input_shapes, tracker, key, rpc, force, quiet):
+    """Search faster schedules for MODEL's dense operators with meta_schedule (minutes to hours)."""
+    from edge_sparse.tuning import tune
+
+    _quiet(quiet)
+    summary = tune(model, target if not target_file or target != "host" else None, output, trials=trials,
+                   input_shapes=_parse_shapes(input_shapes), target_file=target_file, tracker=tracker, key=key,
+                   rpc=rpc, force=force, quiet=quiet)
+    if not quiet:
+        click.echo(f"{summary['database']}: {summary['records']} records from {summary['trials']} trials on "
+                   f"{summary['target']} in {summary['seconds']} s; compile with --tuning-db {summary['database']}")
+
+
 def main(argv=None):
     """Console-script entry point."""
     try:

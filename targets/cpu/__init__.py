@@ -82,7 +82,8 @@ def relax_passes(preset, *, tuning_db=None, lower: bool = True) -> list:
     passes.append(relax.transform.FastMathTransform())
     passes += list(cpu.legalize_passes(target))
     if tuning_db is not None:
-        passes.append(relax.transform.MetaScheduleApplyDatabase(str(tuning_db)))
+        with target:  # the pass reads the current target when it is built
+            passes.append(relax.transform.MetaScheduleApplyDatabase(str(tuning_db)))
     # constant weights may be repacked by the schedules (layout_free_buffers); the repacking is folded away
     passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
     passes.append(ScheduleDense(preset))

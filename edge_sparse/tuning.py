@@ -1,0 +1,106 @@
+"""``tune``: meta_schedule search for a model's dense PrimFuncs, written to a database that ``compile --tuning-db`` uses.
+
+The module is brought to the state in which ``targets.cpu.relax_passes`` applies the database (imported, channels-last
+convs, fast math, legalized and fused), so the workloads found here are the ones compile looks up. Functions the
+database has a record for are compiled with the tuned schedule; every other one keeps our default rules
+(``targets/cpu/schedules.py``), so a short search can only replace schedules it measured as faster.
+Measurements run locally (host presets) or through a TVM RPC tracker (``--tracker HOST:PORT --key KEY``).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from edge_sparse.errors import UserError
+from edge_sparse.progress import Progress
+
+__all__ = ["tune", "prepare_for_tuning", "parse_host_port"]
+
+
+def parse_host_port(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UserError(f"{what} must be HOST:PORT (e.g. 127.0.0.1:9190), got '{text}'")
+    return host, int(port)
+
+
+def prepare_for_tuning(mod, preset):
+    """The module as the compile pipeline has it where the tuning database is applied."""
+    import tvm
+
+    from edge_sparse.targets import cpu
+
+    passes = cpu.relax_passes(preset, lower=False)
+    stop = [p.info.name for p in passes].index("relax.AttachAttrLayoutFreeBuffers") \
+        if "relax.AttachAttrLayoutFreeBuffers" in [p.info.name for p in passes] else None
+    if stop is None:  # pass names differ between TVM builds: cut before our scheduler instead
+        stop = [p.info.name for p in passes].index("edge_sparse.ScheduleDense")
+    with preset.tvm_target():
+        return tvm.transform.Sequential(passes[:stop])(mod)
+
+
+def tune(model: str | os.PathLike, target: str = "host", out_db: str | os.PathLike = "tuning_db", *,
+         trials: int = 64, input_shapes: dict[str, tuple[int, ...]] | None = None,
+         target_file: str | os.PathLike | None = None, tracker: str | None = None, key: str | None = None,
+         rpc: str | None = None, force: bool = False, quiet: bool | None = None) -> dict[str, Any]:
+    """Search schedules for ``model``'s dense operators on ``target``; returns a summary dict."""
+    from edge_sparse import targets
+    from edge_sparse.compiler import import_relax
+    from edge_sparse.intake import load_model
+
+    preset = targets.get(target, target_file)
+    if preset.family != "cpu":
+        raise UserError(f"tune supports CPU presets; '{preset.name}' is {preset.family}")
+    if trials < 1:
+        raise UserError(f"--trials must be >= 1, got {trials}")
+    if rpc is not None:
+        raise UserError("meta_schedule measures through an RPC tracker, not a bare server: start "
+                        "'python -m tvm.exec.rpc_tracker --port 9190', register the device with "
+                        "'python -m tvm.exec.rpc_server --tracker HOST:9190 --key KEY', then pass --tracker HOST:9190 --key KEY")
+    if tracker is not None and not key:
+        raise UserError("--tracker needs --key (the device key the RPC server registered with)")
+    if tracker is None and not preset.is_native:
+        raise UserError(f"target '{preset.name}' does not run on this machine; measure on the device with "
+                        "--tracker HOST:PORT --key KEY")
+    out = Path(out_db)
+    if out.exists() and not force:
+        raise UserError(f"{out} exists; pass --force to replace it")
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    progress = Progress(quiet)
+    t0 = time.perf_counter()
+    with progress.step(f"loading {Path(model).name}"):
+        intake = load_model(model, input_shapes)
+        mod = prepare_for_tuning(import_relax(intake), preset)
+    runner = "local"
+    if tracker is not None:
+        host, port = parse_host_port(tracker, "--tracker")
+        runner = ms.runner.RPCRunner(rpc_config=ms.runner.RPCConfig(tracker_host=host, tracker_port=port,
+                                                                    tracker_key=key, session_timeout_sec=120))
+    stage = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        with progress.step(f"tuning {trials} trials for {preset.name}"):
+            target_obj = preset.tvm_target()
+            ms.relax_integration.tune_relax(
+                mod=mod, params={}, target=target_obj, work_dir=str(stage), max_trials_global=trials,
+                runner=runner, num_trials_per_iter=min(64, max(4, trials // 4)))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    records = 0
+    rec_file = out / "database_tuning_record.json"
+    if rec_file.exists():
+        records = sum(1 for line in rec_file.read_text().splitlines() if line.strip())
+    summary = {"database": str(out), "target": preset.name, "trials": trials, "records": records,
+               "seconds": round(time.perf_counter() - t0, 1)}
+    progress.info(f"wrote {out}: {records} tuning records in {summary['seconds']} s")
+    return summary
