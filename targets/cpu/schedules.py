@@ -244,6 +244,15 @@ def _contraction(sch, cfg: TileConfig, _padded: bool = False) -> bool:
         if mt * 2 <= mt_cap and m_ext > mt_cap:
             mt = mt_cap  # ragged last row tile, predicated per row (not per lane)
 
+    # A "pad" that pads nothing (1x1 convs) is a full copy of the input: read the input directly instead.
+    for producer in sch.get_producers(main.block_rv):
+        body = sch.get(producer).body
+        text = body.script() if hasattr(body, "script") else str(body)
+        if "if_then_else" not in text and len(sch.get(producer).reads) == 1:
+            try:
+                sch.compute_inline(producer)
+            except Exception:  # not a plain copy after all
+                pass
     jo, ji = sch.split(jit.loop_rv, factors=[None, nt])
     if iit is not None:
         io, ii = sch.split(iit.loop_rv, factors=[None, mt])
