@@ -180,8 +180,14 @@ def bsr_rows(M: int, K: int, N: int, R: int, nnzb: int, activation=None, MT: int
     return f
 
 
-def bsr_gemm_t(M: int, K: int, N: int, R: int, nnzb: int, activation=None, MV: int = 16):
-    """Larger M: vector over m on a transposed copy of X; YT then a blocked transpose with bias + activation."""
+def bsr_gemm_t(M: int, K: int, N: int, R: int, nnzb: int, activation=None, MV: int = 16, RS: int = 0):
+    """Larger M: vector over m on a transposed copy of X; YT then a blocked transpose with bias + activation.
+
+    RS: block rows per pass (R / RS passes over a block row's nonzeros): acc[RS, MV] with MV a multiple of the
+    vector width lets each broadcast weight feed MV / lanes FMAs, so the loop is no longer bound by loads.
+    """
+    RS = RS if RS and R % RS == 0 else R
+    NP = R // RS
     NB = _cdiv(N, R)
     Mp = _cdiv(M, MV) * MV
     Mp = _cdiv(Mp, _TB) * _TB
@@ -213,18 +219,19 @@ def bsr_gemm_t(M: int, K: int, N: int, R: int, nnzb: int, activation=None, MV: i
         for t in T.parallel(NB * MO):
             nb: T.let = t // MO
             mo: T.let = t % MO
-            acc = T.alloc_buffer((R, MV), "float32", scope="local", annotations={"disable_lower_builtin": True})
-            for r in T.unroll(R):
-                for i in T.vectorized(MV):
-                    acc[r, i] = T.float32(0)
-            for j in range(indptr[nb], indptr[nb + 1]):
-                k: T.let = indices[j]
-                for r in T.unroll(R):
+            for rp in range(NP):
+                acc = T.alloc_buffer((RS, MV), "float32", scope="local", annotations={"disable_lower_builtin": True})
+                for r in T.unroll(RS):
                     for i in T.vectorized(MV):
-                        acc[r, i] = acc[r, i] + data[j, r] * XT[k, mo * MV + i]
-            for r in T.unroll(R):
-                for i in T.vectorized(MV):
-                    YT[nb * R + r, mo * MV + i] = acc[r, i]
+                        acc[r, i] = T.float32(0)
+                for j in range(indptr[nb], indptr[nb + 1]):
+                    k: T.let = indices[j]
+                    for r in T.unroll(RS):
+                        for i in T.vectorized(MV):
+                            acc[r, i] = acc[r, i] + data[j, rp * RS + r] * XT[k, mo * MV + i]
+                for r in T.unroll(RS):
+                    for i in T.vectorized(MV):
+                        YT[nb * R + rp * RS + r, mo * MV + i] = acc[r, i]
         for mb in T.parallel(MF):
             for nb2 in range(NF):
                 for mm in range(_TB):
