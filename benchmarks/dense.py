@@ -28,6 +28,7 @@ ZOO = ("minilm-l6", "ppocr-rec", "ppocr-cls")
 SYNTHETIC = ("mlp", "cnn", "transformer_block")
 MODELS = ZOO + SYNTHETIC
 TARGET_RATIO = 1.25
+PAUSE_S = 0.05
 
 
 # ------------------------------------------------------------------------------------------------ worker side
@@ -146,7 +147,12 @@ def bench_model(name: str, threads_list, work: Path, rounds: int, batch: int, lo
             t_tvm, t_ort = [], []
             for r in range(rounds):       # alternate which runtime goes first, so drifts in load hit both
                 first, second = (tvm_w, ort_w) if r % 2 == 0 else (ort_w, tvm_w)
-                a, b = first.run(batch), second.run(batch)
+                # a pause between batches lets the idle runtime's spinning worker threads park before the other
+                # one runs (otherwise they hold the cores the other runtime's threads need)
+                time.sleep(PAUSE_S)
+                a = first.run(batch)
+                time.sleep(PAUSE_S)
+                b = second.run(batch)
                 (t_tvm if first is tvm_w else t_ort).extend(a)
                 (t_ort if first is tvm_w else t_tvm).extend(b)
         finally:
