@@ -12,8 +12,8 @@ _LAZY = {
     "load": ("edge_sparse.runtime", "load"),
     "prune": ("edge_sparse.pruning", "prune"),
     "analyze": ("edge_sparse.pruning", "analyze"),
-    "bench": ("edge_sparse.bench", "bench"),
-    "tune": ("edge_sparse.compiler", "tune"),
+    "bench": ("edge_sparse.benchmark", "bench"),
+    "tune": ("edge_sparse.tuning", "tune"),
     "UserError": ("edge_sparse.errors", "UserError"),
 }
 

@@ -573,7 +573,7 @@ def bench_cmd(artifacts, rpc, tracker, key, warmup, repeat, min_seconds, threads
     """Benchmark artifact directories (side by side) locally or over TVM RPC: latency, memory, energy."""
     from pathlib import Path
 
-    from edge_sparse import bench as B
+    from edge_sparse import benchmark as B
 
     _quiet(quiet)
     for out in (json_out, plot_out):

@@ -34,7 +34,7 @@ def demo(out_dir: str | os.PathLike = "out/demo", *, force: bool = False, thread
     """Run the demo into ``out_dir``; returns the summary (also written to ``out_dir/summary.json``)."""
     import onnxruntime as ort
 
-    from edge_sparse import bench as bench_mod
+    from edge_sparse import benchmark as bench_mod
     from edge_sparse import compiler, pruning, runtime
     from edge_sparse.models import synthetic
 

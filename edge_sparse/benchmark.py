@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -313,7 +312,7 @@ def _run_ort(model_path: str, inputs: dict[str, np.ndarray], threads: int, warmu
         (tmp / "spec.json").write_text(json.dumps(spec))
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         env.pop("TVM_NUM_THREADS", None)
-        done = subprocess.run([sys.executable, "-m", "edge_sparse.bench", "--ort-child", str(tmp / "spec.json")],
+        done = subprocess.run([sys.executable, "-m", "edge_sparse.benchmark", "--ort-child", str(tmp / "spec.json")],
                               capture_output=True, text=True, env=env)
         if done.returncode != 0:
             lines = [ln for ln in (done.stderr or done.stdout).strip().splitlines() if ln.strip()]
@@ -731,18 +730,6 @@ def plot(result: dict[str, Any], path: str | os.PathLike, force: bool = False) -
     os.replace(tmp, path)
 
 
-class _CallableModule(types.ModuleType):
-    """``edge_sparse.bench`` names both this module and the function ``bench`` (the package's lazy export). Once
-    the module is imported, the import system makes ``edge_sparse.bench`` the module, so the module calls
-    ``bench`` too: ``edge_sparse.bench(dir, ...)`` works in either order."""
-
-    def __call__(self, *args, **kwargs):
-        return bench(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
-
-
 if __name__ == "__main__":  # the onnxruntime baseline process
     if len(sys.argv) == 3 and sys.argv[1] == "--ort-child":
         try:
@@ -751,5 +738,5 @@ if __name__ == "__main__":  # the onnxruntime baseline process
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
     else:
-        print("usage: python -m edge_sparse.bench --ort-child SPEC.json (internal)", file=sys.stderr)
+        print("usage: python -m edge_sparse.benchmark --ort-child SPEC.json (internal)", file=sys.stderr)
         sys.exit(2)
