@@ -66,7 +66,8 @@ def parse_input_shape(spec: str) -> tuple[str, tuple[int, ...]]:
     return m.group(1), dims
 
 
-def _read_model(path: Path) -> onnx.ModelProto:
+def read_model(path: Path) -> onnx.ModelProto:
+    """Load and check an ONNX file; every failure is one UserError line."""
     if not path.exists():
         raise UserError(f"model file not found: {path}")
     if not path.is_file():
@@ -197,7 +198,7 @@ def load_model(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]]
                check_tvm: bool = True) -> Intake:
     """Load ``path``, fix input shapes, fold constants; raise UserError for anything the user must fix."""
     path = Path(path)
-    model = _read_model(path)
+    model = read_model(path)
     inputs = _fix_input_shapes(model, dict(input_shapes or {}))
     folded = _clean(_ort_fold(model))
     if check_tvm:

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from edge_sparse.errors import UserError, closest
+from edge_sparse.intake import read_model
 from edge_sparse.progress import Progress
 
 __all__ = ["prune", "analyze", "allocate", "PruneResult", "SENSITIVITY_LEVELS", "ALLOCATIONS"]
@@ -46,19 +47,7 @@ def _load(model) -> tuple[onnx.ModelProto, str, str, Path | None]:
     if isinstance(model, onnx.ModelProto):
         return model, model.graph.name or "model", hashlib.sha256(model.SerializeToString()).hexdigest(), None
     path = Path(model)
-    if not path.is_file():
-        raise UserError(f"model file not found: {path}")
-    try:
-        proto = onnx.load(str(path))
-    except Exception as e:
-        raise UserError(f"{path} is not a readable ONNX model ({type(e).__name__}); is the file truncated?") from None
-    if not proto.graph.node:
-        raise UserError(f"{path} is not an ONNX model (no graph inside)")
-    try:
-        onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
-        raise UserError(f"{path} fails the ONNX checker: {first}") from None
+    proto = read_model(path)
     h = hashlib.sha256(path.read_bytes()).hexdigest()
     return proto, path.name, h, path
 

@@ -15,8 +15,6 @@ replays their OpenCL kernels on a real OpenCL runtime (PoCL, or a GPU's driver) 
 """
 from __future__ import annotations
 
-import os
-import shlex
 from pathlib import Path
 
 from edge_sparse.errors import UserError
@@ -103,47 +101,18 @@ def make_sparse_kernel(spec, preset):
 
 
 def export(ex, out_dir: Path, preset) -> str:
-    """Link the executable's aarch64 host code (the OpenCL source is embedded) into ``out_dir``.
+    """Link the executable's aarch64 host code (the OpenCL source is embedded) into ``out_dir``, as the CPU family
+    links (mali: ``cross``; adreno: ``ndk``). Where no NDK was found (``model.tar``), ``LINK.txt`` says how to link."""
+    from edge_sparse.targets.cpu import export as link_host_code
 
-    mali (link kind ``cross``): ``model.so`` through aarch64-linux-gnu-g++. adreno (``ndk``): ``model.so`` through the
-    NDK's clang when ANDROID_NDK_HOME is set, else ``model.tar`` (objects) plus ``LINK.txt`` with the link command.
-    """
-    from tvm.support import cc
-
-    from edge_sparse.targets import cross_compiler_or_error
-
-    out_dir = Path(out_dir)
-    kind = preset.link.get("kind", "host")
-    if kind == "host":
-        ex.export_library(str(out_dir / "model.so"))
-        return "model.so"
-    if kind == "cross":
-        cxx = cross_compiler_or_error(preset)
-        ex.export_library(str(out_dir / "model.so"), fcompile=cc.cross_compiler(cxx))
-        return "model.so"
-    if kind == "ndk":
+    name = link_host_code(ex, out_dir, preset)
+    if name == "model.tar":
         api = int(preset.link.get("api_level", 28))
-        ndk = os.environ.get("ANDROID_NDK_HOME")
-        if ndk:
-            clang = _ndk_clang(Path(ndk), api)
-            ex.export_library(str(out_dir / "model.so"),
-                              fcompile=cc.cross_compiler(str(clang), options=["-shared", "-fPIC", "-lm"]))
-            return "model.so"
-        ex.export_library(str(out_dir / "model.tar"))
         link = (f"mkdir -p objs && tar -xf model.tar -C objs && "
                 f"$ANDROID_NDK_HOME/toolchains/llvm/prebuilt/linux-x86_64/bin/aarch64-linux-android{api}-clang++ "
                 f"-shared -fPIC -o model.so objs/*.o -lm")
-        (out_dir / "LINK.txt").write_text(
+        (Path(out_dir) / "LINK.txt").write_text(
             "ANDROID_NDK_HOME was not set when this artifact was compiled, so the aarch64 host objects are in\n"
             "model.tar. Link them on a machine with the Android NDK (r23 or newer), in this directory:\n\n"
             f"    {link}\n\nthen set \"library\": \"model.so\" in manifest.json (or recompile with ANDROID_NDK_HOME set).\n")
-        return "model.tar"
-    raise UserError(f"target '{preset.name}': unknown link kind '{kind}' (use host, cross or ndk)")
-
-
-def _ndk_clang(ndk: Path, api: int) -> Path:
-    cands = sorted(ndk.glob(f"toolchains/llvm/prebuilt/*/bin/aarch64-linux-android{api}-clang++"))
-    if not cands:
-        raise UserError(f"ANDROID_NDK_HOME={shlex.quote(str(ndk))} has no aarch64-linux-android{api}-clang++; "
-                        f"point it at an NDK r23 or newer")
-    return cands[0]
+    return name
