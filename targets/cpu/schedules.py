@@ -9,8 +9,11 @@ PrimFuncs after FuseTIR and gives each the first rule that fits:
    ``mt`` rows of another output axis that the vector operands do not depend on), reduction loops outside the tile,
    accumulator in a small stack buffer, fused epilogues (bias, activation, residual) inlined into the tile store,
    parallel over the outer tiles.
-2. ``row_reduction``: softmax / LayerNorm / RMSNorm shaped functions (dlight's CPU reduction rule: rows in parallel,
-   the row's blocks computed together, inner loops vectorised).
+2. ``row_reduction``: softmax / LayerNorm / RMSNorm shaped functions: rows in parallel, the row's blocks computed
+   together, each reduction along the row accumulated in a vector register (rfactor over the vector lanes) and the
+   elementwise steps vectorised; dlight's CPU reduction rule where that does not fit (e.g. a row not a multiple of
+   two vectors). Measured here, 1 thread: softmax [12,128,128] 0.34 -> 0.10 ms, LayerNorm [128,384] 0.096 ->
+   0.009 ms (onnxruntime 0.07 and 0.024 ms).
 3. ``injective``: elementwise / broadcast / transpose / reshape / pad: producers inlined, outer loops parallel,
    innermost vectorised.
 4. ``fallback``: anything else (e.g. reductions along the contiguous axis): parallel over the leading spatial loops of
@@ -420,7 +423,71 @@ def _injective(sch, cfg: TileConfig) -> bool:
     return True
 
 
-def _row_reduction(sch, cfg: TileConfig, func, target) -> object | None:
+def _row_reduction(sch, cfg: TileConfig) -> bool:
+    """Softmax / LayerNorm / RMSNorm: rows in parallel, every block of a row computed together, and each reduction
+    along the row accumulated in one vector register per row (rfactor over ``lanes`` columns, then a final
+    horizontal sum of ``lanes`` values), so the reductions vectorise as the elementwise steps do. Producers with one
+    consumer are inlined; a producer with several (softmax's exp) is computed once per row."""
+    from tvm.s_tir.dlight.analysis import get_sblock_info
+
+    if _blocks(sch) is None:
+        return False
+
+    def kinds(b):
+        return "".join(it.kind for it in get_sblock_info(sch, b).iters)
+
+    blocks = _root_blocks(sch)
+    if len(blocks) < 2 or set(kinds(blocks[-1])) != {"S"}:
+        return False
+    if not any(kinds(b).endswith("R") for b in blocks):
+        return False
+    for b in blocks[:-1]:
+        k = kinds(b)
+        if not (set(k) == {"S"} or (k.endswith("R") and "R" not in k[:-1])):
+            return False
+    for b in blocks[:-1]:
+        if set(kinds(b)) == {"S"} and len(sch.get_consumers(b)) == 1:
+            sch.compute_inline(b)
+    rfactored = []
+    for b in _root_blocks(sch):
+        if kinds(b).endswith("R"):
+            red = sch.get_loops(b)[-1]
+            ext = _int(sch.get(red).extent)
+            if ext is None or ext % cfg.lanes or ext < 2 * cfg.lanes:
+                return False
+            _, ki = sch.split(red, factors=[None, cfg.lanes])
+            ndim = len(sch.get(b).writes[0].source.shape)
+            rfactored.append(sch.get(sch.rfactor(ki, factor_axis=ndim)).name_hint)
+    blocks = _root_blocks(sch)
+    loops = sch.get_loops(blocks[-1])
+    if len(loops) < 2:
+        return False
+    row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+    sch.parallel(row)
+    spatial = [b for b in blocks if set(kinds(b)) == {"S"}]  # (block info is read before compute_at moves them)
+    for b in reversed(blocks[:-1]):
+        sch.compute_at(b, row, preserve_unit_loops=False)
+    for b in spatial:  # elementwise steps of the row (softmax's exp, the normalised output)
+        loops = sch.get_loops(b)
+        if len(loops) > 1:  # (a per-row scalar such as LayerNorm's mean has only the row loop)
+            _vectorize_inner(sch, loops[-1], cfg.lanes)
+    for name in rfactored:  # loops under the row: (ki, ko) -> ko outside, ki vectorised, init hoisted out of ko
+        rf = sch.get_sblock(name)
+        inner = sch.get_loops(rf)[1:]
+        if len(inner) != 2:
+            return False
+        ki, ko = inner
+        sch.reorder(ko, ki)
+        sch.vectorize(ki)
+    # (after all vectorize calls: an update block without its init fails vectorize's dataflow check)
+    for name in rfactored:
+        rf = sch.get_sblock(name)
+        init = sch.decompose_reduction(rf, sch.get_loops(rf)[1])
+        sch.vectorize(sch.get_loops(init)[-1])
+    return True
+
+
+def _row_reduction_dlight(func, target):
     from tvm.s_tir.dlight.cpu import Reduction
 
     return Reduction().apply(func, target, False)
@@ -443,6 +510,7 @@ def schedule_func(func, target, cfg: TileConfig):
 
     rules: list[tuple[str, Callable]] = [
         ("contraction", lambda sch: _contraction(sch, cfg)),
+        ("row_reduction", lambda sch: _row_reduction(sch, cfg)),
         ("row_reduction", None),
         ("injective", lambda sch: _injective(sch, cfg)),
         ("fallback", lambda sch: _fallback(sch, cfg)),
@@ -450,7 +518,7 @@ def schedule_func(func, target, cfg: TileConfig):
     for name, rule in rules:
         try:
             if rule is None:
-                sch = _row_reduction(None, cfg, func, target)
+                sch = _row_reduction_dlight(func, target)
                 if sch is None:
                     continue
             else:
