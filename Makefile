@@ -1,5 +1,5 @@
 # The two set-up commands of the README:
-#   make demo   - install, then prune + compile the bundled demo model for the host and a Raspberry Pi 4, run, benchmark
+#   make demo   - install (and the aarch64 cross compiler), then prune + compile the bundled demo model for the host and a Raspberry Pi 4, run, benchmark
 #   make test   - install with test extras and system packages, then run the whole test suite
 PY ?= python3
 PIP := $(PY) -m pip
@@ -19,6 +19,7 @@ system-deps:
 	./scripts/install-system-deps.sh
 
 demo: install
+	./scripts/install-system-deps.sh g++-aarch64-linux-gnu
 	edge-sparse demo -o out/demo --force
 
 test: system-deps install-test

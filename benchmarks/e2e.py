@@ -8,8 +8,9 @@ Per model (``edge_sparse.models``), per config:
   dense   the zoo ONNX; edge-sparse compiles it with ``--sparse off``
   u50     50% unstructured        n24  2:4 (50%)
   b70/b80/b90  70/80/90% in 16x1 blocks over output channels
-Pruned models come from ``edge_sparse.prune`` (Wanda scoring, uniform per-layer target, default skips: first conv
-and classifier head), calibrated on the recipe's sample inputs 8..15; they are compiled with ``--sparse auto``.
+Pruned models come from ``edge_sparse.prune`` (Wanda scoring; per-layer sparsity by sensitivity, ``--allocate
+uniform`` for the same target in every layer; default skips: first conv and classifier head), calibrated on the
+recipe's sample inputs 8..15; they are compiled with ``--sparse auto``.
 
 Accuracy is measured on sample inputs 0..7 (never seen by calibration), against the dense model in onnxruntime:
   ppocr-rec  share of text lines whose greedy-CTC decoded string equals the dense model's (all 8 are read
@@ -297,13 +298,14 @@ def _run_config(name: str, key: str, src: Path, work: Path, args, dense_outputs:
     if pattern is not None:
         from edge_sparse import prune
 
-        onnx_path = work / f"{key}.{args.method}.onnx"
-        report_path = work / f"{key}.{args.method}.report.json"
+        onnx_path = work / f"{key}.{args.method}.{args.allocate}.onnx"
+        report_path = work / f"{key}.{args.method}.{args.allocate}.report.json"
         report = json.loads(report_path.read_text()) if report_path.exists() and onnx_path.exists() else None
         if report is None or report["source_model"]["sha256"] != recipe.sha256 and recipe.sha256 is not None:
             calib = {k: np.concatenate([recipe.sample_input(i)[k] for i in CALIB]) for k in recipe.input_shapes}
             report = prune(src, onnx_path, sparsity=sparsity, pattern=pattern, method=args.method, calib=calib,
-                           holdout=0.0, report_path=report_path, force=True, quiet=True).report
+                           allocate_by=args.allocate, holdout=0.0, report_path=report_path, force=True,
+                           quiet=True).report
         row["sparsity"] = report["sparsity"]
         row["prune_method"] = report["method"]
     art = work / f"{key}-art"
@@ -394,6 +396,9 @@ def markdown(result: dict) -> str:
         f"Host: {m['cpu']} ({m['cores']} cores available, shared), {m['os']}; onnxruntime {m['onnxruntime']}, "
         f"TVM {m['tvm']}. Latency: median of per-call wall times, each runtime in its own process, "
         f"TVM_BIND_THREADS=0, threads = {', '.join(map(str, threads))}.",
+        f"Pruning: one-shot {result.get('method', 'wanda')}, no retraining, per-layer sparsity allocated "
+        f"{'by sensitivity' if result.get('allocate') == 'sensitivity' else 'uniformly'} (default skips: first "
+        "conv, classifier head), calibrated on 8 sample inputs.",
         "Accuracy on 8 held-out inputs, edge-sparse outputs against the dense model in onnxruntime: ppocr-rec = "
         "share of text lines decoded identically, ppocr-cls = top-1 agreement, minilm-l6 = mean cosine of the "
         "sentence embedding. ES≈ORT: max |edge-sparse - onnxruntime| on the same pruned ONNX, relative to the "
@@ -486,6 +491,8 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated: {', '.join(CONFIGS)}")
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts (each its own processes)")
     p.add_argument("--method", default="wanda", choices=["wanda", "magnitude"])
+    p.add_argument("--allocate", default="sensitivity", choices=["sensitivity", "uniform"],
+                   help="per-layer sparsity: by sensitivity (the global target is met) or the same for every layer")
     p.add_argument("--sparse", default="auto", help="compile --sparse mode for pruned models")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeat", type=int, default=20, help="at least this many timed runs")
@@ -512,7 +519,8 @@ def main(argv=None) -> int:
     args.threads = [int(t) for t in args.threads.split(",")]
     out_dir = Path(args.out_dir)
     result = {"command": "python benchmarks/e2e.py " + " ".join(argv),
-              "machine": _machine(), "threads": args.threads, "method": args.method, "sparse_mode": args.sparse,
+              "machine": _machine(), "threads": args.threads, "method": args.method, "allocate": args.allocate,
+              "sparse_mode": args.sparse,
               "estimate_model": {"layers": "passes.sparsify.estimate_us", "other_ops_efficiency": EFFICIENCY, "parallel_efficiency": PARALLEL_EFFICIENCY,
                                  "bandwidth_efficiency": BW_EFFICIENCY, "op_overhead_s": OP_OVERHEAD_S,
                                  "threads": EST_THREADS},

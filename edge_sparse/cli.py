@@ -111,14 +111,28 @@ def compile_cmd(model, target, target_file, output, input_shapes, sparse, measur
 
 
 def _print_layers(layers) -> None:
+    """One line per candidate layer: what it is, what was chosen, the time estimates (or measurements) behind the
+    choice, and why a layer stayed dense."""
     if not layers:
         click.echo("no prunable layers (all dense)")
         return
-    click.echo(f"{'layer':<40} {'op':<8} {'shape':<12} {'sparsity':>8}  kernel")
+
+    def us(v):
+        return f"{v:.1f}" if isinstance(v, (int, float)) else "-"
+
+    click.echo(f"{'layer':<32} {'op':<7} {'shape':<10} {'sparsity':>8}  {'format':<8} {'kernel':<12} "
+               f"{'dense us':>9} {'chosen us':>9}  note")
     for layer in layers:
         shape = "x".join(str(d) for d in layer.get("weight_shape", []))
-        click.echo(f"{str(layer.get('name'))[:40]:<40} {str(layer.get('op')):<8} {shape:<12} "
-                   f"{layer.get('sparsity', 0.0):>8.1%}  {layer.get('kernel', layer.get('format'))}")
+        fmt = str(layer.get("format") or "dense")
+        measured = layer.get("measured_us") or {}
+        dense_us = measured.get("dense", layer.get("est_us_dense"))
+        chosen_us = measured.get(fmt, layer.get("est_us_sparse") if fmt != "dense" else dense_us)
+        note = ("measured; " if measured else "") + str(layer.get("reason") or "")
+        click.echo(f"{str(layer.get('name'))[:32]:<32} {str(layer.get('op'))[:7]:<7} {shape:<10} "
+                   f"{layer.get('sparsity', 0.0):>8.1%}  {fmt:<8} {str(layer.get('kernel', fmt))[:12]:<12} "
+                   f"{us(dense_us):>9} {us(chosen_us):>9}  {note.rstrip('; ')}".rstrip())
+    click.echo("(us: the cost model's estimate on the target; measured on this machine with --measure)")
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -132,6 +146,16 @@ def _load_npz(path) -> dict:
             return {k: z[k] for k in z.files}
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read inputs from {path}: {e}; pass an .npz with arrays named like the model's inputs") from None
+
+
+def _read_inputs(path, input_specs: list[dict]) -> dict:
+    """Inputs by name from an .npz (or an .npy for a one-input model)."""
+    inputs = _load_npz(path)
+    if "__single__" in inputs:
+        if len(input_specs) != 1:
+            raise UserError(f"a .npy holds one array but the model has {len(input_specs)} inputs; use an .npz")
+        inputs = {input_specs[0]["name"]: inputs["__single__"]}
+    return inputs
 
 
 @cli.command("run")
@@ -161,11 +185,7 @@ def run_cmd(artifact, input_path, fill, seed, output, threads, force, quiet):
             raise UserError("--output is the input file; choose another path")
     model = runtime.load(artifact, threads=threads)
     if input_path is not None:
-        inputs = _load_npz(input_path)
-        if "__single__" in inputs:
-            if len(model.inputs) != 1:
-                raise UserError(f"a .npy holds one array but the model has {len(model.inputs)} inputs; use an .npz")
-            inputs = {model.inputs[0]["name"]: inputs["__single__"]}
+        inputs = _read_inputs(input_path, model.inputs)
     else:
         inputs = model.make_inputs(fill, seed)
     outputs = model.run(inputs)
@@ -565,11 +585,13 @@ def check_opencl_cmd(source, model_path, target, input_shapes, sparse, device, i
 @click.option("--profile", is_flag=True, help="Print the top operators by time (Relax VM).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), metavar="OUT", help="Write the result as JSON (docs/bench-schema.md).")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), metavar="OUT.png", help="Latency plot (needs matplotlib).")
+@click.option("--input", "-i", "input_path", type=click.Path(dir_okay=False),
+              help="Inputs to time with: .npz by input name (or .npy for one input); default: random, --seed.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("--force", is_flag=True, help="Overwrite existing --json/--plot files.")
 @quiet_option
 def bench_cmd(artifacts, rpc, tracker, key, warmup, repeat, min_seconds, threads, compare, energy, profile, json_out,
-              plot_out, seed, force, quiet):
+              input_path, plot_out, seed, force, quiet):
     """Benchmark artifact directories (side by side) locally or over TVM RPC: latency, memory, energy."""
     from pathlib import Path
 
@@ -581,11 +603,16 @@ def bench_cmd(artifacts, rpc, tracker, key, warmup, repeat, min_seconds, threads
             raise UserError(f"output file {out} already exists; pass --force to overwrite it")
     if compare and any(Path(out).resolve() == Path(compare).resolve() for out in (json_out, plot_out) if out):
         raise UserError("--json/--plot would overwrite the --compare model; choose another path")
+    inputs = None
+    if input_path is not None:
+        from edge_sparse.artifact import read_manifest
+
+        inputs = _read_inputs(input_path, read_manifest(Path(artifacts[0]))["inputs"])
     results = []
     for i, artifact in enumerate(artifacts):
         results.append(B.bench(artifact, rpc=rpc, tracker=tracker, key=key, warmup=warmup, repeat=repeat,
                                min_seconds=min_seconds, threads=threads, compare=compare if i == 0 else None,
-                               energy=energy, profile=profile, quiet=quiet, seed=seed))
+                               energy=energy, profile=profile, quiet=quiet, seed=seed, inputs=inputs))
     result = B.combine(results)
     click.echo(B.format_table(result))
     if json_out:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -141,6 +142,8 @@ def export_module(module, out: str | os.PathLike, input_shapes: dict[str, tuple[
                 raise UserError(f"torch.onnx.export failed: {_first_line(e)}") from None
         program.save(tmp, external_data=False)
         model = onnx.load(tmp)
+        if name_weights(model):
+            onnx.save(model, tmp)
         onnx.checker.check_model(model)
         os.chmod(tmp, 0o644)                       # mkstemp makes 0600
         os.replace(tmp, out)
@@ -148,3 +151,50 @@ def export_module(module, out: str | os.PathLike, input_shapes: dict[str, tuple[
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+_GENERATED = re.compile(r"^(val|_val|initializer|const|onnx::\w+)_?\d+$")
+
+
+def name_weights(model) -> int:
+    """Give weights the PyTorch module path they belong to (``layers.0.q.weight``) where the exporter's constant
+    folding left a generated name (``val_6``, the transposed ``nn.Linear`` weight): pruning reports, recipes' globs and
+    ``compile -v`` then speak the model's own names. The module path comes from the consuming node's
+    ``pkg.torch.onnx.name_scopes`` metadata. Returns how many initializers were renamed."""
+    import ast
+
+    inits = {i.name: i for i in model.graph.initializer}
+    taken = set(inits) | {v.name for v in model.graph.input} | {v.name for v in model.graph.output}
+    taken |= {o for n in model.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    renames = {}
+    for name, users in consumers.items():
+        if name not in inits or not _GENERATED.match(name) or len(users) != 1:
+            continue
+        node = users[0]
+        if node.op_type not in ("MatMul", "Gemm", "Conv") or list(node.input).index(name) != 1:
+            continue
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        try:
+            scopes = ast.literal_eval(scopes) if scopes else None
+        except (ValueError, SyntaxError):
+            scopes = None
+        if not scopes or len(scopes) < 2 or not scopes[-2]:
+            continue
+        new = f"{scopes[-2]}.weight"
+        if new in taken or new in renames.values():
+            continue
+        renames[name] = new
+    for old, new in renames.items():
+        inits[old].name = new
+        for node in consumers[old]:
+            for i, name in enumerate(node.input):
+                if name == old:
+                    node.input[i] = new
+        for vi in model.graph.value_info:
+            if vi.name == old:
+                vi.name = new
+    return len(renames)

@@ -29,6 +29,11 @@ from edge_sparse.progress import Progress
 __all__ = ["Recipe", "Wheel", "recipes", "get", "cache_root", "ocr_charset", "ctc_decode", "OCR_TEXTS", "SENTENCES"]
 
 
+# Bumped when the export of exported recipes changes its output (2: weights named by module path), so that caches
+# made by an older edge-sparse are re-exported.
+EXPORT_REVISION = 2
+
+
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
@@ -174,7 +179,8 @@ class Recipe:
             info = json.loads(side.read_text())
         except ValueError:
             return False
-        return info.get("source_sha256") == self.source_sha256 and info.get("sha256") == _sha256_file(path)
+        return (info.get("source_sha256") == self.source_sha256 and info.get("sha256") == _sha256_file(path)
+                and info.get("export_revision", 1) == EXPORT_REVISION)
 
     def get(self, cache_dir: str | os.PathLike | None = None, quiet: bool | None = None) -> Path:
         path = self.path(cache_dir)
@@ -325,6 +331,7 @@ def _export_minilm(recipe: Recipe, root: Path, progress: Progress) -> None:
     import onnxscript
 
     info = {"source": recipe.source, "source_sha256": recipe.source_sha256, "sha256": _sha256_file(tmp),
+            "export_revision": EXPORT_REVISION,
             "torch": torch.__version__, "onnxscript": onnxscript.__version__,
             "input_shapes": {k: list(v) for k, v in recipe.input_shapes.items()}}
     os.replace(tmp, path)

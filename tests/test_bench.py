@@ -358,3 +358,23 @@ def test_cli_bench_errors(mlp_art, tmp_path):
     res = invoke(["bench", mlp_art, "--energy", "nonsense"])
     assert res.exit_code == 2 and "unknown --energy 'nonsense'" in res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_cli_bench_with_input_file(mlp_art, synthetic_models, tmp_path):
+    import numpy as np
+
+    from edge_sparse.artifact import read_manifest
+
+    spec = read_manifest(mlp_art)["inputs"][0]
+    x = np.random.default_rng(5).standard_normal(spec["shape"]).astype(np.float32)
+    np.savez(tmp_path / "x.npz", **{spec["name"]: x})
+    out = tmp_path / "r.json"
+    res = invoke(["bench", mlp_art, "--input", tmp_path / "x.npz", "--repeat", 5, "--warmup", 1, "--threads", 1,
+                  "--energy", "none", "--compare", synthetic_models["mlp"], "--json", out, "-q"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    diffs = data["comparisons"][0]["max_abs_diff"]
+    assert diffs and all(d is not None and d < 1e-4 for d in diffs.values()), diffs
+    np.save(tmp_path / "bad.npy", x[..., :-1])          # the given file is what runs: a wrong shape is refused
+    res = invoke(["bench", mlp_art, "--input", tmp_path / "bad.npy", "--repeat", 2, "--energy", "none"])
+    assert res.exit_code == 2 and "has shape" in res.output and len(res.output.strip().splitlines()) == 1

@@ -266,6 +266,9 @@ def test_export_matches_torch(tiny_module, spec):
     scale = np.array([1.5], np.float32)
     np.testing.assert_allclose(ort_run(out, {"ids": ids, "scale": scale})[0], _tiny_reference(ids, scale),
                                rtol=1e-6, atol=1e-6)
+    if not spec.endswith(".pt"):   # the folded (transposed) Linear weight is named after its module, not val_N
+        weights = {n.input[1] for n in model.graph.node if n.op_type in ("MatMul", "Gemm")}
+        assert weights == {"fc.weight"}, weights
 
 
 def test_export_bad_input(tiny_module):

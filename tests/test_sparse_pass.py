@@ -266,6 +266,20 @@ def test_compile_api_fuses_relu_behind_reshape(tmp_path):
     ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, inputs)[0]
     assert float(np.abs(out - ref).max()) <= 1e-4 * (1 + float(np.abs(ref).max()))
 
+    # compile -v: one line per layer with the chosen format, kernel and the estimates behind the choice
+    from click.testing import CliRunner
+
+    from edge_sparse.cli import cli
+
+    res = CliRunner().invoke(cli, ["compile", str(path), "-o", str(tmp_path / "art2"), "--sparse", "auto", "-v"])
+    assert res.exit_code == 0, res.output
+    rows = [line.split() for line in res.output.splitlines() if line.split()[:1] and line.split()[0] in
+            {e["name"] for e in man["layers"]}]
+    assert len(rows) == 2
+    for row, layer in zip(rows, man["layers"]):
+        assert row[4] == "bsr16x1" and row[5] == layer["kernel"]
+        assert float(row[6]) > float(row[7]) > 0          # chosen only because estimated faster than dense
+
 
 ARM_CASES = [("rpi4", "bsr16x1", 1), ("rpi4", "csr", 1), ("rpi4", "2:4", 1), ("rpi5", "bsr8x1", 1),
              ("rpi4", "csr", 20), ("rpi5", "2:4", 20), ("rpi4", "bsr4x1", 20), ("rpi5", "bsr16x1", 20)]
