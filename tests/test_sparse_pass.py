@@ -6,6 +6,7 @@ sparsities (0% and 100% included) and batch sizes. Tolerance: |tvm - ort| <= 1e-
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 
 import numpy as np
@@ -271,14 +272,27 @@ def test_compile_api_fuses_relu_behind_reshape(tmp_path):
 
     from edge_sparse.cli import cli
 
+    big = synthetic.mlp(seq=16, d_in=384, hidden=1536, d_out=384)      # big enough for auto to choose BSR
+    for init in big.graph.initializer:
+        w = numpy_helper.to_array(init)
+        if w.ndim == 2:
+            init.CopyFrom(numpy_helper.from_array(prune(w.astype(np.float32), "bsr16x1", 0.9, rng), init.name))
+    path = tmp_path / "mlp-big.onnx"
+    synthetic.save(big, path)
     res = CliRunner().invoke(cli, ["compile", str(path), "-o", str(tmp_path / "art2"), "--sparse", "auto", "-v"])
     assert res.exit_code == 0, res.output
+    layers = json.loads((tmp_path / "art2" / "manifest.json").read_text())["layers"]
     rows = [line.split() for line in res.output.splitlines() if line.split()[:1] and line.split()[0] in
-            {e["name"] for e in man["layers"]}]
-    assert len(rows) == 2
-    for row, layer in zip(rows, man["layers"]):
-        assert row[4] == "bsr16x1" and row[5] == layer["kernel"]
-        assert float(row[6]) > float(row[7]) > 0          # chosen only because estimated faster than dense
+            {e["name"] for e in layers}]
+    assert len(rows) == len(layers) == 2
+    for row, layer in zip(rows, layers):
+        assert row[4] == layer["format"] and row[5] == layer["kernel"]
+        dense_us, chosen_us = float(row[6]), float(row[7])
+        if layer["format"] == "dense":
+            assert chosen_us == dense_us and len(row) > 8      # and the reason it stayed dense
+        else:
+            assert dense_us > chosen_us > 0                 # chosen only because estimated faster than dense
+    assert any(e["format"] != "dense" for e in layers)
 
 
 ARM_CASES = [("rpi4", "bsr16x1", 1), ("rpi4", "csr", 1), ("rpi4", "2:4", 1), ("rpi5", "bsr8x1", 1),
