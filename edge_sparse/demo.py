@@ -47,8 +47,10 @@ def demo(out_dir: str | os.PathLike = "out/demo", *, force: bool = False, thread
         rng = np.random.default_rng(1)
         calib = {"x": rng.standard_normal((16, 128, 384)).astype(np.float32)}
         with progress.step(f"pruning to {SPARSITY:.0%} in {PATTERN} blocks (Wanda, 16 calibration samples)"):
+            # every layer: the MLP's last layer is no classifier head (the default skips would keep it dense)
             pruned = pruning.prune(dense_path, pruned_path, sparsity=SPARSITY, pattern=PATTERN, method="wanda",
-                                   calib=calib, report_path=stage / "prune-report.json", quiet=True)
+                                   calib=calib, default_skips=False, report_path=stage / "prune-report.json",
+                                   quiet=True)
         builds = {
             "host-dense": (dense_path, "host", "off"),
             "host-sparse": (pruned_path, "host", "auto"),
