@@ -243,18 +243,26 @@ def test_cross_target_sparsify_builds_for_rpi4():
     assert ex is not None
 
 
+def _pruned_mlp(**dims):
+    """The synthetic MLP with every weight pruned to 90% in 16x1 blocks."""
+    from edge_sparse.models import synthetic
+
+    model = synthetic.mlp(**dims)
+    rng = np.random.default_rng(0)
+    for init in model.graph.initializer:
+        w = numpy_helper.to_array(init)
+        if w.ndim == 2:
+            init.CopyFrom(numpy_helper.from_array(prune(w.astype(np.float32), "bsr16x1", 0.9, rng), init.name))
+    return model
+
+
 def test_compile_api_fuses_relu_behind_reshape(tmp_path):
     """Through edge_sparse.compiler.compile (intake folds MatMul+Add into Reshape-Gemm-Reshape before the ReLU):
     the ReLU still lands in the sparse kernel's epilogue, the manifest reports it, and the artifact matches ORT."""
     from edge_sparse import compiler, runtime
     from edge_sparse.models import synthetic
 
-    model = synthetic.mlp(seq=16, d_in=64, hidden=128, d_out=64)
-    rng = np.random.default_rng(0)
-    for init in model.graph.initializer:
-        w = numpy_helper.to_array(init)
-        if w.ndim == 2:
-            init.CopyFrom(numpy_helper.from_array(prune(w.astype(np.float32), "bsr16x1", 0.9, rng), init.name))
+    model = _pruned_mlp(seq=16, d_in=64, hidden=128, d_out=64)
     path = tmp_path / "mlp.onnx"
     synthetic.save(model, path)
     man = compiler.compile(str(path), "host", tmp_path / "art", sparse="bsr16x1", quiet=True)
@@ -272,13 +280,8 @@ def test_compile_api_fuses_relu_behind_reshape(tmp_path):
 
     from edge_sparse.cli import cli
 
-    big = synthetic.mlp(seq=16, d_in=384, hidden=1536, d_out=384)      # big enough for auto to choose BSR
-    for init in big.graph.initializer:
-        w = numpy_helper.to_array(init)
-        if w.ndim == 2:
-            init.CopyFrom(numpy_helper.from_array(prune(w.astype(np.float32), "bsr16x1", 0.9, rng), init.name))
-    path = tmp_path / "mlp-big.onnx"
-    synthetic.save(big, path)
+    path = tmp_path / "mlp-big.onnx"                  # big enough for auto to choose BSR
+    synthetic.save(_pruned_mlp(seq=16, d_in=384, hidden=1536, d_out=384), path)
     res = CliRunner().invoke(cli, ["compile", str(path), "-o", str(tmp_path / "art2"), "--sparse", "auto", "-v"])
     assert res.exit_code == 0, res.output
     layers = json.loads((tmp_path / "art2" / "manifest.json").read_text())["layers"]
