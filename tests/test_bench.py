@@ -87,11 +87,29 @@ def tracker_with_server():
         server = _start(["tvm.exec.rpc_server", "--host", HOST, "--port", str(sport), "--port-end", str(sport + 1),
                          "--tracker", f"{HOST}:{tport}", "--key", "test-board"])
         _wait_listening(sport, server)
+        _wait_registered(tport, "test-board")
         yield f"{HOST}:{tport}"
     finally:
         if server is not None:
             _stop(server)
         _stop(tracker)
+
+
+def _wait_registered(tport: int, key: str, timeout: float = 60.0) -> None:
+    """A server listens before it has registered its key with the tracker: wait for the tracker to list it."""
+    from tvm import rpc
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            queue = rpc.connect_tracker(HOST, tport).summary().get("queue_info", {})
+            if queue.get(key, {}).get("free", 0) >= 1:
+                return
+        except Exception:  # the tracker is still starting
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no RPC server registered key {key!r} with the tracker within {timeout:.0f} s")
+        time.sleep(0.2)
 
 
 def _check_stats(lat: dict, count: int | None = None) -> None:
