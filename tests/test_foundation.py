@@ -216,6 +216,54 @@ def test_missing_cross_compiler(synthetic_models, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_shape_chains_fold_at_intake(tmp_path):
+    """What real exports look like: Reshape fed by a Shape->Slice->Concat chain, ConstantOfShape of a Shape, and a Pad
+    whose pads are computed from a Shape. Intake folds every shape computation away (the input's dims are static, the
+    batch fixed with --input-shape), and the compiled artifact matches onnxruntime on the original model."""
+    from onnx import TensorProto, helper
+
+    from edge_sparse.intake import load_model
+
+    def const(name, values):
+        return helper.make_node("Constant", [], [name], name=name,
+                                value=onnx.numpy_helper.from_array(np.array(values, np.int64), name))
+
+    nodes = [
+        const("zero", [0]), const("two", [2]), const("three", [3]), const("minus1", [-1]), const("w35", [35]),
+        const("z2", [0, 0]),
+        helper.make_node("Shape", ["x"], ["s"], name="shape_x"),
+        helper.make_node("Slice", ["s", "zero", "two"], ["s01"], name="slice"),
+        helper.make_node("Concat", ["s01", "minus1"], ["newshape"], name="concat", axis=0),
+        helper.make_node("Reshape", ["x", "newshape"], ["r"], name="reshape"),
+        helper.make_node("Shape", ["r"], ["sr"], name="shape_r"),
+        helper.make_node("ConstantOfShape", ["sr"], ["half"], name="cos",
+                         value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.5])),
+        helper.make_node("Add", ["r", "half"], ["a"], name="add"),
+        helper.make_node("Slice", ["sr", "two", "three"], ["width"], name="slice_w"),
+        helper.make_node("Sub", ["width", "w35"], ["one"], name="sub"),
+        helper.make_node("Concat", ["z2", "one", "z2", "one"], ["pads"], name="pads", axis=0),
+        helper.make_node("Pad", ["a", "pads"], ["p"], name="pad", mode="constant"),
+        helper.make_node("Relu", ["p"], ["y"], name="relu"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 6, 6])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 38])
+    m = helper.make_model(helper.make_graph(nodes, "shapes", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(m)
+    src = tmp_path / "shapes.onnx"
+    onnx.save(m, str(src))
+
+    folded = load_model(src, {"x": (1, 4, 6, 6)}).model
+    ops = {n.op_type for n in folded.graph.node}
+    assert not ops & {"Shape", "ConstantOfShape", "Concat", "Slice", "Sub", "Constant"}, ops
+    _compile(src, tmp_path / "art", input_shapes={"x": (1, 4, 6, 6)})
+    model = runtime.load(tmp_path / "art")
+    xin = np.random.default_rng(0).standard_normal((1, 4, 6, 6)).astype(np.float32)
+    got = model.run({"x": xin})["y"]
+    ref = ort_run(src, {"x": xin})[0]
+    assert got.shape == ref.shape == (1, 4, 38)
+    np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL)
+
+
 def test_unsupported_op_reported_before_tvm(tmp_path):
     from onnx import TensorProto, helper
 
