@@ -72,8 +72,8 @@ class Model:
         self._main = vm["main"] if vm is not None else None  # (None: a holder for make_inputs only)
         # CPU: input tensors allocated once (TVM's 64-byte alignment) and filled through numpy views, which saves
         # ~10 us per input and call against allocating new tensors; a Model is not to be shared between threads.
-        self._staged: list | None = None
-        self._views: list[np.ndarray] | None = None
+        # None until the first call decides; [] where staging does not apply (a GPU device, read-only views).
+        self._staged: list[tuple[Any, np.ndarray]] | None = None
 
     def __repr__(self) -> str:
         ins = ", ".join(f"{i['name']}{tuple(i['shape'])}:{i['dtype']}" for i in self.inputs)
@@ -118,17 +118,23 @@ class Model:
         import tvm
 
         arrays = self.check_inputs(inputs)
-        if self.device.dlpack_device_type() != tvm.cpu(0).dlpack_device_type():
-            return [tvm.runtime.tensor(a, self.device) for a in arrays]
         if self._staged is None:
-            staged = [tvm.runtime.empty(a.shape, str(a.dtype), self.device) for a in arrays]
-            views = [np.from_dlpack(t) for t in staged]
-            if not all(v.flags.writeable for v in views):
-                return [tvm.runtime.tensor(a, self.device) for a in arrays]
-            self._staged, self._views = staged, views
-        for view, a in zip(self._views, arrays):
+            self._staged = self._stage(arrays)
+        if not self._staged:
+            return [tvm.runtime.tensor(a, self.device) for a in arrays]
+        for (_, view), a in zip(self._staged, arrays):
             np.copyto(view, a)
-        return self._staged
+        return [t for t, _ in self._staged]
+
+    def _stage(self, arrays: list[np.ndarray]) -> list:
+        """(tensor, writeable numpy view) per input on the CPU; [] where the inputs are copied per call instead."""
+        import tvm
+
+        if self.device.dlpack_device_type() != tvm.cpu(0).dlpack_device_type():
+            return []
+        tensors = [tvm.runtime.empty(a.shape, str(a.dtype), self.device) for a in arrays]
+        views = [np.from_dlpack(t) for t in tensors]
+        return list(zip(tensors, views)) if all(v.flags.writeable for v in views) else []
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.outputs_to_numpy(self._main(*self.to_device(inputs)))
