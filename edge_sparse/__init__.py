@@ -11,6 +11,7 @@ _LAZY = {
     "compile": ("edge_sparse.compiler", "compile"),
     "load": ("edge_sparse.runtime", "load"),
     "prune": ("edge_sparse.pruning", "prune"),
+    "quantize": ("edge_sparse.quantization", "quantize"),
     "analyze": ("edge_sparse.pruning", "analyze"),
     "bench": ("edge_sparse.benchmark", "bench"),
     "tune": ("edge_sparse.tuning", "tune"),

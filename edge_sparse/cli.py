@@ -440,6 +440,42 @@ def prune_cmd(model, output, sparsity, pattern, allocate, holdout, report, calib
     click.echo(f"report: {report}")
 
 
+@cli.command("quantize")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Quantized ONNX file to write.")
+@click.option("--calib", required=True, type=click.Path(dir_okay=False),
+              help=".npz of real input samples by name, stacked on the first axis (ranges and accuracy).")
+@click.option("--scheme", type=click.Choice(["dynamic", "static"]), default="static", show_default=True,
+              help="static: QDQ with calibrated activation ranges; dynamic: onnxruntime's per-call ranges.")
+@click.option("--per-channel", is_flag=True, help="One weight scale per output channel (default: per tensor).")
+@click.option("--holdout", default=0.25, show_default=True, type=float,
+              help="Fraction of the samples kept out of calibration and reported separately.")
+@click.option("--report", type=click.Path(dir_okay=False), help="JSON report path [default: OUTPUT.report.json].")
+@click.option("--batch", type=int, help="Samples per onnxruntime call when the batch dim is dynamic.")
+@click.option("--force", is_flag=True, help="Overwrite existing output and report files.")
+@quiet_option
+def quantize_cmd(model, output, calib, scheme, per_channel, holdout, report, batch, force, quiet):
+    """Quantize an ONNX MODEL to int8 (onnxruntime.quantization; symmetric int8 weights keep pruned zeros)."""
+    from pathlib import Path
+
+    from edge_sparse.quantization import quantize
+
+    _quiet(quiet)
+    report = report or str(Path(output).with_suffix(".report.json"))
+    result = quantize(model, output, calib=calib, scheme=scheme, per_channel=per_channel, holdout=holdout,
+                      report_path=report, force=force, batch=batch, quiet=quiet)
+    rep = result.report
+    _warn(rep["warnings"], quiet)
+    if quiet:
+        return
+    q, sp = rep["quantization"], rep["sparsity"]
+    zeros = f"; {sp['int8_zeros']:,d} of {sp['int8_weights']:,d} int8 weights are zero" if sp["int8_zeros"] else ""
+    click.echo(f"{output}: int8 {q['scheme']} ({q['format']}, {'per channel' if q['per_channel'] else 'per tensor'}), "
+               f"{q['layers']} layers{zeros}")
+    _print_accuracy(rep["accuracy"])
+    click.echo(f"report: {report}")
+
+
 @cli.command("analyze")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--pattern", "-p", default="unstructured", show_default=True, help="Pattern to measure.")

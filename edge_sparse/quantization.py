@@ -1,0 +1,221 @@
+"""Python API for int8 quantization: :func:`quantize`, built on ``onnxruntime.quantization`` (no calibrator of ours).
+
+Schemes:
+- ``static``: ``quantize_static`` in QDQ format. Activations uint8 per tensor (MinMax ranges from the calibration
+  part of ``--calib``), weights int8 symmetric (zero point 0), per output channel with ``per_channel``. Only
+  MatMul / Gemm / Conv are quantized: those are the ops our int8 kernels take over; everything else stays float.
+- ``dynamic``: ``quantize_dynamic`` (onnxruntime's own int8 path: DynamicQuantizeLinear + MatMulInteger, uint8
+  activations with per-call ranges, int8 symmetric weights) for MatMul / Gemm. Calibration data only feeds the
+  accuracy report.
+
+Symmetric int8 weights keep pruned zeros exactly zero, so ``prune`` then ``quantize`` keeps the sparsity the kernels
+exploit (checked and reported). Facts go into ``metadata_props["edge_sparse.quantization"]``; the JSON report holds
+accuracy against the float input model on the calibration and held-out parts of the data.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from edge_sparse.errors import UserError
+from edge_sparse.progress import Progress
+
+__all__ = ["quantize", "QuantizeResult", "SCHEMES", "METADATA_KEY", "quantized_weights"]
+
+SCHEMES = ("dynamic", "static")
+METADATA_KEY = "edge_sparse.quantization"
+STATIC_OPS = ["MatMul", "Gemm", "Conv"]
+DYNAMIC_OPS = ["MatMul", "Gemm"]
+
+
+@dataclasses.dataclass
+class QuantizeResult:
+    model: onnx.ModelProto
+    report: dict
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.report.get("warnings", [])
+
+
+class _Reader:
+    """``CalibrationDataReader`` over the calibration part, one batch of the model's batch size per call."""
+
+    def __init__(self, data: dict[str, np.ndarray], unit: int):
+        n = len(next(iter(data.values())))
+        self._feeds = [{k: v[i:i + unit] for k, v in data.items()} for i in range(0, n - unit + 1, unit)]
+        self._it = iter(self._feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):
+        self._it = iter(self._feeds)
+
+
+@contextlib.contextmanager
+def _quiet_ort_logging():
+    """onnxruntime.quantization logs 'consider pre-processing' through the root logger; keep the CLI output clean."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def quantized_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """int8 weight initializers of a quantized model (DequantizeLinear / MatMulInteger / ConvInteger inputs)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        cand = []
+        if node.op_type == "DequantizeLinear":
+            cand = [node.input[0]]
+        elif node.op_type in ("MatMulInteger", "ConvInteger"):
+            cand = [node.input[1]]
+        for name in cand:
+            t = inits.get(name)
+            if t is not None and t.data_type == onnx.TensorProto.INT8:
+                out[name] = numpy_helper.to_array(t)
+    return out
+
+
+def _float_zeros(model: onnx.ModelProto) -> tuple[int, int]:
+    """(zeros, elements) over the float weights of MatMul / Gemm / Conv in ``model``."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    z = n = 0
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm", "Conv") and len(node.input) > 1 and node.input[1] in inits:
+            w = numpy_helper.to_array(inits[node.input[1]])
+            if w.dtype.kind == "f":
+                z, n = z + int(np.count_nonzero(w == 0)), n + w.size
+    return z, n
+
+
+def quantize(model, output=None, *, calib=None, scheme: str = "static", per_channel: bool = False,
+             holdout: float = 0.25, report_path=None, force: bool = False, batch: int | None = None,
+             quiet: bool | None = None) -> QuantizeResult:
+    """Quantize ``model`` (path or ModelProto) to int8 with onnxruntime and report the accuracy cost.
+
+    calib: ``.npz`` path or ``{input: array}`` (samples on the first axis); required (static ranges come from it, and
+    accuracy is always measured). The last ``holdout`` fraction is kept out of calibration and reported separately.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    from edge_sparse.passes import calibrate
+    from edge_sparse.pruning import _atomic_write, _check_output, _load
+
+    t0 = time.perf_counter()
+    progress = Progress(quiet)
+    if scheme not in SCHEMES:
+        raise UserError(f"unknown --scheme '{scheme}': use {' or '.join(SCHEMES)}")
+    if calib is None:
+        raise UserError("quantize needs calibration data: pass --calib FILE.npz with real input samples "
+                        "(static ranges come from it; accuracy is measured on its held-out part)")
+    proto, name, sha, path = _load(model)
+    if METADATA_KEY in {p.key for p in proto.metadata_props}:
+        raise UserError(f"{name} is already quantized (metadata '{METADATA_KEY}'); quantize the float model")
+    out_path = _check_output(output, path, force, "output")
+    rep_path = _check_output(report_path, path, force, "report")
+    if out_path is not None and rep_path is not None and out_path.resolve() == rep_path.resolve():
+        raise UserError("the report path equals the output model path; choose different files")
+    specs = calibrate.input_specs(proto)
+    if isinstance(calib, dict):
+        data, calib_desc = calibrate.check_calibration(calib, specs, "calibration data"), "arrays"
+    else:
+        data, calib_desc = calibrate.load_calibration(calib, specs), str(calib)
+    calib_part, held_part = calibrate.split_holdout(data, specs, holdout)
+    warnings = []
+    if not held_part:
+        warnings.append("no held-out split (too few samples or --holdout 0): accuracy is on calibration data only")
+
+    with tempfile.TemporaryDirectory(prefix="edge-sparse-quant-") as tmp:
+        src = Path(tmp) / "float.onnx"
+        dst = Path(tmp) / "int8.onnx"
+        onnx.save(proto, str(src))
+        with progress.step(f"quantizing ({scheme}, {'per channel' if per_channel else 'per tensor'})"), \
+                _quiet_ort_logging():
+            try:
+                if scheme == "static":
+                    unit = calibrate._batch_size(specs, batch)
+                    quantize_static(str(src), str(dst), _Reader(calib_part, unit), quant_format=QuantFormat.QDQ,
+                                    op_types_to_quantize=STATIC_OPS, per_channel=per_channel,
+                                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                    calibrate_method=CalibrationMethod.MinMax,
+                                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+                else:
+                    quantize_dynamic(str(src), str(dst), op_types_to_quantize=DYNAMIC_OPS, per_channel=per_channel,
+                                     weight_type=QuantType.QInt8, extra_options={"WeightSymmetric": True})
+            except UserError:
+                raise
+            except Exception as e:  # onnxruntime rejects the model: a model problem the user must fix
+                msg = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
+                raise UserError(f"onnxruntime.quantization failed on {name}: {msg}") from None
+        qmodel = onnx.load(str(dst))
+
+    weights = quantized_weights(qmodel)
+    if not weights:
+        raise UserError(f"{name} has no MatMul/Gemm{'/Conv' if scheme == 'static' else ''} with a constant float "
+                        f"weight: nothing to quantize")
+    qz = sum(int(np.count_nonzero(w == 0)) for w in weights.values())
+    qn = sum(w.size for w in weights.values())
+    fz, fn = _float_zeros(proto)
+    record = {"scheme": scheme, "format": "QDQ" if scheme == "static" else "QOperator",
+              "per_channel": per_channel, "weights": "int8 symmetric",
+              "activations": "uint8 asymmetric per tensor" + (", dynamic range" if scheme == "dynamic" else ""),
+              "layers": len(weights), "weight_zeros": round(qz / qn, 6) if qn else 0.0}
+    # keep what the input recorded (pruning facts travel with the model), add ours
+    kept = {p.key: p.value for p in proto.metadata_props}
+    del qmodel.metadata_props[:]
+    for k, v in {**kept, METADATA_KEY: json.dumps(record, separators=(",", ":"))}.items():
+        qmodel.metadata_props.add(key=k, value=v)
+    if fz and qz < fz:
+        raise RuntimeError(f"quantization lost pruned zeros ({qz} < {fz}); weights must be symmetric")
+
+    classifiers = calibrate.classifier_outputs(proto)
+    accuracy = {}
+    with progress.step("accuracy versus the float model"):
+        for split, part in (("calibration", calib_part), ("holdout", held_part)):
+            if not part:
+                continue
+            ref = calibrate.run_model(proto, part, batch)
+            got = calibrate.run_model(qmodel, part, batch)
+            accuracy[split] = {"samples": calibrate.sample_count(part),
+                               "outputs": calibrate.compare(ref, got, classifiers)}
+
+    from edge_sparse import __version__
+
+    report = {
+        "tool": {"name": "edge-sparse", "version": __version__},
+        "source_model": {"name": name, "sha256": sha},
+        "output_model": str(out_path) if out_path else None,
+        "quantization": record,
+        "calibration": {"source": calib_desc, "samples": calibrate.sample_count(calib_part),
+                        "holdout_samples": calibrate.sample_count(held_part) if held_part else 0,
+                        "used_for": "ranges and accuracy" if scheme == "static" else "accuracy only"},
+        "sparsity": {"float_zeros": fz, "float_weights": fn, "int8_zeros": qz, "int8_weights": qn},
+        "accuracy": accuracy,
+        "reference": "the input model run by onnxruntime in float32",
+        "metadata_key": METADATA_KEY,
+        "warnings": warnings,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    if out_path is not None:
+        _atomic_write(out_path, lambda p: onnx.save(qmodel, str(p)))
+    if rep_path is not None:
+        _atomic_write(rep_path, lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+    return QuantizeResult(qmodel, report)
