@@ -17,7 +17,7 @@ from typing import Any
 from edge_sparse.errors import UserError
 
 __all__ = ["SCHEMA_VERSION", "MANIFEST", "Manifest", "sha256_file", "read_manifest", "write_manifest",
-           "file_entries", "verify_files", "staging_dir", "commit_dir", "check_output_dir"]
+           "file_entries", "verify_files", "library_path", "staging_dir", "commit_dir", "check_output_dir"]
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -90,10 +90,67 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
         raise UserError(f"{path}: unsupported manifest schema {data.get('schema_version') if isinstance(data, dict) else '?'}"
                         f" (this edge-sparse reads {SCHEMA_VERSION}); recompile with this version")
-    for key in ("library", "inputs", "outputs", "files"):
-        if key not in data:
-            raise UserError(f"{path} lacks '{key}'; recompile the artifact")
+    problem = _manifest_problem(data)
+    if problem:
+        raise UserError(f"{path} is malformed: {problem}; recompile the artifact")
     return data
+
+
+_DTYPES = {"float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"}
+
+
+def _inside(rel: Any) -> bool:
+    """A plain relative POSIX path that stays inside the artifact directory."""
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or "\0" in rel:
+        return False
+    return all(part not in ("", ".", "..") for part in rel.split("/"))
+
+
+def _manifest_problem(data: dict[str, Any]) -> str | None:
+    """What is wrong with a manifest's structure (None: nothing). Every reader relies on these fields."""
+    for key, kind in (("tool", dict), ("tvm", dict), ("target", dict), ("library", str), ("inputs", list),
+                      ("outputs", list), ("files", dict)):
+        if key not in data:
+            return f"it lacks '{key}'"
+        if not isinstance(data[key], kind):
+            return f"'{key}' must be a JSON {'object' if kind is dict else 'string' if kind is str else 'list'}"
+    for key in ("name", "family"):
+        if not isinstance(data["target"].get(key), str):
+            return f"'target' lacks a string '{key}'"
+    for kind in ("inputs", "outputs"):
+        if kind == "inputs" and not data[kind]:
+            return "'inputs' is empty"
+        for i, spec in enumerate(data[kind]):
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+                return f"{kind}[{i}] must be an object with a string 'name'"
+            shape = spec.get("shape")
+            lowest = 1 if kind == "inputs" else -1
+            if not isinstance(shape, list) or len(shape) > 32 or \
+                    not all(type(d) is int and lowest <= d < 2 ** 31 and d != 0 for d in shape):
+                return f"{kind}[{i}] ('{spec['name']}') has an invalid shape {str(shape)[:60]}"
+            if spec.get("dtype") not in _DTYPES:
+                return f"{kind}[{i}] ('{spec['name']}') has an unknown dtype {str(spec.get('dtype'))[:30]!r}"
+            rng = spec.get("range")
+            if rng is not None and not (isinstance(rng, list) and len(rng) == 2 and all(type(v) is int for v in rng)
+                                        and rng[0] <= rng[1]):
+                return f"inputs[{i}] ('{spec['name']}') has an invalid range {str(rng)[:60]}"
+    for rel, meta in data["files"].items():
+        if not _inside(rel):
+            return f"'files' names a path outside the artifact: {rel[:80]!r}"
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or len(meta["sha256"]) != 64 \
+                or type(meta.get("bytes")) is not int or meta["bytes"] < 0:
+            return f"files['{rel[:80]}'] needs a 64-digit 'sha256' and a byte count 'bytes'"
+    if not _inside(data["library"]):
+        return f"'library' must be a file inside the artifact, got {data['library'][:80]!r}"
+    if data["library"] not in data["files"]:
+        return f"'library' {data['library'][:80]!r} is not among the hashed 'files'"
+    return None
+
+
+def library_path(root: str | os.PathLike, manifest: dict[str, Any]) -> Path:
+    """The artifact's library, hash-verified with every other file of the manifest: the only path to load or upload."""
+    verify_files(root, manifest)
+    return Path(root).resolve() / manifest["library"]
 
 
 def verify_files(root: str | os.PathLike, manifest: dict[str, Any], only: list[str] | None = None) -> None:

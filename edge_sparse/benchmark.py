@@ -135,14 +135,13 @@ def _load_local(artifact: Path, threads: int):
         import tvm
         from tvm.runtime.vm import VirtualMachine
 
-        if manifest.get("files"):
-            from edge_sparse.artifact import verify_files
+        from edge_sparse.artifact import library_path
 
-            verify_files(artifact, manifest)
+        lib_file = library_path(artifact, manifest)
         dev = tvm.cuda(0)
         if not dev.exist:
             raise UserError("artifact targets CUDA but this TVM runtime finds no CUDA GPU")
-        lib = tvm.runtime.load_module(str(artifact / manifest["library"]))
+        lib = tvm.runtime.load_module(str(lib_file))
         vm = VirtualMachine(lib, [dev, tvm.cpu(0)])
         model = runtime.Model(artifact, manifest, lib, vm, dev)
     else:
@@ -151,19 +150,17 @@ def _load_local(artifact: Path, threads: int):
     return _Runner(model.vm, model.device, model.manifest), model, load_s, rss0
 
 
-def _load_remote(sess, artifact: Path, manifest: dict[str, Any], threads: int):
+def _load_remote(sess, artifact: Path, manifest: dict[str, Any], threads: int, lib_file: Path):
     """(runner, load seconds): upload the library, load it remotely, size the remote thread pool, make the VM."""
     from tvm.runtime.vm import VirtualMachine
 
     from edge_sparse.rpc import describe_error
 
-    lib_name = manifest["library"]
-    if lib_name.endswith(".tar"):
-        raise UserError("artifact holds an unlinked object archive (model.tar); link it for the device first (see RUN.md)")
+    lib_name = lib_file.name
     family = manifest.get("target", {}).get("family", "cpu")
     t0 = time.perf_counter()
     try:
-        sess.upload(str(artifact / lib_name))
+        sess.upload(str(lib_file))
         lib = sess.load_module(lib_name)
         if family == "opencl":
             dev = sess.cl(0)
@@ -419,7 +416,13 @@ def bench(artifact_dir: str | os.PathLike, *, rpc: str | None = None, tracker: s
     os.environ.setdefault("TVM_BIND_THREADS", "0")   # pinned workers shared one core here (TVM_NOTES)
     sess, where = None, "local"
     if remote:
+        from edge_sparse.artifact import library_path
         from edge_sparse.rpc import connect
+
+        if manifest["library"].endswith(".tar"):
+            raise UserError("artifact holds an unlinked object archive (model.tar); link it for the device first "
+                            "(see RUN.md)")
+        lib_file = library_path(artifact, manifest)     # never upload a file the manifest's hashes do not vouch for
 
         with progress.step(f"connecting ({rpc or tracker})"):
             sess, where = connect(rpc, tracker=tracker, key=key, timeout=rpc_timeout)
@@ -434,7 +437,7 @@ def bench(artifact_dir: str | os.PathLike, *, rpc: str | None = None, tracker: s
             if sess is None:
                 runner, model, load_s, rss0 = _load_local(artifact, threads)
             else:
-                runner, load_s = _load_remote(sess, artifact, manifest, threads)
+                runner, load_s = _load_remote(sess, artifact, manifest, threads, lib_file)
                 model, rss0 = None, None
         import tvm
 

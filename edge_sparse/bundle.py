@@ -49,6 +49,12 @@ _LIBS = {  # file in the bundle's lib/ -> (package, path inside the wheel)
     "libtvm_ffi.so": ("apache-tvm-ffi", "tvm_ffi/lib/libtvm_ffi.so"),
 }
 _HEADER_ROOTS = ("tvm_ffi/include/tvm/", "tvm_ffi/include/dlpack/")
+# sha256 of the aarch64 wheels a bundle may take its runtime from (PyPI's files of the pinned versions). A wheel in the
+# cache is used only if its bytes are these: a file name proves nothing.
+WHEEL_SHA256 = {
+    ("apache-tvm", "0.27.0.post1"): "4acfdb7653e4e1ba7a707bdf2833db72eb8fda7d04d99141f2a4e1da43171fb7",
+    ("apache-tvm-ffi", "0.1.14.post1"): "c7a759781d4fbf2b99fa12f2741f250b882b06acc2747bb02831d491d1ac7d3c",
+}
 RUNNER_FLAGS = ["-std=c++17", "-O2", "-s", "-fPIE", "-pie"]
 
 
@@ -127,6 +133,51 @@ def _find_wheel(folder: Path, package: str, version: str) -> Path | None:
     return found[0] if found else None
 
 
+def _check_wheel(wheel: Path, package: str, version: str, wheels_dir: Path) -> str:
+    """The wheel's sha256, which must be the pinned one for (package, version)."""
+    want = WHEEL_SHA256.get((package, version))
+    if want is None:
+        known = ", ".join(f"{p}=={v}" for p, v in WHEEL_SHA256)
+        raise UserError(f"no pinned sha256 for the aarch64 wheel of {package}=={version}; bundles use the pinned "
+                        f"TVM versions ({known}): install those")
+    have = _sha256(wheel)
+    if have != want:
+        raise UserError(f"{wheel} is not PyPI's {package}=={version} wheel (sha256 {have[:16]}... != pinned "
+                        f"{want[:16]}...); delete it from {wheels_dir} and let edge-sparse download it again")
+    return have
+
+
+def _header_dest(include: Path, name: str) -> Path | None:
+    """Where a wheel member under _HEADER_ROOTS goes inside ``include`` (None: not a header member); a member path
+    that would leave ``include`` (absolute, ``..``, backslashes) is refused."""
+    if not name.startswith(_HEADER_ROOTS) or name.endswith("/"):
+        return None
+    rel = name[len("tvm_ffi/include/"):]
+    parts = rel.split("/")
+    if "\\" in rel or "\0" in rel or any(p in ("", ".", "..") for p in parts):
+        raise UserError(f"wheel member {name[:120]!r} points outside the extraction directory; the wheel is not "
+                        f"genuine: delete it from the cache and let edge-sparse download it again")
+    dest = include.joinpath(*parts)
+    if include.resolve() not in dest.resolve().parents:
+        raise UserError(f"wheel member {name[:120]!r} points outside the extraction directory; delete the wheel")
+    return dest
+
+
+def _cached_libs_match(root: Path, wheels: dict[str, Path]) -> bool:
+    """The extracted libraries are byte for byte the (verified) wheels' members."""
+    for name, (package, member) in _LIBS.items():
+        p = root / "lib" / name
+        if not p.is_file():
+            return False
+        with zipfile.ZipFile(wheels[package]) as z:
+            try:
+                if hashlib.sha256(z.read(member)).hexdigest() != _sha256(p):
+                    return False
+            except KeyError:
+                return False
+    return True
+
+
 def runtime_files(tvm_version: str | None = None, ffi_version: str | None = None, *,
                   quiet: bool | None = None) -> RuntimeFiles:
     """Fetch (once) and extract the aarch64 runtime libraries and tvm_ffi headers of these versions.
@@ -158,8 +209,8 @@ def runtime_files(tvm_version: str | None = None, ffi_version: str | None = None
         if missing:
             raise UserError(f"pip found no aarch64 wheel for {', '.join(missing)}; "
                             f"the bundle needs the runtime of exactly the compiler's TVM versions")
-    wheel_info = {p: {"file": w.name, "sha256": _sha256(w)} for p, w in wheels.items()}
-    if not (root / "lib" / "libtvm_runtime.so").is_file() or not (root / "include" / "tvm" / "ffi").is_dir():
+    wheel_info = {p: {"file": w.name, "sha256": _check_wheel(w, p, packages[p], wheels_dir)} for p, w in wheels.items()}
+    if not (root / "include" / "tvm" / "ffi").is_dir() or not _cached_libs_match(root, wheels):
         with progress.step("extracting the aarch64 TVM runtime"):
             root.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=root.parent))
@@ -176,10 +227,9 @@ def runtime_files(tvm_version: str | None = None, ffi_version: str | None = None
                     (tmp / "lib" / name).write_bytes(data)
                 with zipfile.ZipFile(wheels["apache-tvm-ffi"]) as z:
                     for info in z.infolist():
-                        if info.is_dir() or not info.filename.startswith(_HEADER_ROOTS):
+                        dest = _header_dest(tmp / "include", info.filename)
+                        if dest is None or info.is_dir():
                             continue
-                        rel = info.filename[len("tvm_ffi/include/"):]
-                        dest = tmp / "include" / rel
                         dest.parent.mkdir(parents=True, exist_ok=True)
                         dest.write_bytes(z.read(info))
                 os.chmod(tmp, 0o755)

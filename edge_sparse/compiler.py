@@ -22,14 +22,18 @@ SPARSE_MODES = ("auto", "off", "bsr16x1", "bsr8x1", "bsr4x1", "csr", "2:4")
 
 
 def import_relax(intake):
-    """Relax IRModule of an intake result, weights as inline constants (so passes can see and rewrite them)."""
+    """Relax IRModule of an intake result, weights as inline constants (so passes can see and rewrite them), every
+    gather bounded (an out-of-range index can not read out of bounds)."""
     from tvm.relax.frontend.onnx import from_onnx
 
+    from edge_sparse.passes.bounded_take import bound_takes
+
     try:
-        return from_onnx(intake.model, shape_dict=intake.shape_dict, keep_params_in_input=False)
+        mod = from_onnx(intake.model, shape_dict=intake.shape_dict, keep_params_in_input=False)
     except Exception as e:  # converter errors are model problems the user must fix, not our bugs
         msg = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
         raise UserError(f"TVM's ONNX importer rejected the model: {msg}") from None
+    return bound_takes(mod)
 
 
 def _versions() -> tuple[dict[str, str], dict[str, str]]:

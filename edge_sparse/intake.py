@@ -19,7 +19,7 @@ import onnx
 from edge_sparse.artifact import sha256_file
 from edge_sparse.errors import UserError
 
-__all__ = ["TensorInfo", "Intake", "load_model", "parse_input_shape", "unsupported_ops"]
+__all__ = ["TensorInfo", "Intake", "load_model", "parse_input_shape", "unsupported_ops", "index_ranges"]
 
 _ONNX_DTYPES = {
     onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.DOUBLE: "float64",
@@ -33,9 +33,13 @@ class TensorInfo:
     name: str
     shape: tuple[int, ...]
     dtype: str
+    range: tuple[int, int] | None = None   # integer inputs used as indices: the valid [min, max]
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        d = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        if self.range is not None:
+            d["range"] = [int(self.range[0]), int(self.range[1])]
+        return d
 
 
 @dataclasses.dataclass
@@ -185,6 +189,58 @@ def _weight_names(model: onnx.ModelProto) -> dict[str, str]:
     return names
 
 
+_VALUE_PRESERVING = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
+
+
+def index_ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    """Valid [min, max] of each integer graph input that is only used as Gather indices (possibly through a Cast or
+    reshape): ``[-n, n - 1]`` for a gathered axis of extent n, intersected over uses. The runtime checks inputs
+    against these ranges, the way onnxruntime rejects out-of-bounds indices."""
+    shapes: dict[str, list[int]] = {i.name: list(i.dims) for i in model.graph.initializer}
+    for vi in list(model.graph.value_info) + list(model.graph.input):
+        dims = _dims(vi)
+        if dims and all(isinstance(d, int) and d > 0 for d in dims):
+            shapes.setdefault(vi.name, dims)
+    users: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in model.graph.node:
+        for pos, name in enumerate(node.input):
+            users.setdefault(name, []).append((node, pos))
+    outputs = {o.name for o in model.graph.output}
+
+    def bound(name: str, depth: int = 0) -> tuple[int, int] | None:
+        uses = users.get(name, [])
+        if not uses or name in outputs or depth > 8:
+            return None
+        lo, hi = -(1 << 63), (1 << 63) - 1
+        for node, pos in uses:
+            if node.op_type == "Gather" and pos == 1 and node.domain in ("", "ai.onnx"):
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                data = shapes.get(node.input[0])
+                if not data or not -len(data) <= axis < len(data):
+                    return None
+                n = data[axis]
+                lo, hi = max(lo, -n), min(hi, n - 1)
+            elif node.op_type in _VALUE_PRESERVING and pos == 0:
+                if node.op_type == "Cast" and next((a.i for a in node.attribute if a.name == "to"), None) not in (
+                        onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+                    return None
+                inner = bound(node.output[0], depth + 1)
+                if inner is None:
+                    return None
+                lo, hi = max(lo, inner[0]), min(hi, inner[1])
+            else:
+                return None
+        return lo, hi
+
+    ranges = {}
+    for vi in _graph_inputs(model):
+        if vi.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+            r = bound(vi.name)
+            if r is not None:
+                ranges[vi.name] = r
+    return ranges
+
+
 def _outputs(model: onnx.ModelProto) -> list[TensorInfo]:
     infos = []
     for vi in model.graph.output:
@@ -207,9 +263,10 @@ def load_model(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]]
             shown = ", ".join(f"{op} ({name})" for op, name in missing[:5])
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise UserError(f"TVM cannot import these ops: {shown}{more}; replace them before export (e.g. export LSTM unrolled)")
+    ranges = index_ranges(folded)
     return Intake(
         model=folded,
-        inputs=inputs,
+        inputs=[dataclasses.replace(t, range=ranges.get(t.name)) for t in inputs],
         outputs=_outputs(folded),
         source_sha256=sha256_file(path),
         source_name=path.name,

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_sparse.artifact import read_manifest, verify_files
+from edge_sparse.artifact import library_path, read_manifest
 from edge_sparse.errors import UserError
 
 __all__ = ["Model", "load", "set_threads"]
@@ -111,6 +111,13 @@ class Model:
                 raise UserError(f"input '{spec['name']}' has shape {list(a.shape)}, the model expects {spec['shape']}")
             if a.dtype != np.dtype(spec["dtype"]):
                 raise UserError(f"input '{spec['name']}' has dtype {a.dtype}, the model expects {spec['dtype']}")
+            if spec.get("range") is not None and a.size:
+                lo, hi = spec["range"]
+                amin, amax = int(a.min()), int(a.max())
+                if amin < lo or amax > hi:
+                    bad = amin if amin < lo else amax
+                    raise UserError(f"input '{spec['name']}' holds {bad}, outside the valid index range [{lo}, {hi}] "
+                                    f"(it indexes a table of {hi + 1} rows); fix the ids (e.g. the tokenizer's vocabulary)")
             arrays.append(np.ascontiguousarray(a))
         return arrays
 
@@ -154,19 +161,19 @@ def _to_numpy(t) -> np.ndarray:
         return t.numpy()
 
 
-def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = True) -> Model:
-    """Load an artifact directory made by ``edge-sparse compile`` (hashes checked first)."""
+def load(path: str | os.PathLike, *, threads: int | None = None) -> Model:
+    """Load an artifact directory made by ``edge-sparse compile`` (hashes checked first; the library must be one of
+    the artifact's hashed files)."""
     root = Path(path)
     manifest = read_manifest(root)
     _check_arch(manifest)
-    if verify:
-        verify_files(root, manifest)
+    lib_file = library_path(root, manifest)
     _check_versions(manifest)
     set_threads(threads)
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
-    lib = tvm.runtime.load_module(str(root / manifest["library"]))
+    lib = tvm.runtime.load_module(str(lib_file))
     if manifest.get("target", {}).get("family") == "opencl":
         dev = tvm.opencl(0)
         if not dev.exist:

@@ -467,6 +467,7 @@ class Model {
     read_specs();
     check_runtime(options.check_runtime);
     library_ = manifest_.at("library", manifest_path).as_string("manifest 'library'");
+    check_inside(library_);
     std::string lib_path = detail::join(dir, library_);
     if (library_.size() > 4 && library_.compare(library_.size() - 4, 4, ".tar") == 0) {
       // Android without the NDK at compile time: objects to link (RUN.md prints the command).
@@ -629,7 +630,21 @@ class Model {
     }
   }
 
+  // Files the manifest names must be plain relative paths inside the artifact (no "/x", no "..", no "a\\b").
+  static void check_inside(const std::string& rel) {
+    bool bad = rel.empty() || rel[0] == '/' || rel.find('\\') != std::string::npos;
+    for (size_t start = 0; !bad && start <= rel.size();) {
+      size_t end = rel.find('/', start);
+      if (end == std::string::npos) end = rel.size();
+      std::string part = rel.substr(start, end - start);
+      bad = part.empty() || part == "..";
+      start = end + 1;
+    }
+    if (bad) throw Error("manifest.json names a file outside the artifact: '" + rel + "'; recompile the artifact");
+  }
+
   void verify_file(const std::string& rel) {
+    check_inside(rel);
     const json::Value* files = manifest_.find("files");
     const json::Value* entry = files ? files->find(rel) : nullptr;
     if (entry == nullptr) throw Error("manifest.json has no sha256 for " + rel + "; recompile the artifact");

@@ -1,0 +1,213 @@
+"""Issue 13: hardening. One regression test per item; bad inputs checked against the contract in tests/contract.py."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import ort_run
+from contract import assert_bad_input, snapshot
+from edge_sparse import compiler, runtime
+from edge_sparse.errors import UserError
+
+
+def _compile(src, out, **kw):
+    kw.setdefault("sparse", "off")
+    return compiler.compile(src, kw.pop("target", "host"), out, quiet=True, **kw)
+
+
+def _gather_model(path: Path, rows: int = 100, dim: int = 16, seq: int = 8) -> np.ndarray:
+    table = np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["y"], axis=0)], "g",
+                          [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, seq])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, dim])],
+                          [numpy_helper.from_array(table, "table")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return table
+
+
+@pytest.fixture(scope="module")
+def gather_artifact(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gather")
+    table = _gather_model(d / "g.onnx")
+    _compile(d / "g.onnx", d / "art")
+    return d, table
+
+
+# ------------------------------------------------------------------------------------ 2: out-of-range indices
+def test_gather_records_index_range_and_matches_ort(gather_artifact):
+    d, table = gather_artifact
+    man = json.loads((d / "art" / "manifest.json").read_text())
+    assert man["inputs"][0]["range"] == [-100, 99]
+    ids = np.array([[0, 5, 99, -1, -100, 42, 7, 3]], np.int64)
+    got = runtime.load(d / "art").run({"ids": ids})["y"]
+    np.testing.assert_array_equal(got, ort_run(d / "g.onnx", {"ids": ids})[0])
+
+
+@pytest.mark.parametrize("bad", [-5000, 100, -101, 10**9])
+def test_gather_out_of_range_ids_one_line(gather_artifact, tmp_path, bad):
+    d, _ = gather_artifact
+    ids = np.zeros((1, 8), np.int64)
+    ids[0, 3] = bad
+    np.savez(tmp_path / "ids.npz", ids=ids)
+    assert_bad_input(["run", d / "art", "-i", tmp_path / "ids.npz", "-o", tmp_path / "out.npz"],
+                     f"holds {bad}", "[-100, 99]", inputs=[tmp_path / "ids.npz", d / "art"],
+                     outputs=[tmp_path / "out.npz"], in_process=False)
+
+
+def test_generated_gather_cannot_read_out_of_bounds(gather_artifact):
+    """Bypassing the runtime's range check, the compiled code itself clips: ids 10**9 used to segfault."""
+    d, table = gather_artifact
+    code = f"""
+import numpy as np, tvm
+from edge_sparse import runtime
+m = runtime.load({str(d / 'art')!r})
+ids = np.array([[10**9, -5000, 0, 99, 100, -101, 2**62, -2**62]], np.int64)
+y = m.outputs_to_numpy(m._main(tvm.runtime.tensor(ids, m.device)))["y"]
+np.save({str(d / 'clip.npy')!r}, y)
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    y = np.load(d / "clip.npy")
+    # negative ids are first shifted by the row count (ONNX semantics), then clipped to [0, 99]
+    want = table[np.array([99, 0, 0, 99, 99, 0, 99, 0])][None]
+    np.testing.assert_array_equal(y, want)
+
+
+def test_no_fast_take_after_import(tmp_path):
+    from edge_sparse.intake import load_model
+
+    _gather_model(tmp_path / "g.onnx")
+    mod = compiler.import_relax(load_model(tmp_path / "g.onnx"))
+    text = mod.script()
+    assert 'mode="clip"' in text and 'mode="fast"' not in text
+
+
+@pytest.fixture(scope="module")
+def cnn_artifact(synthetic_models, tmp_path_factory):
+    art = tmp_path_factory.mktemp("cnn") / "art"
+    _compile(synthetic_models["cnn"], art)
+    return art
+
+
+def _copy_artifact(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ------------------------------------------------------------------------------------ 3: zip-slip, pinned wheels
+def _fake_wheel(path: Path, members: dict[str, bytes]) -> Path:
+    import zipfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path
+
+
+def test_cache_wheel_trusted_by_name_is_refused(tmp_path, monkeypatch):
+    from edge_sparse import bundle
+
+    monkeypatch.setenv("EDGE_SPARSE_CACHE", str(tmp_path / "cache"))
+    (tvm_v, ffi_v) = ("0.27.0.post1", "0.1.14.post1")
+    wheels = tmp_path / "cache" / "wheels"
+    _fake_wheel(wheels / f"apache_tvm-{tvm_v}-py3-none-manylinux_2_28_aarch64.whl",
+                {"tvm/lib/libtvm_runtime.so": b"evil"})
+    _fake_wheel(wheels / f"apache_tvm_ffi-{ffi_v}-cp311-cp311-manylinux_2_28_aarch64.whl",
+                {"tvm_ffi/lib/libtvm_ffi.so": b"evil", "tvm_ffi/include/tvm/ffi/x.h": b"//"})
+    with pytest.raises(UserError, match="is not PyPI's apache-tvm==0.27.0.post1 wheel"):
+        bundle.runtime_files(tvm_v, ffi_v, quiet=True)
+    assert not (tmp_path / "cache" / "aarch64-runtime").exists()
+
+
+@pytest.mark.parametrize("member", ["tvm_ffi/include/tvm/../../../../escaped.h", "tvm_ffi/include/tvm/a/../../../x.h",
+                                    "tvm_ffi/include/tvm/a\\..\\..\\x.h"])
+def test_wheel_member_outside_extraction_dir_is_refused(tmp_path, monkeypatch, member):
+    """A wheel whose hash is trusted (pinned here to the crafted file) still cannot write outside the directory."""
+    from edge_sparse import bundle
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("EDGE_SPARSE_CACHE", str(cache))
+    tvm_v, ffi_v = "0.27.0.post1", "0.1.14.post1"
+    w1 = _fake_wheel(cache / "wheels" / f"apache_tvm-{tvm_v}-py3-none-manylinux_2_28_aarch64.whl",
+                     {"tvm/lib/libtvm_runtime.so": b"rt"})
+    w2 = _fake_wheel(cache / "wheels" / f"apache_tvm_ffi-{ffi_v}-cp311-cp311-manylinux_2_28_aarch64.whl",
+                     {"tvm_ffi/lib/libtvm_ffi.so": b"ffi", "tvm_ffi/include/tvm/ffi/ok.h": b"//", member: b"pwned"})
+    monkeypatch.setattr(bundle, "WHEEL_SHA256", {("apache-tvm", tvm_v): bundle._sha256(w1),
+                                                 ("apache-tvm-ffi", ffi_v): bundle._sha256(w2)})
+    with pytest.raises(UserError, match="outside the extraction directory"):
+        bundle.runtime_files(tvm_v, ffi_v, quiet=True)
+    written = [p for p in tmp_path.rglob("*") if p.name in ("escaped.h", "x.h") or "pwned" in p.name]
+    assert written == []
+    assert not (cache / "aarch64-runtime").exists() or not any((cache / "aarch64-runtime").iterdir())
+
+
+# ------------------------------------------------------------------------------------ 4: library inside, verified
+@pytest.mark.parametrize("library", ["../outside.so", "/tmp/outside.so", "sub/../../outside.so", "notlisted.so"])
+def test_manifest_library_outside_artifact_is_refused(cnn_artifact, tmp_path, library):
+    art = _copy_artifact(cnn_artifact, tmp_path / "art")
+    (tmp_path / "outside.so").write_bytes((art / "model.so").read_bytes())
+    (art / "notlisted.so").write_bytes((art / "model.so").read_bytes())
+    m = json.loads((art / "manifest.json").read_text())
+    m["library"] = library
+    if library != "notlisted.so":
+        m["files"][library] = m["files"]["model.so"]       # a hash "vouching" for a file outside
+    (art / "manifest.json").write_text(json.dumps(m))
+    assert_bad_input(["run", art], "manifest.json is malformed", inputs=[art, tmp_path / "outside.so"])
+
+
+def test_bench_rpc_refuses_tampered_library_before_upload(cnn_artifact, tmp_path):
+    art = _copy_artifact(cnn_artifact, tmp_path / "art")
+    data = bytearray((art / "model.so").read_bytes())
+    data[len(data) // 3] ^= 0x55
+    (art / "model.so").write_bytes(bytes(data))
+    # nothing listens there: the hash check must come first (no connection attempted, no upload)
+    assert_bad_input(["bench", art, "--rpc", "127.0.0.1:9", "--json", tmp_path / "b.json"], "model.so", "sha256",
+                     inputs=[art], outputs=[tmp_path / "b.json"])
+
+
+# ------------------------------------------------------------------------------------ 10: malformed manifests
+def _del(key):
+    return lambda m: m.pop(key)
+
+
+_MANIFEST_BREAKS = {
+    "no-target": _del("target"),
+    "no-tvm": _del("tvm"),
+    "target-string": lambda m: m.update(target="host"),
+    "target-no-family": lambda m: m["target"].pop("family"),
+    "inputs-dict": lambda m: m.update(inputs={"x": [1]}),
+    "inputs-empty": lambda m: m.update(inputs=[]),
+    "input-no-name": lambda m: m["inputs"][0].pop("name"),
+    "input-shape-strings": lambda m: m["inputs"][0].update(shape=["1", "a"]),
+    "input-shape-huge": lambda m: m["inputs"][0].update(shape=[99999999999999999999, 1]),
+    "input-shape-negative": lambda m: m["inputs"][0].update(shape=[-1, 3, 32, 32]),
+    "input-dtype": lambda m: m["inputs"][0].update(dtype="complex128"),
+    "output-not-object": lambda m: m.update(outputs=[1]),
+    "files-list": lambda m: m.update(files=["model.so"]),
+    "file-no-sha": lambda m: m["files"]["model.so"].pop("sha256"),
+    "file-bytes-string": lambda m: m["files"]["model.so"].update(bytes="12"),
+    "library-int": lambda m: m.update(library=3),
+    "range-reversed": lambda m: m["inputs"][0].update(range=[5, 1]),
+}
+
+
+@pytest.mark.parametrize("cmd", ["run", "inspect", "bench"])
+@pytest.mark.parametrize("brk", sorted(_MANIFEST_BREAKS))
+def test_malformed_manifest_one_line(cnn_artifact, tmp_path, brk, cmd):
+    art = _copy_artifact(cnn_artifact, tmp_path / "art")
+    m = json.loads((art / "manifest.json").read_text())
+    _MANIFEST_BREAKS[brk](m)
+    (art / "manifest.json").write_text(json.dumps(m))
+    args = [cmd, art] + (["--repeat", "1", "--warmup", "0"] if cmd == "bench" else [])
+    assert_bad_input(args, "manifest.json", inputs=[art])
