@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_sparse.util import atomic_write
+
 __all__ = ["MODELS", "main"]
 
 ZOO = ("minilm-l6", "ppocr-rec", "ppocr-cls")
@@ -216,9 +218,7 @@ def main(argv=None) -> int:
         doc = {"benchmark": "dense", "target_ratio": TARGET_RATIO, "machine": platform.processor() or platform.machine(),
                "cpus": os.cpu_count(), "tvm": tvm.__version__, "rounds": args.rounds, "batch": args.batch,
                "results": rows}
-        tmp_path = Path(args.json_out).with_suffix(".tmp")
-        tmp_path.write_text(json.dumps(doc, indent=2))
-        os.replace(tmp_path, args.json_out)
+        atomic_write(args.json_out, json.dumps(doc, indent=2))
     return 0
 
 

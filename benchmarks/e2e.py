@@ -8,7 +8,7 @@ Per model (``edge_sparse.models``), per config:
   dense   the zoo ONNX; edge-sparse compiles it with ``--sparse off``
   u50     50% unstructured        n24  2:4 (50%)
   b70/b80/b90  70/80/90% in 16x1 blocks over output channels
-Pruned models come from ``edge_sparse.prune`` (Wanda scoring; per-layer sparsity by sensitivity, ``--allocate
+Pruned models come from ``edge_sparse.prune`` (the default calibrated method, or ``--method``; per-layer sparsity by sensitivity, ``--allocate
 uniform`` for the same target in every layer; default skips: first conv and classifier head), calibrated on the
 recipe's sample inputs 8..15; they are compiled with ``--sparse auto``.
 
@@ -42,7 +42,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from edge_sparse.passes import methods
+from edge_sparse.util import atomic_write, latency_stats, time_calls
 
 __all__ = ["CONFIGS", "estimate", "main"]
 
@@ -216,18 +218,9 @@ def _worker(args) -> None:
     if args.save_outputs:
         np.savez(args.save_outputs, **outputs)
     x = eval_inputs[0]
-    for _ in range(args.warmup):
-        run(x)
-    times = []
-    start = time.perf_counter()
-    while (len(times) < args.repeat or time.perf_counter() - start < args.min_seconds) and len(times) < 2000:
-        t = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - t)
-    times.sort()
-    print(json.dumps({"runtime": args.runtime, "threads": n, "load_s": load_s, "count": len(times),
-                      "median_ms": statistics.median(times) * 1e3, "min_ms": times[0] * 1e3,
-                      "p90_ms": times[int(0.9 * (len(times) - 1))] * 1e3, "mean_ms": statistics.fmean(times) * 1e3}))
+    times = time_calls(lambda: run(x), warmup=args.warmup, repeat=args.repeat, min_seconds=args.min_seconds,
+                       max_count=2000)
+    print(json.dumps({"runtime": args.runtime, "threads": n, "load_s": load_s, **latency_stats(times)}))
 
 
 def _spawn(runtime_name: str, path: Path, inputs: Path, threads: int, args, save: Path | None = None) -> dict:
@@ -396,7 +389,7 @@ def markdown(result: dict) -> str:
         f"Host: {m['cpu']} ({m['cores']} cores available, shared), {m['os']}; onnxruntime {m['onnxruntime']}, "
         f"TVM {m['tvm']}. Latency: median of per-call wall times, each runtime in its own process, "
         f"TVM_BIND_THREADS=0, threads = {', '.join(map(str, threads))}.",
-        f"Pruning: one-shot {result.get('method', 'wanda')}, no retraining, per-layer sparsity allocated "
+        f"Pruning: one-shot {result['method']}, no retraining, per-layer sparsity allocated "
         f"{'by sensitivity' if result.get('allocate') == 'sensitivity' else 'uniformly'} (default skips: first "
         "conv, classifier head), calibrated on 8 sample inputs.",
         "Accuracy on 8 held-out inputs, edge-sparse outputs against the dense model in onnxruntime: ppocr-rec = "
@@ -466,9 +459,7 @@ def _machine() -> dict:
 def _write(result: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in (("e2e.json", json.dumps(result, indent=2) + "\n"), ("e2e.md", markdown(result))):
-        tmp = out_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out_dir / name)
+        atomic_write(out_dir / name, text)
 
 
 def main(argv=None) -> int:
@@ -490,7 +481,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="ppocr-cls,ppocr-rec,minilm-l6", help="comma-separated zoo names")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated: {', '.join(CONFIGS)}")
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts (each its own processes)")
-    p.add_argument("--method", default="wanda", choices=["wanda", "magnitude"])
+    p.add_argument("--method", default=None, choices=methods.names(),
+                   help="pruning method (default: the preferred one for calibrated pruning)")
     p.add_argument("--allocate", default="sensitivity", choices=["sensitivity", "uniform"],
                    help="per-layer sparsity: by sensitivity (the global target is met) or the same for every layer")
     p.add_argument("--sparse", default="auto", help="compile --sparse mode for pruned models")
@@ -505,6 +497,7 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true", help="keep finished rows of an existing e2e.json")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
+    args.method = args.method or methods.default(calibrated=True)
 
     import onnxruntime as ort
 

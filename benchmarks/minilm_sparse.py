@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_sparse.util import atomic_write, latency_stats, time_calls
+
 __all__ = ["prune_linear_blocks", "main"]
 
 
@@ -58,14 +60,9 @@ def _time_tvm(art: str, threads: int, repeat: int, inputs_npz: str) -> dict:
 
     m = runtime.load(art, threads=threads)
     inputs = dict(np.load(inputs_npz))
-    for _ in range(5):
-        out = m.run(inputs)
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        m.run(inputs)
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return {"median_ms": float(np.median(ts)), "min_ms": float(np.min(ts)), "outputs": {k: v.tolist() for k, v in out.items()}}
+    out = m.run(inputs)
+    stats = latency_stats(time_calls(lambda: m.run(inputs), warmup=4, repeat=repeat))
+    return {"median_ms": stats["median_ms"], "min_ms": stats["min_ms"], "outputs": {k: v.tolist() for k, v in out.items()}}
 
 
 def _time_ort(onnx_path: str, threads: int, repeat: int, inputs_npz: str) -> dict:
@@ -77,14 +74,9 @@ def _time_ort(onnx_path: str, threads: int, repeat: int, inputs_npz: str) -> dic
     s = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
     inputs = dict(np.load(inputs_npz))
     names = [o.name for o in s.get_outputs()]
-    for _ in range(5):
-        out = s.run(None, inputs)
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        s.run(None, inputs)
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return {"median_ms": float(np.median(ts)), "min_ms": float(np.min(ts)),
+    out = s.run(None, inputs)
+    stats = latency_stats(time_calls(lambda: s.run(None, inputs), warmup=4, repeat=repeat))
+    return {"median_ms": stats["median_ms"], "min_ms": stats["min_ms"],
             "outputs": {n: v.tolist() for n, v in zip(names, out)}}
 
 
@@ -176,7 +168,7 @@ def main(argv=None) -> int:
         print(f"| {row['threads']} | {row['ort_ms']:.2f} | {cells} |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        atomic_write(args.json, json.dumps(result, indent=2))
         print(f"wrote {args.json}")
     return 0
 

@@ -33,13 +33,13 @@ COUT = 256
 
 
 def _to_bsr(w, R):
-    """passes.formats.to_bsr; loaded by path where edge_sparse is not installed (the timing machine)."""
+    """edge_sparse.formats.to_bsr; loaded by path where edge_sparse is not installed (the timing machine)."""
     try:
-        from edge_sparse.passes.formats import to_bsr
+        from edge_sparse.formats import to_bsr
     except ImportError:
         import importlib.util
 
-        spec = importlib.util.spec_from_file_location("_formats", ROOT / "passes" / "formats.py")
+        spec = importlib.util.spec_from_file_location("_formats", ROOT / "edge_sparse" / "formats.py")
         mod = importlib.util.module_from_spec(spec)
         sys.modules["_formats"] = mod
         spec.loader.exec_module(mod)
@@ -107,7 +107,7 @@ def _dense_module(op, M, K, N):
 def prepare(out: Path, quick: bool = False, extra_models=(), input_shapes=None):
     from edge_sparse import targets
     from edge_sparse.opencl_check import capture, plan_primfunc
-    from edge_sparse.passes.formats import KernelSpec
+    from edge_sparse.formats import KernelSpec
     from edge_sparse.targets.opencl import kernels
 
     out.mkdir(parents=True, exist_ok=True)

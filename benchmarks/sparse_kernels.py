@@ -42,7 +42,7 @@ def _weight(K: int, N: int, fmt: str, sparsity: float, seed: int = 0) -> np.ndar
         drop = np.argsort(rng.random(g.shape), axis=1)[:, :2, :]
         np.put_along_axis(g, drop, 0.0, axis=1)
         return w
-    from edge_sparse.passes.formats import bsr_rows
+    from edge_sparse.formats import bsr_rows
 
     R = bsr_rows(fmt)
     keep = rng.random((K, N // R)) >= sparsity
@@ -64,7 +64,7 @@ def _run_tvm(threads: int, repeat: int, quick: bool) -> list[dict]:
     import tvm
 
     from edge_sparse import targets
-    from edge_sparse.passes import formats as F
+    from edge_sparse import formats as F
     from edge_sparse.passes import sparsify as SP
     from edge_sparse.targets.cpu import sparse as S
 

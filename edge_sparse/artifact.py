@@ -1,34 +1,24 @@
 """Artifact directory format: the compiled library plus ``manifest.json``.
 
-Imports only the standard library, so the device-side runtime can use it. Writing is atomic at the directory level:
-the caller builds everything in a temporary sibling directory and :func:`commit_dir` renames it into place.
+Imports only the standard library and numpy, so the device-side runtime can use it. Writing is atomic at the directory
+level: the caller builds everything in :func:`edge_sparse.util.atomic_dir` and it is renamed into place.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from edge_sparse.errors import UserError
+from edge_sparse.util import atomic_write, sha256_file
 
-__all__ = ["SCHEMA_VERSION", "MANIFEST", "Manifest", "sha256_file", "read_manifest", "write_manifest",
-           "file_entries", "verify_files", "library_path", "staging_dir", "commit_dir", "check_output_dir"]
+__all__ = ["SCHEMA_VERSION", "MANIFEST", "Manifest", "read_manifest", "write_manifest",
+           "file_entries", "verify_files", "library_path", "check_output_dir"]
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclasses.dataclass
@@ -71,9 +61,7 @@ def file_entries(root: Path, exclude=(MANIFEST,)) -> dict[str, dict[str, Any]]:
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
     manifest.files = file_entries(root)
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
-    os.replace(tmp, root / MANIFEST)
+    atomic_write(root / MANIFEST, json.dumps(manifest.to_dict(), indent=2) + "\n")
 
 
 def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
@@ -178,23 +166,3 @@ def check_output_dir(out_dir: str | os.PathLike, force: bool, inputs: tuple = ()
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} exists and is not a directory; remove it or choose another path")
     return out
-
-
-def staging_dir(out_dir: Path) -> Path:
-    """A fresh temporary directory beside ``out_dir`` (same filesystem, so the final rename is atomic)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-
-
-def commit_dir(staging: Path, out_dir: Path) -> None:
-    """Move the finished staging directory into place, replacing an old ``out_dir`` (--force)."""
-    out_dir = Path(out_dir)
-    os.chmod(staging, 0o755)                     # mkdtemp makes it owner-only; artifacts are shared/copied
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(staging, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

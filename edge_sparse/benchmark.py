@@ -24,8 +24,9 @@ from typing import Any, Callable
 import numpy as np
 
 from edge_sparse.errors import UserError
+from edge_sparse.util import atomic_write, latency_stats
 
-__all__ = ["SCHEMA", "bench", "combine", "latency_stats", "format_table", "plot", "write_json"]
+__all__ = ["SCHEMA", "bench", "combine", "format_table", "plot", "write_json"]
 
 SCHEMA = "edge-sparse.bench/1"
 DEFAULT_WARMUP = 10
@@ -37,24 +38,6 @@ CHUNK_SECONDS = 0.03           # time_evaluator chunk: lets interleaved meters s
 
 
 # ---------------------------------------------------------------------------------------------- statistics
-def latency_stats(seconds: list[float] | np.ndarray) -> dict[str, float]:
-    """count, mean, median, min, max, std (population), p90, p99 in milliseconds; throughput in inferences/s."""
-    a = np.asarray(seconds, dtype=np.float64) * 1e3
-    if a.size == 0:
-        raise ValueError("no samples")
-    return {
-        "count": int(a.size),
-        "mean_ms": float(a.mean()),
-        "median_ms": float(np.median(a)),
-        "min_ms": float(a.min()),
-        "max_ms": float(a.max()),
-        "std_ms": float(a.std()),
-        "p90_ms": float(np.percentile(a, 90)),
-        "p99_ms": float(np.percentile(a, 99)),
-        "throughput_ips": float(1e3 / a.mean()),
-    }
-
-
 def _rss_reset() -> float | None:
     """Reset the kernel's peak-RSS mark (``5`` > /proc/self/clear_refs) and return the current RSS in MB."""
     try:
@@ -679,19 +662,17 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_target(path: Path, force: bool) -> Path:
+def _check_target(path: Path, force: bool) -> None:
     if path.exists() and not force:
         raise UserError(f"output file {path} already exists; pass --force to overwrite it")
     if not path.parent.exists():
         raise UserError(f"directory {path.parent} does not exist")
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def write_json(result: dict[str, Any], path: str | os.PathLike, force: bool = False) -> None:
     path = Path(path)
-    tmp = _atomic_target(path, force)
-    tmp.write_text(json.dumps(result, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
+    _check_target(path, force)
+    atomic_write(path, json.dumps(result, indent=2, default=float) + "\n")
 
 
 def plot(result: dict[str, Any], path: str | os.PathLike, force: bool = False) -> None:
@@ -704,7 +685,7 @@ def plot(result: dict[str, Any], path: str | os.PathLike, force: bool = False) -
     except ImportError:
         raise UserError("--plot needs matplotlib: pip install 'edge-sparse[plot]'") from None
     path = Path(path)
-    tmp = _atomic_target(path, force)
+    _check_target(path, force)
     runs = result["runs"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     every = np.concatenate([np.asarray(r["samples_ms"]) for r in runs])
@@ -728,9 +709,8 @@ def plot(result: dict[str, Any], path: str | os.PathLike, force: bool = False) -
     ax2.set_title(f"threads {result['settings']['threads']}, {result['device']['where']}")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(tmp, format="png", dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":  # the onnxruntime baseline process

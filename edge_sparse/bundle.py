@@ -32,6 +32,7 @@ from typing import Any
 
 from edge_sparse.errors import UserError
 from edge_sparse.progress import Progress
+from edge_sparse.util import atomic_dir, atomic_path, sha256_bytes, sha256_file
 
 __all__ = ["make_bundle", "runtime_files", "build_runner", "cache_dir", "android_link_command", "summary_lines",
            "RuntimeFiles",
@@ -61,14 +62,6 @@ RUNNER_FLAGS = ["-std=c++17", "-O2", "-s", "-fPIE", "-pie"]
 def cache_dir() -> Path:
     """``$EDGE_SPARSE_CACHE`` or ``~/.cache/edge-sparse``."""
     return Path(os.environ.get("EDGE_SPARSE_CACHE") or Path.home() / ".cache" / "edge-sparse")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _tree_bytes(path: Path) -> int:
@@ -101,7 +94,7 @@ class RuntimeFiles:
             out[f"lib/{name}"] = {
                 "package": package,
                 "version": self.tvm_version if package == "apache-tvm" else self.ffi_version,
-                "sha256": _sha256(p),
+                "sha256": sha256_file(p),
                 "bytes": p.stat().st_size,
                 "wheel": self.wheels[package]["file"],
             }
@@ -140,7 +133,7 @@ def _check_wheel(wheel: Path, package: str, version: str, wheels_dir: Path) -> s
         known = ", ".join(f"{p}=={v}" for p, v in WHEEL_SHA256)
         raise UserError(f"no pinned sha256 for the aarch64 wheel of {package}=={version}; bundles use the pinned "
                         f"TVM versions ({known}): install those")
-    have = _sha256(wheel)
+    have = sha256_file(wheel)
     if have != want:
         raise UserError(f"{wheel} is not PyPI's {package}=={version} wheel (sha256 {have[:16]}... != pinned "
                         f"{want[:16]}...); delete it from {wheels_dir} and let edge-sparse download it again")
@@ -171,7 +164,7 @@ def _cached_libs_match(root: Path, wheels: dict[str, Path]) -> bool:
             return False
         with zipfile.ZipFile(wheels[package]) as z:
             try:
-                if hashlib.sha256(z.read(member)).hexdigest() != _sha256(p):
+                if sha256_bytes(z.read(member)) != sha256_file(p):
                     return False
             except KeyError:
                 return False
@@ -213,35 +206,29 @@ def runtime_files(tvm_version: str | None = None, ffi_version: str | None = None
     if not (root / "include" / "tvm" / "ffi").is_dir() or not _cached_libs_match(root, wheels):
         with progress.step("extracting the aarch64 TVM runtime"):
             root.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=root.parent))
+            if root.exists():  # an incomplete extraction from an interrupted run
+                shutil.rmtree(root, ignore_errors=True)
             try:
-                (tmp / "lib").mkdir()
-                (tmp / "include").mkdir()
-                for name, (package, member) in _LIBS.items():
-                    with zipfile.ZipFile(wheels[package]) as z:
-                        try:
-                            data = z.read(member)
-                        except KeyError:
-                            raise UserError(f"{wheels[package].name} has no {member}; delete it from {wheels_dir} "
-                                            f"and let edge-sparse download it again") from None
-                    (tmp / "lib" / name).write_bytes(data)
-                with zipfile.ZipFile(wheels["apache-tvm-ffi"]) as z:
-                    for info in z.infolist():
-                        dest = _header_dest(tmp / "include", info.filename)
-                        if dest is None or info.is_dir():
-                            continue
-                        dest.parent.mkdir(parents=True, exist_ok=True)
-                        dest.write_bytes(z.read(info))
-                os.chmod(tmp, 0o755)
-                if root.exists():  # an incomplete extraction from an interrupted run
-                    shutil.rmtree(root, ignore_errors=True)
-                try:
-                    os.replace(tmp, root)
-                except OSError:  # another process finished first: use its copy
-                    shutil.rmtree(tmp, ignore_errors=True)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+                with atomic_dir(root, replace=False) as tmp:
+                    (tmp / "lib").mkdir()
+                    (tmp / "include").mkdir()
+                    for name, (package, member) in _LIBS.items():
+                        with zipfile.ZipFile(wheels[package]) as z:
+                            try:
+                                data = z.read(member)
+                            except KeyError:
+                                raise UserError(f"{wheels[package].name} has no {member}; delete it from {wheels_dir} "
+                                                f"and let edge-sparse download it again") from None
+                        (tmp / "lib" / name).write_bytes(data)
+                    with zipfile.ZipFile(wheels["apache-tvm-ffi"]) as z:
+                        for info in z.infolist():
+                            dest = _header_dest(tmp / "include", info.filename)
+                            if dest is None or info.is_dir():
+                                continue
+                            dest.parent.mkdir(parents=True, exist_ok=True)
+                            dest.write_bytes(z.read(info))
+            except FileExistsError:  # another process finished first: use its copy
+                pass
     return RuntimeFiles(root=root, tvm_version=tvm_version, ffi_version=ffi_version, wheels=wheel_info)
 
 
@@ -272,20 +259,19 @@ def build_runner(runtime: RuntimeFiles, cxx: str = "aarch64-linux-gnu-g++", *, q
     key.update(_compiler_version(path).encode())
     key.update(" ".join(RUNNER_FLAGS).encode())
     key.update(__version__.encode())
-    key.update(_sha256(runtime.lib / "libtvm_ffi.so").encode())
+    key.update(sha256_file(runtime.lib / "libtvm_ffi.so").encode())
     out = runtime.root / "runner" / key.hexdigest()[:16] / "edge-sparse-run"
     if out.is_file():
         return out
     progress = Progress(quiet)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".edge-sparse-run.{os.getpid()}")
-    cmd = _runner_command(path, runtime, RUNNER_DIR, tmp, __version__)
-    with progress.step(f"building the runner with {cxx}"):
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        errors = [l for l in proc.stderr.splitlines() if "error" in l][:3] or proc.stderr.splitlines()[-3:]
-        raise RuntimeError("building edge-sparse-run failed:\n" + "\n".join(errors))
-    os.replace(tmp, out)
+    with atomic_path(out, mode=0o777) as tmp:
+        cmd = _runner_command(path, runtime, RUNNER_DIR, tmp, __version__)
+        with progress.step(f"building the runner with {cxx}"):
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            errors = [l for l in proc.stderr.splitlines() if "error" in l][:3] or proc.stderr.splitlines()[-3:]
+            raise RuntimeError("building edge-sparse-run failed:\n" + "\n".join(errors))
     return out
 
 

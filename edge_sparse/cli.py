@@ -12,6 +12,7 @@ import click
 
 from edge_sparse.errors import UserError
 from edge_sparse.progress import set_quiet
+from edge_sparse.util import atomic_write
 
 __all__ = ["main", "cli"]
 
@@ -170,7 +171,6 @@ def _read_inputs(path, input_specs: list[dict]) -> dict:
 @quiet_option
 def run_cmd(artifact, input_path, fill, seed, output, threads, force, quiet):
     """Run an artifact once and print (or save) its outputs."""
-    import os
     from pathlib import Path
 
     import numpy as np
@@ -190,9 +190,7 @@ def run_cmd(artifact, input_path, fill, seed, output, threads, force, quiet):
         inputs = model.make_inputs(fill, seed)
     outputs = model.run(inputs)
     if output is not None:
-        tmp = f"{output}.tmp-{os.getpid()}.npz"
-        np.savez(tmp, **outputs)
-        os.replace(tmp, output)
+        atomic_write(output, lambda f: np.savez(f, **outputs))
     if not quiet:
         for name, arr in outputs.items():
             flat = arr.reshape(-1)
@@ -266,8 +264,6 @@ def models_list_cmd(as_json, cache_dir):
 @quiet_option
 def models_get_cmd(name, out_dir, sample, cache_dir, force, quiet):
     """Fetch zoo model NAME (see 'edge-sparse models list') and copy its ONNX file into a directory."""
-    import os
-    import tempfile
     from pathlib import Path
 
     import numpy as np
@@ -292,15 +288,7 @@ def models_get_cmd(name, out_dir, sample, cache_dir, force, quiet):
     if sample:
         writes.append((sample_dest, lambda f: np.savez(f, **recipe.sample_input(0, cache_dir=cache_dir))))
     for path, write in writes:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(out))
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(path, write)
         click.echo(str(path))
 
 
@@ -349,12 +337,15 @@ def export_cmd(source, output, input_shapes, input_dtypes, output_names, opset, 
 # ---------------------------------------------------------------------------------------------- prune / analyze
 def _prune_options(f):
     """Options shared by ``prune`` and ``analyze`` (calibration, recipe, skips)."""
+    from edge_sparse.passes import methods
+
     opts = [
         click.option("--calib", type=click.Path(dir_okay=False),
                      help=".npz of calibration inputs by name, samples stacked on the first axis."),
         click.option("--calib-random", type=int, metavar="N", help="N random samples (a poor proxy; warns)."),
-        click.option("--method", "-m", help="magnitude or wanda (|W| x input L2 norm). Default: wanda with "
-                                            "calibration data, else magnitude."),
+        click.option("--method", "-m", help=f"Pruning method: {methods.describe()}. Default: "
+                                            f"{methods.default(True)} with calibration data, else "
+                                            f"{methods.default(False)}."),
         click.option("--recipe", type=click.Path(dir_okay=False), help="TOML recipe: per-layer rules and skips."),
         click.option("--skip", multiple=True, metavar="GLOB", help="Leave layers matching GLOB dense (repeatable)."),
         click.option("--no-default-skips", is_flag=True, help="Also prune the first conv and the classifier head."),
@@ -409,7 +400,7 @@ def _print_accuracy(accuracy: dict) -> None:
 @quiet_option
 def prune_cmd(model, output, sparsity, pattern, allocate, holdout, report, calib, calib_random, method, recipe, skip,
               no_default_skips, batch, seed, force, verbose, quiet):
-    """Prune an ONNX MODEL one-shot (magnitude or Wanda) and report the accuracy cost."""
+    """Prune an ONNX MODEL one-shot (see --method) and report the accuracy cost."""
     from pathlib import Path
 
     from edge_sparse.pruning import prune
@@ -490,7 +481,6 @@ def quantize_cmd(model, output, calib, scheme, per_channel, holdout, report, bat
 def analyze_cmd(model, pattern, levels, sparsity, samples, calib, calib_random, method, recipe, skip,
                 no_default_skips, batch, seed, output, as_json, force, quiet):
     """Per-layer sensitivity (output error with only that layer pruned) and the allocation for a global target."""
-    import os
     from pathlib import Path
 
     from edge_sparse.pruning import analyze
@@ -510,9 +500,7 @@ def analyze_cmd(model, pattern, levels, sparsity, samples, calib, calib_random, 
                      skip=skip, samples=samples, seed=seed, batch=batch, quiet=quiet)
     _warn(result["warnings"], quiet)
     if output is not None:
-        tmp = f"{output}.tmp-{os.getpid()}"
-        Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, output)
+        atomic_write(output, json.dumps(result, indent=2) + "\n")
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -555,7 +543,7 @@ def check_opencl_cmd(source, model_path, target, input_shapes, sparse, device, i
     """
     from pathlib import Path
 
-    from edge_sparse.artifact import sha256_file
+    from edge_sparse.util import sha256_file
     from edge_sparse.opencl_check import check_model
     from edge_sparse.progress import Progress
 

@@ -7,18 +7,17 @@ directory and renamed into place, so a failure leaves nothing half-written.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from edge_sparse.artifact import Manifest, check_output_dir, commit_dir, staging_dir, write_manifest
+from edge_sparse.artifact import Manifest, check_output_dir, write_manifest
 from edge_sparse.errors import UserError
+from edge_sparse.formats import SPARSE_MODES
 from edge_sparse.progress import Progress
+from edge_sparse.util import atomic_dir
 
-__all__ = ["compile", "import_relax", "SPARSE_MODES"]
-
-SPARSE_MODES = ("auto", "off", "bsr16x1", "bsr8x1", "bsr4x1", "csr", "2:4")
+__all__ = ["compile", "import_relax"]
 
 
 def import_relax(intake):
@@ -85,8 +84,7 @@ def compile(model: str | os.PathLike, target: str = "host", out_dir: str | os.Pa
         mod, layers = _sparsify(mod, preset, intake, sparse, measure)
     with progress.step(f"compiling for {preset.name}"):
         ex = family.build(mod, preset, tuning_db=str(tuning_db) if tuning_db else None)
-    stage = staging_dir(out)
-    try:
+    with atomic_dir(out) as stage:
         with progress.step("linking"):
             library = family.export(ex, stage, preset)
         tool, tvm_versions = _versions()
@@ -108,9 +106,5 @@ def compile(model: str | os.PathLike, target: str = "host", out_dir: str | os.Pa
             with progress.step("bundling the aarch64 runtime and runner"):
                 manifest.bundle = bundle_mod.make_bundle(stage, preset, manifest)
         write_manifest(stage, manifest)
-        commit_dir(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     progress.info(f"wrote {out} ({library}, {len(layers)} layer choices)")
     return manifest.to_dict()

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge_sparse.artifact import check_output_dir, commit_dir, staging_dir
+from edge_sparse.artifact import check_output_dir
+from edge_sparse.util import atomic_dir
 from edge_sparse.progress import Progress
 
 __all__ = ["demo", "format_summary"]
@@ -37,18 +37,19 @@ def demo(out_dir: str | os.PathLike = "out/demo", *, force: bool = False, thread
     from edge_sparse import benchmark as bench_mod
     from edge_sparse import compiler, pruning, runtime
     from edge_sparse.models import synthetic
+    from edge_sparse.passes import methods
 
     out = check_output_dir(out_dir, force)
     progress = Progress(quiet)
-    stage = staging_dir(out)
-    try:
+    with atomic_dir(out) as stage:
         dense_path, pruned_path = stage / "model.onnx", stage / "model-pruned.onnx"
         synthetic.save(_demo_model(), dense_path)
         rng = np.random.default_rng(1)
         calib = {"x": rng.standard_normal((16, 128, 384)).astype(np.float32)}
-        with progress.step(f"pruning to {SPARSITY:.0%} in {PATTERN} blocks (Wanda, 16 calibration samples)"):
+        with progress.step(f"pruning to {SPARSITY:.0%} in {PATTERN} blocks ({methods.default(True)}, 16 calibration "
+                           f"samples)"):
             # every layer: the MLP's last layer is no classifier head (the default skips would keep it dense)
-            pruned = pruning.prune(dense_path, pruned_path, sparsity=SPARSITY, pattern=PATTERN, method="wanda",
+            pruned = pruning.prune(dense_path, pruned_path, sparsity=SPARSITY, pattern=PATTERN,
                                    calib=calib, default_skips=False, report_path=stage / "prune-report.json",
                                    quiet=True)
         builds = {
@@ -74,19 +75,8 @@ def demo(out_dir: str | os.PathLike = "out/demo", *, force: bool = False, thread
                                                 energy="auto", inputs=x, quiet=True)
         summary = _summary(manifests, pruned.report, checks, results, stage)
         (stage / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        commit_dir(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     summary["out_dir"] = str(out)
     return summary
-
-
-def _median(result: dict[str, Any], run_name_prefix: str) -> float:
-    for r in result["runs"]:
-        if r["name"].startswith(run_name_prefix):
-            return r["latency"]["median_ms"]
-    raise KeyError(run_name_prefix)
 
 
 def _summary(manifests, report, checks, results, stage: Path) -> dict[str, Any]:
@@ -108,7 +98,7 @@ def _summary(manifests, report, checks, results, stage: Path) -> dict[str, Any]:
     acc = report.get("accuracy", report.get("metrics", {}))
     return {
         "model": "MLP 2x(384->1536->384), x[1,128,384]",
-        "pruning": {"sparsity": SPARSITY, "pattern": PATTERN, "method": "wanda", "accuracy": acc},
+        "pruning": {"sparsity": SPARSITY, "pattern": PATTERN, "method": report["method"], "accuracy": acc},
         "artifact_bytes": {name: size(name) for name in manifests},
         "layers": manifests["host-sparse"]["layers"],
         "pi_artifact": {k: v["library"] for k, v in manifests.items() if not k.startswith("host")},

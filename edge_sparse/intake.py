@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edge_sparse.artifact import sha256_file
+from edge_sparse.util import sha256_file
 from edge_sparse.errors import UserError
 
 __all__ = ["TensorInfo", "Intake", "load_model", "parse_input_shape", "unsupported_ops", "index_ranges"]

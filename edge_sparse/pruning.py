@@ -1,27 +1,26 @@
-"""Python API for pruning: :func:`prune` (one-shot, magnitude or Wanda, in the kernels' patterns, with an accuracy
-report) and :func:`analyze` (per-layer sensitivity and the allocation a global target would get).
+"""Python API for pruning: :func:`prune` (one-shot, with a registered pruning method, in the kernels' patterns, with
+an accuracy report) and :func:`analyze` (per-layer sensitivity and the allocation a global target would get).
 
 Flow of :func:`prune`: load the ONNX file as is (no folding: the output keeps the same graph) -> find the prunable
 MatMul/Gemm/Conv weights -> apply default skips, the recipe and ``--skip`` -> split calibration samples into a
-calibration part and a held-out part -> (Wanda) input-feature norms on the calibration part -> per-layer sparsity
+calibration part and a held-out part -> the method's statistics on the calibration part -> per-layer sparsity
 (uniform, or by measured sensitivity) -> zero weights, record facts in ``metadata_props`` -> onnx.checker ->
 compare against the dense model on both parts -> write the model and the JSON report.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from edge_sparse.errors import UserError, closest
+from edge_sparse.errors import UserError
 from edge_sparse.intake import read_model
 from edge_sparse.progress import Progress
+from edge_sparse.util import atomic_write, sha256_bytes, sha256_file
 
 __all__ = ["prune", "analyze", "allocate", "PruneResult", "SENSITIVITY_LEVELS", "ALLOCATIONS"]
 
@@ -45,11 +44,10 @@ class PruneResult:
 def _load(model) -> tuple[onnx.ModelProto, str, str, Path | None]:
     """(proto, display name, sha256, path or None) for a path or an in-memory ModelProto."""
     if isinstance(model, onnx.ModelProto):
-        return model, model.graph.name or "model", hashlib.sha256(model.SerializeToString()).hexdigest(), None
+        return model, model.graph.name or "model", sha256_bytes(model.SerializeToString()), None
     path = Path(model)
     proto = read_model(path)
-    h = hashlib.sha256(path.read_bytes()).hexdigest()
-    return proto, path.name, h, path
+    return proto, path.name, sha256_file(path), path
 
 
 def _check_output(output, source: Path | None, force: bool, what: str) -> Path | None:
@@ -65,24 +63,6 @@ def _check_output(output, source: Path | None, force: bool, what: str) -> Path |
     if not out.parent.exists():
         raise UserError(f"{what} directory {out.parent} does not exist")
     return out
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _check_method(method: str) -> str:
-    from edge_sparse.passes.prune_masks import METHODS
-
-    if method not in METHODS:
-        raise UserError(f"unknown method '{method}'{closest(method, METHODS)}: use {' or '.join(METHODS)}")
-    return method
 
 
 def _calibration(proto, calib, calib_random, seed):
@@ -172,7 +152,7 @@ def _first_samples(data: dict[str, np.ndarray], specs, count: int) -> dict[str, 
     return {k: v[:n] for k, v in data.items()}
 
 
-def _sensitivity(proto, layers, patterns, levels, method, norms, data, batch, progress) -> dict[str, dict]:
+def _sensitivity(proto, layers, patterns, levels, method, stats, data, batch, progress) -> dict[str, dict]:
     """``{layer: {level: {"rel_l2", "cosine"}}}`` with only that layer pruned (outputs vs dense)."""
     from edge_sparse.passes import calibrate
     from edge_sparse.passes.prune import LayerPlan, prune_weight
@@ -188,7 +168,7 @@ def _sensitivity(proto, layers, patterns, levels, method, norms, data, batch, pr
         todo = levels if pattern.fixed_sparsity is None else [pattern.fixed_sparsity]
         result[layer.name] = {}
         for s in todo:
-            pruned = prune_weight(layer, evaluator.weights[layer.name], LayerPlan(pattern, s), method, norms)
+            pruned = prune_weight(layer, evaluator.weights[layer.name], LayerPlan(pattern, s), method, stats)
             out = evaluator.run(data, {layer.name: pruned})
             result[layer.name][float(s)] = _summary(calibrate.compare(dense, out, classifiers))
             done += 1
@@ -231,15 +211,20 @@ def _setup(model, recipe, default_skips, skip, calib, calib_random, seed) -> _Se
     return _Setup(proto, irm, layers, rejected, settings, name, sha, path, data, desc, warnings)
 
 
-def _activation_axes(layers) -> dict[str, int]:
-    return {layer.activation: layer.feature_axis for layer in layers}
-
-
-def _norms(setup: _Setup, layers, data, batch, progress):
+def _statistics(method, setup: _Setup, layers, data, batch, progress) -> dict | None:
+    """``{activation: statistic result}`` of ``method`` over ``data`` (None when it needs none)."""
     from edge_sparse.passes import calibrate
 
-    with progress.step(f"input norms over {calibrate.sample_count(data)} calibration samples"):
-        return calibrate.collect_input_norms(setup.proto, _activation_axes(layers), data, batch)
+    wanted = {}
+    for layer in layers:
+        if layer.activation not in wanted:
+            stat = method.statistic(layer)
+            if stat is not None:
+                wanted[layer.activation] = stat
+    if not wanted:
+        return None
+    with progress.step(f"{method.name} statistics over {calibrate.sample_count(data)} calibration samples"):
+        return calibrate.collect_statistics(setup.proto, wanted, data, batch)
 
 
 # ------------------------------------------------------------------------------------------------------- prune
@@ -252,12 +237,16 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
 
     sparsity: global target in [0, 1) for layers without a recipe value (N:M patterns fix it at 1 - N/M).
     pattern: ``unstructured`` | ``Rx1`` (e.g. ``16x1``) | ``N:M`` (``2:4``); default unstructured.
-    method: ``magnitude`` | ``wanda``; default wanda when calibration data is given, else magnitude.
+    method: a registered pruning method (:func:`edge_sparse.passes.methods.names`) or a ``PruningMethod`` object;
+    default :func:`edge_sparse.passes.methods.default` (the preferred method the calibration data allows).
     calib: ``.npz`` path or ``{input: array}`` with samples on the first axis; calib_random: N random samples.
     holdout: fraction of the calibration samples kept out of the statistics and reported separately.
     allocate_by: ``uniform`` (every layer at the target) or ``sensitivity`` (measured; needs calibration).
     """
+    import onnx_ir as ir
+
     from edge_sparse.passes import calibrate
+    from edge_sparse.passes import methods as M
     from edge_sparse.passes.prune import AnnotateSparsity, LayerPlan, PruneWeights
     from edge_sparse.passes.prune_masks import parse_pattern
     from edge_sparse.passes.prune_recipe import Recipe, check_sparsity, load_recipe
@@ -296,13 +285,13 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
         raise UserError("the report path equals the output model path; choose different files")
 
     setup = _setup(model, rec, default_skips, skip, calib, calib_random, seed)
-    method = _check_method(method or rec.method or ("wanda" if setup.data is not None else "magnitude"))
+    method = M.get(method or rec.method or M.default(setup.data is not None))
     warnings = list(setup.warnings)
     specs = calibrate.input_specs(setup.proto)
     data = setup.data
     if data is None:
-        if method == "wanda" or allocate_by == "sensitivity":
-            need = "wanda scoring" if method == "wanda" else "--allocate sensitivity"
+        if method.needs_calibration or allocate_by == "sensitivity":
+            need = f"method {method.name}" if method.needs_calibration else "--allocate sensitivity"
             raise UserError(f"{need} needs calibration data: pass --calib FILE.npz (or --calib-random N, a poor proxy)")
         data = calibrate.random_calibration(specs, RANDOM_SAMPLES, seed)
         warnings.append("no calibration data: the accuracy report uses random inputs; pass --calib FILE.npz")
@@ -321,7 +310,7 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
         if fixed is not None and wanted is not None and wanted not in (0.0, fixed):
             raise UserError(f"recipe sets sparsity {wanted:g} for {layer.name}, but its pattern "
                             f"{patterns[layer.name]} prunes exactly {fixed:g}; drop the sparsity or use 0")
-    norms = _norms(setup, active, calib_part, batch, progress) if method == "wanda" else None
+    stats = _statistics(method, setup, active, calib_part, batch, progress)
 
     free = [layer for layer in active if setup.settings[layer.name].sparsity is None]
     targets = {layer.name: setup.settings[layer.name].sparsity for layer in active if layer not in free}
@@ -329,7 +318,7 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
     if allocate_by == "sensitivity" and free:
         sample = _first_samples(calib_part, specs, sensitivity_samples)
         with progress.step(f"sensitivity of {len(free)} layers on {calibrate.sample_count(sample)} samples"):
-            sensitivity = _sensitivity(setup.proto, free, patterns, SENSITIVITY_LEVELS, method, norms, sample,
+            sensitivity = _sensitivity(setup.proto, free, patterns, SENSITIVITY_LEVELS, method, stats, sample,
                                        batch, progress)
         grids = {layer.name: [0.0, patterns[layer.name].fixed_sparsity] for layer in free
                  if patterns[layer.name].fixed_sparsity is not None}
@@ -344,13 +333,12 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
             targets[layer.name] = fixed
 
     plan = {name: LayerPlan(patterns[name], s) for name, s in targets.items() if s > 0}
-    with progress.step(f"pruning {len(plan)} layers ({method}, {pattern_obj})"):
-        pruner = PruneWeights(setup.layers, plan, method, norms)
-        irm = pruner(setup.irm).model
-        irm = AnnotateSparsity(setup.layers, {n: str(p.pattern) for n, p in plan.items()}, method, str(pattern_obj),
-                               sparsity)(irm).model
-        import onnx_ir as ir
-
+    with progress.step(f"pruning {len(plan)} layers ({method.name}, {pattern_obj})"):
+        irm = ir.passes.Sequential(
+            PruneWeights(setup.layers, plan, method, stats),
+            AnnotateSparsity(setup.layers, {n: str(p.pattern) for n, p in plan.items()}, method.name,
+                             str(pattern_obj), sparsity),
+        )(setup.irm).model
         pruned = ir.serde.serialize_model(irm)
         try:
             onnx.checker.check_model(pruned)
@@ -393,7 +381,7 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
         "tool": {"name": "edge-sparse", "version": __version__},
         "source_model": {"name": setup.source_name, "sha256": setup.sha256},
         "output_model": str(out_path) if out_path else None,
-        "method": method, "pattern": str(pattern_obj), "target_sparsity": sparsity, "allocation": allocate_by,
+        "method": method.name, "pattern": str(pattern_obj), "target_sparsity": sparsity, "allocation": allocate_by,
         "recipe": rec.source if recipe is not None else None,
         "calibration": {"source": calib_desc, "samples": calibrate.sample_count(calib_part),
                         "holdout_samples": calibrate.sample_count(held_part) if held_part else 0},
@@ -407,9 +395,9 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if out_path is not None:
-        _atomic_write(out_path, lambda p: onnx.save(pruned, str(p)))
+        atomic_write(out_path, lambda f: onnx.save(pruned, f))
     if rep_path is not None:
-        _atomic_write(rep_path, lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+        atomic_write(rep_path, json.dumps(report, indent=2) + "\n")
     return PruneResult(pruned, report)
 
 
@@ -421,6 +409,7 @@ def analyze(model, *, calib=None, calib_random: int | None = None, method: str |
     """Per-layer sensitivity (output relative L2 error and worst-output cosine with only that layer pruned at each
     level) and the per-layer sparsities :func:`prune` would choose for the global ``sparsity`` target."""
     from edge_sparse.passes import calibrate
+    from edge_sparse.passes import methods as M
     from edge_sparse.passes.prune_masks import parse_pattern
     from edge_sparse.passes.prune_recipe import check_sparsity
 
@@ -434,13 +423,13 @@ def analyze(model, *, calib=None, calib_random: int | None = None, method: str |
     setup = _setup(model, recipe, default_skips, skip, calib, calib_random, seed)
     if setup.data is None:
         raise UserError("analyze needs calibration data: pass --calib FILE.npz (or --calib-random N, a poor proxy)")
-    method = _check_method(method or "wanda")
+    method = M.get(method or M.default(True))
     specs = calibrate.input_specs(setup.proto)
     data = _first_samples(setup.data, specs, samples)
     patterns = {layer.name: setup.settings[layer.name].pattern or pattern_obj for layer in setup.layers}
-    norms = _norms(setup, setup.layers, data, batch, progress) if method == "wanda" else None
+    stats = _statistics(method, setup, setup.layers, data, batch, progress)
     with progress.step(f"sensitivity of {len(setup.layers)} layers on {calibrate.sample_count(data)} samples"):
-        sens = _sensitivity(setup.proto, setup.layers, patterns, levels, method, norms, data, batch, progress)
+        sens = _sensitivity(setup.proto, setup.layers, patterns, levels, method, stats, data, batch, progress)
     active = [layer for layer in setup.layers if setup.settings[layer.name].skip is None]
     grids = {layer.name: [0.0, patterns[layer.name].fixed_sparsity] for layer in active
              if patterns[layer.name].fixed_sparsity is not None}
@@ -455,7 +444,7 @@ def analyze(model, *, calib=None, calib_random: int | None = None, method: str |
                      "allocation": round(alloc.get(layer.name, 0.0), 4)})
     return {
         "source_model": {"name": setup.source_name, "sha256": setup.sha256},
-        "method": method, "pattern": str(pattern_obj), "levels": levels,
+        "method": method.name, "pattern": str(pattern_obj), "levels": levels,
         "calibration": {"source": setup.calib_desc, "samples": calibrate.sample_count(data)},
         "metric": "rel_l2: ||y_pruned - y_dense|| / ||y_dense|| averaged over float outputs; cosine: worst output's "
                   "mean per-sample cosine similarity",

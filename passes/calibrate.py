@@ -2,8 +2,8 @@
 
 - :func:`input_specs`, :func:`load_calibration`, :func:`random_calibration`: calibration inputs as
   ``{input name: array}`` with the samples stacked on the first (batch) axis, checked against the model.
-- :func:`collect_input_norms`: per-feature L2 norms of the activations that feed the prunable layers (Wanda's
-  ``||X_k||``), collected by exposing those tensors as extra graph outputs on a copy of the model.
+- :func:`collect_statistics`: a pruning method's statistics of the activations that feed the prunable layers (e.g.
+  per-feature L2 norms), collected by exposing those tensors as extra graph outputs on a copy of the model.
 - :class:`Evaluator`: one onnxruntime session with the prunable weights turned into graph inputs, so a layer pruned
   at several sparsities can be evaluated without rebuilding the session (sensitivity analysis).
 - :func:`compare`: cosine similarity, relative L2, max abs error and top-1 agreement against dense outputs.
@@ -21,7 +21,7 @@ from edge_sparse.errors import UserError
 
 __all__ = ["InputSpec", "input_specs", "load_calibration", "check_calibration", "random_calibration", "split_holdout",
            "sample_count",
-           "collect_input_norms", "run_model", "Evaluator", "compare", "classifier_outputs", "DEFAULT_BATCH"]
+           "collect_statistics", "run_model", "Evaluator", "compare", "classifier_outputs", "DEFAULT_BATCH"]
 
 DEFAULT_BATCH = 8          # samples per onnxruntime call when the model's batch dimension is dynamic
 
@@ -188,29 +188,26 @@ def run_model(model: onnx.ModelProto, data: dict[str, np.ndarray], batch: int | 
     return _run(_session(model), data, input_specs(model), batch)
 
 
-def collect_input_norms(model: onnx.ModelProto, activations: dict[str, int], data: dict[str, np.ndarray],
-                        batch: int | None = None) -> dict[str, np.ndarray]:
-    """``{tensor: L2 norm per feature}`` for each ``{tensor name: feature axis}``, over every sample and position."""
+def collect_statistics(model: onnx.ModelProto, statistics: dict, data: dict[str, np.ndarray],
+                       batch: int | None = None) -> dict:
+    """Feed every batch of each tensor in ``{tensor name: Statistic}`` (see :mod:`edge_sparse.passes.methods`) over
+    ``data`` to its statistic, in one onnxruntime pass; returns ``{tensor name: statistic.result()}``."""
     specs = input_specs(model)
     graph_inputs = {s.name for s in specs}
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     present = {o.name for o in probe.graph.output}
-    for name in activations:
+    for name in statistics:
         if name not in present and name not in graph_inputs:
             probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    sums: dict[str, np.ndarray] = {}
 
     def accumulate(outputs, feeds):
-        for name, axis in activations.items():
-            x = feeds[name] if name in graph_inputs else outputs[name]
-            x = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1)
-            sq = np.square(x).reshape(-1, x.shape[-1]).sum(axis=0)
-            sums[name] = sums[name] + sq if name in sums else sq
+        for name, stat in statistics.items():
+            stat.update(feeds[name] if name in graph_inputs else outputs[name])
 
-    names = [o.name for o in probe.graph.output if o.name in activations] or [probe.graph.output[0].name]
+    names = [o.name for o in probe.graph.output if o.name in statistics] or [probe.graph.output[0].name]
     _run(_session(probe), data, specs, batch, names=names, reduce=accumulate)
-    return {name: np.sqrt(s) for name, s in sums.items()}
+    return {name: stat.result() for name, stat in statistics.items()}
 
 
 class Evaluator:

@@ -5,11 +5,12 @@
   do not take them).
 - :func:`default_skips`: the first Conv (it sees raw pixels and has few weights) and classifier heads (a layer whose
   output reaches a graph output only through bias adds, softmax and reshapes).
-- :class:`PruneWeights`: zeroes each planned layer's weight in its pattern, scored by magnitude or Wanda.
+- :class:`PruneWeights`: prunes each planned layer's weight in its pattern with a pruning method
+  (:mod:`edge_sparse.passes.methods`).
 - :class:`AnnotateSparsity`: writes the sparsity facts into ``metadata_props`` (key ``edge_sparse.pruning``).
 
-The graph is never changed: only initializer values (zeros in place) and model metadata, so the result runs in
-onnxruntime unchanged and the compiler finds the zeros.
+The graph is never changed: only initializer values (zeros in place, and kept values for methods that update
+weights) and model metadata, so the result runs in onnxruntime unchanged and the compiler finds the zeros.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
-from edge_sparse.passes.prune_masks import Pattern, from_canonical, mask, score, to_canonical
+from edge_sparse.passes import methods as M
+from edge_sparse.passes.prune_masks import Pattern, from_canonical, to_canonical
 
 __all__ = ["PrunableLayer", "LayerPlan", "find_prunable_layers", "default_skips", "PruneWeights", "AnnotateSparsity",
            "prune_weight", "get_weight", "set_weight",
@@ -224,35 +226,33 @@ def default_skips(model: ir.Model, layers: list[PrunableLayer]) -> dict[str, str
     return skips
 
 
-def _canonical_norm(layer: PrunableLayer, norms: dict[str, np.ndarray] | None) -> np.ndarray | None:
-    if norms is None or layer.activation not in norms:
-        return None
-    norm = norms[layer.activation]
-    return np.repeat(norm, layer.repeat) if layer.repeat > 1 else norm
+def prune_weight(layer: PrunableLayer, weight: np.ndarray, step: LayerPlan, method: str | M.PruningMethod,
+                 statistics: dict[str, object] | None = None) -> np.ndarray:
+    """``weight`` (in its own layout) pruned by ``method`` per ``step``; the input is not modified.
 
-
-def prune_weight(layer: PrunableLayer, weight: np.ndarray, step: LayerPlan, method: str,
-                 input_norms: dict[str, np.ndarray] | None = None) -> np.ndarray:
-    """``weight`` (in its own layout) with the pruned elements set to zero; the input is not modified."""
+    ``statistics``: ``{activation tensor name: Statistic.result()}`` from calibration, for methods that need it.
+    """
+    method = M.get(method)
     canon = to_canonical(weight, layer.op, layer.trans_b)
-    scores = score(canon, method, _canonical_norm(layer, input_norms))
-    keep = mask(scores, step.pattern, step.sparsity, per_row=method == "wanda")
-    return from_canonical(np.where(keep, canon, 0).astype(weight.dtype), weight.shape, layer.op, layer.trans_b)
+    stat = (statistics or {}).get(layer.activation)
+    pruned = method.prune(layer, canon, step.pattern, step.sparsity, stat)
+    return from_canonical(np.asarray(pruned, dtype=weight.dtype), weight.shape, layer.op, layer.trans_b)
 
 
 class PruneWeights(InPlacePass):
-    """Zero the weights of the planned layers; ``self.reached`` then maps layer name -> fraction of zeros.
+    """Prune the weights of the planned layers; ``self.reached`` then maps layer name -> fraction of zeros.
 
-    ``input_norms`` maps an activation tensor name to the L2 norm of each of its input features (needed for Wanda).
+    ``method``: a name or :class:`~edge_sparse.passes.methods.PruningMethod`; ``statistics`` maps an activation
+    tensor name to the method's calibration statistic for it (see :func:`edge_sparse.passes.calibrate.collect_statistics`).
     """
 
-    def __init__(self, layers: list[PrunableLayer], plan: dict[str, LayerPlan], method: str = "magnitude",
-                 input_norms: dict[str, np.ndarray] | None = None):
+    def __init__(self, layers: list[PrunableLayer], plan: dict[str, LayerPlan], method: str | M.PruningMethod = "magnitude",
+                 statistics: dict[str, object] | None = None):
         super().__init__()
         self.layers = {layer.name: layer for layer in layers}
         self.plan = plan
-        self.method = method
-        self.input_norms = input_norms
+        self.method = M.get(method)
+        self.statistics = statistics
         self.reached: dict[str, float] = {}
 
     def call(self, model: ir.Model) -> PassResult:
@@ -260,7 +260,7 @@ class PruneWeights(InPlacePass):
         for name, step in self.plan.items():
             layer = self.layers[name]
             weight = get_weight(model, layer)
-            pruned = prune_weight(layer, weight, step, self.method, self.input_norms)
+            pruned = prune_weight(layer, weight, step, self.method, self.statistics)
             if not np.array_equal(pruned, weight):
                 set_weight(model, layer, pruned)
                 modified = True

@@ -8,9 +8,8 @@ feature: MatMul ``W[K, N]`` -> ``W.T``; Gemm ``transB=1`` ``W[N, K]`` as is; Con
 - ``Rx1`` blocks: R consecutive output channels (rows) at one input feature (column), the BSR blocks of the kernels.
 - ``N:M``: in every run of M consecutive input features of one output channel, keep N (2:4 keeps 2 of 4).
 
-Scores: ``magnitude`` is ``|W|``; ``wanda`` is ``|W| * ||X_k||_2`` with ``||X_k||`` the L2 norm of input feature k over
-the calibration data (Sun et al. 2023). Magnitude compares weights across the whole layer; Wanda compares within
-each output channel (or each row of blocks), as in the paper, because its scores are only comparable there.
+Scores come from a pruning method (:mod:`edge_sparse.passes.methods`); :func:`mask` keeps the highest ones, across
+the layer or within each output channel (``per_row``).
 """
 from __future__ import annotations
 
@@ -21,9 +20,7 @@ import numpy as np
 
 from edge_sparse.errors import UserError
 
-__all__ = ["Pattern", "parse_pattern", "to_canonical", "from_canonical", "score", "mask", "METHODS"]
-
-METHODS = ("magnitude", "wanda")
+__all__ = ["Pattern", "parse_pattern", "to_canonical", "from_canonical", "mask"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,20 +82,6 @@ def from_canonical(matrix: np.ndarray, shape: tuple[int, ...], op: str, trans_b:
     if op == "Gemm" and trans_b:
         return matrix.reshape(shape)
     return np.ascontiguousarray(matrix.T).reshape(shape)
-
-
-def score(matrix: np.ndarray, method: str, input_norm: np.ndarray | None = None) -> np.ndarray:
-    """Importance of every element of a canonical ``[N, K]`` matrix (higher is kept first)."""
-    s = np.abs(matrix.astype(np.float64))
-    if method == "magnitude":
-        return s
-    if method == "wanda":
-        if input_norm is None:
-            raise ValueError("wanda scoring needs the input-feature L2 norms from calibration")
-        if input_norm.shape != (matrix.shape[1],):
-            raise ValueError(f"input norm has shape {input_norm.shape}, expected ({matrix.shape[1]},)")
-        return s * input_norm.astype(np.float64)[None, :]
-    raise UserError(f"unknown method '{method}': use {' or '.join(METHODS)}")
 
 
 def _lowest(scores: np.ndarray, count: int, axis_groups: bool) -> np.ndarray:

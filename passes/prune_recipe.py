@@ -1,7 +1,7 @@
 """Pruning recipes: TOML files that set defaults, per-layer sparsity/pattern by name glob, and skips.
 
 ```toml
-method = "wanda"            # defaults for flags not given on the command line
+method = "magnitude"        # defaults for flags not given on the command line (see prune --help)
 pattern = "16x1"
 sparsity = 0.8
 allocate = "sensitivity"    # or "uniform"

@@ -21,12 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from edge_sparse.passes import formats as F
-from edge_sparse.passes.formats import KernelSpec
+from edge_sparse import formats as F
+from edge_sparse.formats import KernelSpec
 
-__all__ = ["sparsify", "MODES", "find_layers", "estimate_us", "Layer"]
+__all__ = ["sparsify", "find_layers", "estimate_us", "Layer"]
 
-MODES = ("auto", "off", "bsr16x1", "bsr8x1", "bsr4x1", "csr", "2:4")
 
 # A sparse layer must be estimated this much faster than dense to be chosen in auto mode (model error margin).
 _MARGIN = 1.15
@@ -608,8 +607,8 @@ def sparsify(mod, preset, *, mode: str = "auto", measure: bool = False, weight_n
     from edge_sparse import targets
     from edge_sparse.errors import UserError
 
-    if mode not in MODES:
-        raise UserError(f"unknown sparse mode '{mode}'; choose one of {', '.join(MODES)}")
+    if mode not in F.SPARSE_MODES:
+        raise UserError(f"unknown sparse mode '{mode}'; choose one of {', '.join(F.SPARSE_MODES)}")
     if mode == "off":
         return mod, []
     preset = targets.get(preset) if isinstance(preset, str) else preset

@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import importlib
 import os
-import platform
 import shutil
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from edge_sparse.errors import UserError, closest
+from edge_sparse.util import host_arch
 
 __all__ = ["Preset", "get", "names", "presets", "load_file", "family_module"]
 
@@ -58,7 +58,7 @@ class Preset:
     @property
     def is_native(self) -> bool:
         """True when artifacts for this preset run on this machine."""
-        return self.arch == _machine_arch() and self.link.get("kind") == "host"
+        return self.arch == host_arch() and self.link.get("kind") == "host"
 
     @property
     def cores(self) -> int:
@@ -74,11 +74,6 @@ class Preset:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _machine_arch() -> str:
-    m = platform.machine().lower()
-    return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
 
 
 def _cpu_flags() -> set[str]:
@@ -108,7 +103,7 @@ def _cache_kb(level: int) -> int:
 
 def _host_preset() -> Preset:
     """This machine's CPU, features detected by LLVM (via TVM) and /proc/cpuinfo."""
-    arch = _machine_arch()
+    arch = host_arch()
     flags = _cpu_flags()
     cores = os.cpu_count() or 1
     mcpu = None

@@ -14,7 +14,7 @@ import pytest
 
 from edge_sparse import opencl_check as oc
 from edge_sparse import targets
-from edge_sparse.passes.formats import KernelSpec, to_bsr
+from edge_sparse.formats import KernelSpec, to_bsr
 from edge_sparse.targets.opencl import kernels
 
 R_OF = {"csr": 1, "bsr4x1": 4, "bsr8x1": 8, "bsr16x1": 16}

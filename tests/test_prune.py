@@ -200,7 +200,9 @@ def test_collect_input_norms_matches_numpy(tiny):
     path, calib = tiny
     model = onnx.load(str(path))
     x = np.load(calib)["x"]
-    norms = calibrate.collect_input_norms(model, {"x": 1, "f": -1}, {"x": x}, batch=8)
+    from edge_sparse.passes.methods import InputNorm
+
+    norms = calibrate.collect_statistics(model, {"x": InputNorm(1), "f": InputNorm(-1)}, {"x": x}, batch=8)
     np.testing.assert_allclose(norms["x"], np.sqrt((x.astype(np.float64) ** 2).sum(axis=(0, 2, 3))), rtol=1e-6)
     # f = flattened GAP of conv3 output; recompute it with a probe run, then reduce in numpy
     probe = onnx.ModelProto()
@@ -504,3 +506,63 @@ def test_recipe_sparsity_conflicting_with_nm_pattern(tiny, tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text('[[layer]]\nmatch = "fc.weight"\npattern = "2:4"\nsparsity = 0.7\n')
     assert "prunes exactly 0.5" in _bad(tmp_path, [tiny[0], "-s", "0.5", "--recipe", recipe])
+
+
+# ------------------------------------------------------------------------------------------- method objects
+def test_method_registry_defaults_and_unknown():
+    from edge_sparse.passes import methods as M
+
+    assert {"magnitude"} <= set(M.names())
+    assert not M.get(M.default(False)).needs_calibration
+    assert M.get("magnitude").updates_weights is False
+    with pytest.raises(UserError, match="unknown method 'magnitud'"):
+        M.get("magnitud")
+
+
+def test_a_new_method_is_one_class(tiny, tmp_path):
+    """A method defined outside the package (here: scores by the layer's mean |activation|, and halves the kept
+    weights so that an update is visible) is registered by its class alone and runs through prune() with its
+    calibration statistic."""
+    from edge_sparse.passes import methods as M
+
+    seen = []
+
+    class MeanAbs(M.Statistic):
+        def __init__(self, axis):
+            self.axis, self.total = axis, None
+
+        def update(self, activation):
+            a = np.abs(np.moveaxis(activation, self.axis, -1)).reshape(-1, activation.shape[self.axis]).sum(0)
+            self.total = a if self.total is None else self.total + a
+
+        def result(self):
+            return self.total
+
+    @M.register
+    class HalveKept(M.PruningMethod):
+        name = "test-halve-kept"
+        needs_calibration = True
+        updates_weights = True
+
+        def statistic(self, layer):
+            return MeanAbs(layer.feature_axis)
+
+        def score(self, layer, weight, statistic):
+            seen.append(layer.name)
+            return np.abs(weight) * M.canonical_feature_norm(layer, statistic)[None, :]
+
+        def prune(self, layer, weight, pattern, sparsity, statistic=None):
+            return super().prune(layer, weight, pattern, sparsity, statistic) * 0.5
+
+    try:
+        path, calib = tiny
+        res = pruning.prune(path, tmp_path / "p.onnx", sparsity=0.5, method="test-halve-kept", calib=calib,
+                            quiet=True)
+        assert res.report["method"] == "test-halve-kept" and sorted(seen) == sorted(PRUNED)
+        wd, wp = weights(onnx.load(str(path))), weights(res.model)
+        for name in PRUNED:
+            kept = wp[name] != 0
+            np.testing.assert_allclose(wp[name][kept], 0.5 * wd[name][kept])
+        assert "method test-halve-kept needs calibration data" in _bad(tmp_path, [path, "-s", "0.5", "-m", "test-halve-kept"])
+    finally:
+        M._REGISTRY.pop("test-halve-kept", None)

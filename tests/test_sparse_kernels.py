@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge_sparse import targets
-from edge_sparse.passes import formats as F
+from edge_sparse import formats as F
 from edge_sparse.targets.cpu import sparse as S
 
 tvm = pytest.importorskip("tvm")

@@ -20,7 +20,7 @@ from onnx import numpy_helper
 
 from edge_sparse import targets
 from edge_sparse.errors import UserError
-from edge_sparse.passes import formats as F
+from edge_sparse import formats as F
 from edge_sparse.passes.sparsify import find_layers, sparsify
 
 ort = pytest.importorskip("onnxruntime")

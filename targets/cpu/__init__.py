@@ -9,12 +9,12 @@ import os
 from pathlib import Path
 
 from edge_sparse.errors import UserError
+from edge_sparse.formats import KERNEL_ATTR
 
-__all__ = ["build", "export", "make_sparse_kernel", "KERNEL_ATTR", "TIR_PIPELINE"]
+__all__ = ["build", "export", "make_sparse_kernel", "TIR_PIPELINE"]
 
 # PrimFuncs carrying this attribute are hand-scheduled kernels (sparse kernels): the TIR pipeline compiles them with
 # StorageRewrite disabled so that their small local accumulators stay in registers (TVM_NOTES: 5x in the prototype).
-KERNEL_ATTR = "edge_sparse.kernel"
 TIR_PIPELINE = "edge_sparse_cpu"
 
 
@@ -44,7 +44,7 @@ def _selective_tir_pipeline():
 
 
 def make_sparse_kernel(spec, preset):
-    """Sparse kernel PrimFunc for a ``passes.formats.KernelSpec`` (None keeps the layer dense): targets/cpu/sparse.py."""
+    """Sparse kernel PrimFunc for a ``edge_sparse.formats.KernelSpec`` (None keeps the layer dense): targets/cpu/sparse.py."""
     from edge_sparse.targets.cpu.sparse import make_sparse_kernel as _make
 
     return _make(spec, preset)

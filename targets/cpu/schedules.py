@@ -548,7 +548,7 @@ def ScheduleDense(preset, *, skip_attrs=("tirx.is_scheduled",)):
             attrs = func.attrs or {}
             if any(k in attrs and bool(attrs[k]) for k in skip_attrs):
                 continue
-            from edge_sparse.targets.cpu import KERNEL_ATTR
+            from edge_sparse.formats import KERNEL_ATTR
 
             if KERNEL_ATTR in attrs:
                 continue

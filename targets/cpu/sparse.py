@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from edge_sparse.passes.formats import KernelSpec
+from edge_sparse.formats import KernelSpec
 
 __all__ = [
     "make_sparse_kernel", "vector_params", "bsr_gemv", "bsr_rows", "bsr_gemm_t", "bsr_conv1x1", "nm_gemv",
@@ -71,7 +71,7 @@ def _act_fn(activation):
 
 
 def _attrs():
-    from edge_sparse.targets.cpu import KERNEL_ATTR
+    from edge_sparse.formats import KERNEL_ATTR
 
     return {"tir.noalias": True, KERNEL_ATTR: 1}
 

@@ -19,10 +19,9 @@ from pathlib import Path
 
 from edge_sparse.errors import UserError
 
-__all__ = ["build", "export", "make_sparse_kernel", "relax_pipeline", "KERNEL_ATTR"]
+__all__ = ["build", "export", "make_sparse_kernel", "relax_pipeline"]
 
 # The same marker as the CPU family: passes/sparsify.py tags every hand kernel with it.
-KERNEL_ATTR = "edge_sparse.kernel"
 
 
 def relax_pipeline(preset, *, tuning_db=None):
@@ -94,7 +93,7 @@ def build(mod, preset, *, tuning_db=None):
 
 
 def make_sparse_kernel(spec, preset):
-    """The GPU PrimFunc for a sparse layer described by ``spec`` (passes.formats.KernelSpec), or None."""
+    """The GPU PrimFunc for a sparse layer described by ``spec`` (edge_sparse.formats.KernelSpec), or None."""
     from edge_sparse.targets.opencl import kernels
 
     return kernels.make_sparse_kernel(spec, preset)

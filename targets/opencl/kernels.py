@@ -24,9 +24,10 @@ import math
 
 from tvm.script import tirx as T
 
-__all__ = ["make_sparse_kernel", "bsr_gemv", "bsr_gemm", "bsr_conv1x1", "gemv_threads", "GEMV_MAX_M", "KERNEL_ATTR"]
+from edge_sparse.formats import KERNEL_ATTR
 
-KERNEL_ATTR = "edge_sparse.kernel"
+__all__ = ["make_sparse_kernel", "bsr_gemv", "bsr_gemm", "bsr_conv1x1", "gemv_threads", "GEMV_MAX_M"]
+
 GEMV_MAX_M = 4
 MAX_THREADS = 256            # Adreno/Mali targets: max_num_threads
 LOCAL_BYTES = 8192            # local memory we allow ourselves per group (Adreno/Mali targets advertise 16 KiB)

@@ -14,6 +14,9 @@ into scalar loads).
   K' = K rounded up to m. A weight that violates the pattern has no N:M form (``to_nm`` returns None).
 
 ``KernelSpec`` describes one sparse layer to a target family's ``make_sparse_kernel(spec, preset)``.
+
+This module sits below both ``passes/`` and ``targets/`` (numpy only): the sparsify pass converts weights with it, the
+families' kernels read the layouts it defines.
 """
 from __future__ import annotations
 
@@ -24,11 +27,15 @@ import numpy as np
 
 __all__ = [
     "FORMATS", "KernelSpec", "BSR", "NM", "to_bsr", "to_nm", "bsr_block_density", "nm_fits",
-    "format_for_mode", "dense_bytes", "convert", "bsr_rows", "describe",
+    "dense_bytes", "convert", "bsr_rows", "describe", "SPARSE_MODES", "KERNEL_ATTR",
 ]
 
 # format names as used by `--sparse` and in the per-layer report
 FORMATS = ("bsr16x1", "bsr8x1", "bsr4x1", "csr", "2:4")
+# `compile --sparse`: auto (measured or modelled choice per layer), off (all dense), or one format for every layer
+SPARSE_MODES = ("auto", "off", *FORMATS)
+# PrimFunc attribute naming a sparse kernel (its catalogue name); dense schedule rules and dlight leave these alone
+KERNEL_ATTR = "edge_sparse.kernel"
 _BSR_R = {"bsr16x1": 16, "bsr8x1": 8, "bsr4x1": 4, "csr": 1}
 
 
@@ -211,11 +218,6 @@ def to_nm(w: np.ndarray, n: int = 2, m: int = 4) -> NM | None:
     idx = np.where(vals != 0, order, 0).astype(np.uint8)
     return NM(n=n, m=m, K=K, N=N, vals=np.ascontiguousarray(vals.reshape(g * n, N)),
               idx=np.ascontiguousarray(idx.reshape(g * n, N)))
-
-
-def format_for_mode(mode: str) -> str | None:
-    """The one format a fixed ``--sparse`` mode asks for (None for auto/off)."""
-    return mode if mode in FORMATS else None
 
 
 def convert(w: np.ndarray, fmt: str) -> BSR | NM | None:
