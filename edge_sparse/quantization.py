@@ -117,7 +117,8 @@ def quantize(model, output=None, *, calib=None, scheme: str = "static", per_chan
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     from edge_sparse.passes import calibrate
-    from edge_sparse.pruning import _atomic_write, _check_output, _load
+    from edge_sparse.pruning import _check_output, _load
+    from edge_sparse.util import atomic_write
 
     t0 = time.perf_counter()
     progress = Progress(quiet)
@@ -215,7 +216,7 @@ def quantize(model, output=None, *, calib=None, scheme: str = "static", per_chan
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if out_path is not None:
-        _atomic_write(out_path, lambda p: onnx.save(qmodel, str(p)))
+        atomic_write(out_path, lambda f: onnx.save(qmodel, f))
     if rep_path is not None:
-        _atomic_write(rep_path, lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+        atomic_write(rep_path, json.dumps(report, indent=2) + "\n")
     return QuantizeResult(qmodel, report)
