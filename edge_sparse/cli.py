@@ -387,7 +387,8 @@ def _print_accuracy(accuracy: dict) -> None:
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Pruned ONNX file to write.")
 @click.option("--sparsity", "-s", help="Global target in [0, 1) (N:M patterns fix it: 2:4 is 0.5).")
-@click.option("--pattern", "-p", help="unstructured (default), Rx1 blocks over output channels (16x1, 8x1, 4x1), "
+@click.option("--pattern", "-p", help="unstructured (default), Rx1 blocks over output channels (16x1, 8x1, 4x1), 16x4 "
+                                      "(int8 dot-product kernels), "
                                       "or N:M along the input dimension (2:4).")
 @click.option("--allocate", help="uniform (default: every layer at the target) or sensitivity (measured per layer "
                                  "on calibration data; sensitive layers keep more weights).")

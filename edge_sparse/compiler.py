@@ -45,8 +45,16 @@ def _versions() -> tuple[dict[str, str], dict[str, str]]:
 
 
 def _sparsify(mod, preset, intake, sparse: str, measure: bool):
+    from edge_sparse.passes.qdq import rewrite_qdq
+
+    mod, int8_layers = rewrite_qdq(mod, preset, mode=sparse)       # quantized layers -> int8 kernels
     if sparse == "off":
-        return mod, []
+        return mod, int8_layers
+    mod, layers = _sparsify_float(mod, preset, intake, sparse, measure)
+    return mod, int8_layers + layers
+
+
+def _sparsify_float(mod, preset, intake, sparse: str, measure: bool):
     try:
         from edge_sparse.passes import sparsify as sparsify_mod
     except ImportError:  # the sparse path is an optional stage until its pass is installed

@@ -25,16 +25,17 @@ __all__ = ["Pattern", "parse_pattern", "to_canonical", "from_canonical", "mask"]
 
 @dataclasses.dataclass(frozen=True)
 class Pattern:
-    """``kind`` is ``unstructured``, ``block`` (``rows`` x 1) or ``nm`` (keep ``n`` of ``m``)."""
+    """``kind`` is ``unstructured``, ``block`` (``rows`` x ``cols``: output x input channels) or ``nm``."""
 
     kind: str
     rows: int = 1
     n: int = 0
     m: int = 0
+    cols: int = 1
 
     def __str__(self) -> str:
         if self.kind == "block":
-            return f"{self.rows}x1"
+            return f"{self.rows}x{self.cols}"
         if self.kind == "nm":
             return f"{self.n}:{self.m}"
         return "unstructured"
@@ -53,17 +54,19 @@ def parse_pattern(text: str) -> Pattern:
     m = re.fullmatch(r"(\d+)x(\d+)", t)
     if m:
         r, c = int(m.group(1)), int(m.group(2))
-        if c != 1 or r < 1:
-            raise UserError(f"unknown pattern '{text}': blocks are Rx1 (R output channels at one input, as the BSR "
-                            f"kernels use), e.g. 16x1, 8x1, 4x1")
-        return Pattern("block", rows=r)
+        if c not in (1, 4) or r < 1 or (c == 4 and r % 4):
+            raise UserError(f"unknown pattern '{text}': blocks are Rx1 (R output channels at one input, as the float "
+                            f"BSR kernels use), e.g. 16x1, 8x1, 4x1, or Rx4 (R output channels x 4 consecutive "
+                            f"inputs, as the int8 dot-product kernels use), e.g. 16x4")
+        return Pattern("block", rows=r, cols=c)
     m = re.fullmatch(r"(\d+):(\d+)", t)
     if m:
         n, mm = int(m.group(1)), int(m.group(2))
         if not 0 < n < mm:
             raise UserError(f"unknown pattern '{text}': N:M needs 0 < N < M, e.g. 2:4")
         return Pattern("nm", n=n, m=mm)
-    raise UserError(f"unknown pattern '{text}': use unstructured, Rx1 blocks (16x1, 8x1, 4x1) or N:M (2:4)")
+    raise UserError(f"unknown pattern '{text}': use unstructured, Rx1 blocks (16x1, 8x1, 4x1), Rx4 blocks (16x4) "
+                    f"or N:M (2:4)")
 
 
 def to_canonical(weight: np.ndarray, op: str, trans_b: bool = False) -> np.ndarray:
@@ -120,13 +123,15 @@ def mask(scores: np.ndarray, pattern: Pattern, sparsity: float, per_row: bool) -
     if pattern.kind == "unstructured":
         count = int(round(sparsity * (k_in if per_row else scores.size)))
         return ~_lowest(scores, count, per_row)
-    r = pattern.rows
+    r, c = pattern.rows, pattern.cols
     blocks = -(-n_out // r)
-    padded = np.zeros((blocks * r, k_in))
-    padded[:n_out] = scores
-    rows_in_block = np.full(blocks, r, dtype=np.float64)
-    rows_in_block[-1] = n_out - (blocks - 1) * r
-    block_scores = padded.reshape(blocks, r, k_in).sum(axis=1) / rows_in_block[:, None]   # mean: fair to a short tail
-    count = int(round(sparsity * (k_in if per_row else block_scores.size)))
+    kb = -(-k_in // c)
+    padded = np.zeros((blocks * r, kb * c))
+    padded[:n_out, :k_in] = scores
+    counts = np.full((blocks, kb), float(r * c))           # elements per block: a short tail block is not penalised
+    counts[-1, :] = (n_out - (blocks - 1) * r) * c
+    counts[:, -1] = counts[:, -1] / c * (k_in - (kb - 1) * c)
+    block_scores = padded.reshape(blocks, r, kb, c).sum(axis=(1, 3)) / counts             # mean over the block
+    count = int(round(sparsity * (kb if per_row else block_scores.size)))
     keep_blocks = ~_lowest(block_scores, count, per_row)
-    return np.repeat(keep_blocks, r, axis=0)[:n_out]
+    return np.repeat(np.repeat(keep_blocks, r, axis=0), c, axis=1)[:n_out, :k_in]

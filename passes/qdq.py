@@ -1,0 +1,309 @@
+"""QDQ rewrite pass: route quantized MatMul / Gemm layers of an int8 ONNX model to our int8 kernels.
+
+Runs on the Relax module of ``from_onnx(..., keep_params_in_input=False)``. Two import patterns are recognised:
+
+- static QDQ (``quantize --scheme static``): ``R.matmul(R.dequantize(xq, s, zp), W)`` with ``W`` =
+  ``R.dequantize(Wq, ws, 0)`` of a constant int8 weight (optionally behind ``R.permute_dims`` for Gemm transB);
+  ``s``/``zp`` are constants. The float result goes on as before (the output Q/DQ pair stays in the graph), so an
+  optional constant bias add and ReLU/GELU directly after the matmul are fused.
+- dynamic (``quantize --scheme dynamic``, onnxruntime's DynamicQuantizeLinear + MatMulInteger):
+  ``R.matmul(xq_i32 - zp_i32, Wq_i32 - 0, out_dtype="int32")`` -> ``astype(float32)`` -> ``multiply(s * ws)``
+  [-> bias add] [-> ReLU/GELU]; ``s``/``zp`` are computed per call in the graph and passed to the kernel as tensors.
+  A MatMulInteger whose int32 result is used as is maps to the kernel's int32 output.
+
+Weights must be symmetric (zero point 0, which ``quantize`` guarantees) with K % 4 == 0 and N % 16 == 0; other
+layers stay on TVM's default lowering of the imported ops. Each rewritten layer becomes one ``call_tir`` of
+``targets.cpu.int8.int8_kernel`` (dense, or BSR over 16x4 blocks when the cost model says the zeros pay).
+
+``rewrite_qdq(mod, preset, mode=...) -> (mod, layers)``: ``layers`` is the per-layer report for manifest.json
+(dtype, scales, format, kernel).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edge_sparse.passes.sparsify import _const_np, _Graph, _is_const, _match_epilogue, _ops, _shape
+
+__all__ = ["rewrite_qdq", "int8_estimate_us", "INT8_CALIBRATION", "R_INT8"]
+
+R_INT8 = 16
+# Relative cost of one stored 16x4 block in the sparse kernel against the dense kernel (index load, irregular X
+# access); benchmarks/int8.py prints the measured ratio ("calibration" in its JSON).
+INT8_CALIBRATION = {"gemv": 1.15, "gemm": 1.2}
+
+
+def _ops_int8():
+    import tvm
+
+    get = tvm.ir.Op.get
+    base = _ops()
+    base.update({k: get(f"relax.{k}") for k in ("dequantize", "quantize", "astype", "subtract", "expand_dims")})
+    return base
+
+
+def _const_eval(g: _Graph, e, ops, depth: int = 0):
+    """numpy value of ``e`` when it is a constant or a small chain of astype/subtract/expand_dims/permute over
+    constants (how the importer spells MatMulInteger's weight minus its zero point); else None."""
+    if _is_const(e):
+        return _const_np(e)
+    if depth > 6:
+        return None
+    for name in ("astype", "expand_dims", "permute_dims", "subtract"):
+        c = g.call(e, ops[name])
+        if c is None:
+            continue
+        args = [_const_eval(g, a, ops, depth + 1) for a in c.args]
+        if any(a is None for a in args):
+            return None
+        if name == "astype":
+            return args[0].astype(str(c.attrs.dtype))
+        if name == "expand_dims":
+            return np.expand_dims(args[0], tuple(int(a) for a in c.attrs.axis))
+        if name == "permute_dims":
+            axes = c.attrs.axes
+            return np.transpose(args[0], None if axes is None else [int(a) for a in axes])
+        return args[0] - args[1]
+    return None
+
+
+def _scalar_const(e) -> np.ndarray | None:
+    if _is_const(e):
+        a = _const_np(e)
+        if a.size == 1:
+            return a.reshape(())
+    return None
+
+
+def _static_weight(g: _Graph, e, ops):
+    """(Wq[K, N] int8, scale[N] float32) of ``dequantize(Wq, ws, 0)`` (possibly transposed), or None."""
+    transpose = False
+    pd = g.call(e, ops["permute_dims"])
+    if pd is not None:
+        axes = pd.attrs.axes
+        if axes is not None and [int(a) for a in axes] != [1, 0]:
+            return None
+        e, transpose = pd.args[0], True
+    dq = g.call(e, ops["dequantize"])
+    if dq is None or not _is_const(dq.args[0]):
+        return None
+    wq = _const_np(dq.args[0])
+    ws, wz = _const_eval(g, dq.args[1], ops), _const_eval(g, dq.args[2], ops)
+    if wq.dtype != np.int8 or wq.ndim != 2 or ws is None or wz is None or np.any(wz != 0):
+        return None
+    axis = int(dq.attrs.axis) % 2
+    if transpose:
+        wq, axis = wq.T, 1 - axis
+    K, N = wq.shape
+    ws = np.asarray(ws, np.float32).reshape(-1)
+    if ws.size == 1:
+        ws = np.full(N, ws[0], np.float32)
+    elif ws.size != N or axis != 1:
+        return None
+    return np.ascontiguousarray(wq), ws
+
+
+def _dynamic_scale(g: _Graph, mult, root, N: int, ops):
+    """(xscale var, wscale[N]) from ``multiply(float(acc), xs * ws)``; None when the pattern differs."""
+    other = mult.args[1] if mult.args[0].same_as(root) else mult.args[0]
+    sc = g.call(other, ops["multiply"])
+    if sc is None:
+        return None
+    for a, b in ((sc.args[0], sc.args[1]), (sc.args[1], sc.args[0])):
+        ws = _const_eval(g, b, ops)
+        if ws is not None and _shape(a) == () and not _is_const(a):
+            ws = np.asarray(ws, np.float32).reshape(-1)
+            if ws.size == 1:
+                ws = np.full(N, ws[0], np.float32)
+            return (a, ws) if ws.size == N else None
+    return None
+
+
+class _Plan:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _find(func, ops) -> list[_Plan]:
+    g = _Graph(func)
+    plans = []
+    for var in g.order:
+        mm = g.call(var, ops["matmul"])
+        if mm is None:
+            continue
+        xs, ys = _shape(mm.args[0]), _shape(var)
+        if xs is None or ys is None or len(xs) < 2:
+            continue
+        K = xs[-1]
+        M = int(np.prod(xs[:-1]))
+        # static QDQ
+        dqx = g.call(mm.args[0], ops["dequantize"])
+        if dqx is not None:
+            got = _static_weight(g, mm.args[1], ops)
+            s, zp = _scalar_const(dqx.args[1]), _scalar_const(dqx.args[2])
+            xq = dqx.args[0]
+            if got is None or s is None or zp is None or str(xq.ty.dtype) not in ("uint8", "int8"):
+                continue
+            wq, ws = got
+            N = wq.shape[1]
+            root, bias, act = _match_epilogue(g, var, N, False, ops)
+            plans.append(_Plan(kind="static", var=var, root=g.value[root], xq=xq, x_shape=xs,
+                               out_shape=_shape(root) or ys, M=M, K=K, N=N, wq=wq, ws=ws, bias=bias, act=act,
+                               xzp=np.array([int(zp)], np.int32), xscale=np.array([float(s)], np.float32),
+                               zp_var=None, scale_var=None, out="float32"))
+            continue
+        # dynamic: MatMulInteger
+        if str(var.ty.dtype) != "int32":
+            continue
+        sub = g.call(mm.args[0], ops["subtract"])
+        if sub is None:
+            continue
+        ax, az = g.call(sub.args[0], ops["astype"]), g.call(sub.args[1], ops["astype"])
+        if ax is None or az is None:
+            continue
+        xq, zp_var = ax.args[0], az.args[0]
+        if str(xq.ty.dtype) not in ("uint8", "int8") or _shape(zp_var) not in ((), (1,)):
+            continue
+        w = _const_eval(g, mm.args[1], ops)
+        if w is None or w.ndim != 2 or w.shape[0] != K or w.min() < -128 or w.max() > 127:
+            continue
+        wq = np.ascontiguousarray(w.astype(np.int8))
+        N = wq.shape[1]
+        nxt = g.only_user(var)
+        cast = g.call(nxt, ops["astype"]) if nxt is not None else None
+        common = dict(var=var, xq=xq, x_shape=xs, M=M, K=K, N=N, wq=wq, zp_var=zp_var, xzp=None, xscale=None)
+        if cast is None:                                   # int32 result used as is
+            plans.append(_Plan(kind="dynamic", root=mm, out_shape=ys, ws=np.ones(N, np.float32), bias=None,
+                               act=None, scale_var=None, out="int32", **common))
+            continue
+        if str(cast.attrs.dtype) != "float32":
+            continue
+        mul_var = g.only_user(nxt)
+        mult = g.call(mul_var, ops["multiply"]) if mul_var is not None else None
+        sc = _dynamic_scale(g, mult, nxt, N, ops) if mult is not None else None
+        if sc is None:
+            continue
+        root, bias, act = _match_epilogue(g, mul_var, N, False, ops)
+        plans.append(_Plan(kind="dynamic", root=g.value[root], out_shape=_shape(root) or ys, ws=sc[1], bias=bias,
+                           act=act, scale_var=sc[0], out="float32", **common))
+    return plans
+
+
+def int8_estimate_us(M: int, K: int, N: int, blocks: int, sparse: bool, preset) -> float:
+    """Roofline estimate of one int8 layer: 4 int8 MACs per lane per dot instruction, weights streamed once."""
+    dev = preset.device
+    peak = float(dev.get("peak_gflops_per_core", 20.0)) * max(1, int(dev.get("cores", 1))) * 1e3 * 4   # int8 ops/us
+    bw = float(dev.get("mem_bw_gbps", 10.0)) * 1e3
+    kind = "gemv" if M == 1 else "gemm"
+    factor = INT8_CALIBRATION[kind] if sparse else 1.0
+    wbytes = blocks * (R_INT8 * 4 + (4 if sparse else 0))
+    flops = 2.0 * M * blocks * R_INT8 * 4
+    return max((wbytes + M * (K + 4 * N)) / bw, factor * flops / (peak * 0.5)) + 1.0
+
+
+def _choose(plan: _Plan, preset, mode: str) -> dict[str, Any]:
+    from edge_sparse.targets.cpu.int8 import block_density, isa_for
+
+    nbt = (plan.K // 4) * (plan.N // R_INT8)
+    dens = block_density(plan.wq, R_INT8)
+    sparse_blocks = max(1, int(round(dens * nbt)))
+    est_d = int8_estimate_us(plan.M, plan.K, plan.N, nbt, False, preset)
+    est_s = int8_estimate_us(plan.M, plan.K, plan.N, sparse_blocks, True, preset)
+    sparse = mode != "off" and (est_s * 1.05 < est_d if mode == "auto" else dens < 1.0)
+    return {"isa": isa_for(preset), "sparse": sparse, "block_density": round(dens, 4),
+            "est_us_dense": round(est_d, 2), "est_us_sparse": round(est_s, 2)}
+
+
+def _make_mutator():
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def __init__(self, mod, plans):
+            super().__init__(mod)
+            self.mod_ = mod
+            self.plans = plans
+
+        def _emit(self, p: _Plan):
+            b = self.builder_
+            x = self.visit_expr(p.xq)
+            x2 = x if len(p.x_shape) == 2 else b.emit(relax.op.reshape(x, (p.M, p.K)))
+            if p.zp_var is not None:
+                zp = b.emit(relax.op.reshape(relax.op.astype(self.visit_expr(p.zp_var), "int32"), (1,)))
+            else:
+                zp = relax.const(p.xzp)
+            if p.scale_var is not None:
+                sc = b.emit(relax.op.reshape(self.visit_expr(p.scale_var), (1,)))
+            else:
+                sc = relax.const(p.xscale if p.xscale is not None else np.ones(1, np.float32))
+            gv = b.add_func(p.pf, f"int8_{p.kernel}")
+            bias = p.bias if p.bias is not None else np.zeros(p.N, np.float32)
+            args = [x2] + [relax.const(a) for a in p.packed.arrays()] + [
+                zp, sc, relax.const(p.ws.astype(np.float32)), relax.const(p.packed.wsum), relax.const(bias)]
+            y = b.emit(relax.call_tir(gv, args, relax.TensorType((p.M, p.N), p.out)))
+            return relax.op.reshape(y, p.out_shape)
+
+        def visit_call_(self, call):
+            for p in self.plans:
+                if call.same_as(p.root):
+                    return self._emit(p)
+            return super().visit_call_(call)
+
+        def transform(self):
+            for gv, func in self.mod_.functions_items():
+                if isinstance(func, relax.Function):
+                    self.builder_.update_func(gv, self.visit_expr(func))
+            return self.builder_.get()
+
+    return _Rewriter
+
+
+def rewrite_qdq(mod, preset, *, mode: str = "auto", log=None):
+    """Rewrite the quantized matmuls of ``mod`` into int8 kernel calls for a CPU ``preset``; ``(mod, layers)``.
+
+    mode: the ``--sparse`` mode; ``off`` keeps every int8 layer dense, ``auto`` picks BSR 16x4 per layer by the cost
+    model, any other mode uses BSR 16x4 wherever a weight has a zero block.
+    """
+    from tvm import relax
+
+    from edge_sparse.targets.cpu.int8 import as_block_func, int8_kernel, pack_int8
+
+    if preset.family != "cpu":
+        return mod, []
+    ops = _ops_int8()
+    plans, report = [], []
+    for gv, func in mod.functions_items():
+        if not isinstance(func, relax.Function):
+            continue
+        for i, p in enumerate(_find(func, ops)):
+            entry = {"name": f"{gv.name_hint}.int8_matmul_{i}", "op": "MatMulInteger" if p.kind == "dynamic"
+                     else "QDQ MatMul", "kind": "matmul", "dtype": "int8", "M": p.M, "K": p.K, "N": p.N,
+                     "activation_dtype": str(p.xq.ty.dtype), "output_dtype": p.out,
+                     "bias": p.bias is not None, "activation": p.act,
+                     "scales": {"activation": "dynamic (per call)" if p.kind == "dynamic" else
+                                {"scale": float(p.xscale[0]), "zero_point": int(p.xzp[0])},
+                                "weight": {"per_channel": bool(np.ptp(p.ws) > 0), "min": float(p.ws.min()),
+                                           "max": float(p.ws.max()), "zero_point": 0}},
+                     "sparsity": round(float(np.mean(p.wq == 0)), 4)}
+            if p.K % 4 or p.N % R_INT8:
+                entry.update(format="dense", kernel="tvm_default", reason=f"int8 kernels need K % 4 == 0 and "
+                             f"N % {R_INT8} == 0 (K={p.K}, N={p.N})")
+                report.append(entry)
+                continue
+            ch = _choose(p, preset, mode)
+            p.packed = pack_int8(p.wq, R_INT8, ch["sparse"])
+            kname = f"{'bsr16x4' if ch['sparse'] else 'dense'}_{'gemv' if p.M == 1 else 'gemm'}_{ch['isa']}"
+            p.kernel = kname
+            p.pf = as_block_func(int8_kernel(p.M, p.K, p.N, R_INT8, p.packed.nblocks, isa=ch["isa"],
+                                             x_dtype=str(p.xq.ty.dtype), out=p.out, activation=p.act))
+            entry.update(format="int8_bsr16x4" if ch["sparse"] else "int8_dense", kernel=f"int8_{kname}",
+                         block_sparsity=round(1 - ch["block_density"], 4), bytes_dense=p.K * p.N,
+                         bytes_sparse=p.packed.nbytes if ch["sparse"] else None, est_us_dense=ch["est_us_dense"],
+                         est_us_sparse=ch["est_us_sparse"], reason="")
+            report.append(entry)
+            plans.append(p)
+    if plans:
+        mod = _make_mutator()(mod, plans).transform()
+        mod = relax.transform.DeadCodeElimination()(mod)
+    return mod, report
