@@ -71,13 +71,27 @@ def _parse_shapes(specs) -> dict:
     return shapes
 
 
+def _parse_values(specs) -> dict:
+    from edge_sparse.intake import parse_input_value
+
+    values = {}
+    for spec in specs:
+        name, value = parse_input_value(spec)
+        values[name] = value
+    return values
+
+
 @cli.command("compile")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--target", "-t", default="host", show_default=True, help="Preset name (see 'edge-sparse targets').")
 @click.option("--target-file", type=click.Path(dir_okay=False), help="A device preset in TOML (no code needed).")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Artifact directory to write.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
-              help="Fix an input's shape (repeatable); defaults come from the model where static.")
+              help="Fix an input's shape (repeatable; a scalar: NAME=()); defaults come from the model where static, "
+                   "and from the recipe for zoo models.")
+@click.option("--input-value", "input_values", multiple=True, metavar="NAME=V[,V...]",
+              help="Freeze an input to a constant (a scalar, or a small tensor in row-major order) and fold what "
+                   "depends on it, e.g. --input-value sr=16000 (repeatable). The artifact no longer takes that input.")
 @click.option("--sparse", default="auto", show_default=True,
               help="auto (cost model picks per layer), off, or force a format: bsr16x1, bsr8x1, bsr4x1, csr, 2:4.")
 @click.option("--measure", is_flag=True, help="Time candidate kernels on the target instead of using the cost model.")
@@ -87,8 +101,8 @@ def _parse_shapes(specs) -> dict:
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--verbose", "-v", is_flag=True, help="Print the per-layer kernel choice.")
 @quiet_option
-def compile_cmd(model, target, target_file, output, input_shapes, sparse, measure, tuning_db, threads, bundle, force,
-                verbose, quiet):
+def compile_cmd(model, target, target_file, output, input_shapes, input_values, sparse, measure, tuning_db, threads,
+                bundle, force, verbose, quiet):
     """Compile an ONNX MODEL for a target into an artifact directory."""
     from edge_sparse.compiler import compile as compile_model
 
@@ -98,7 +112,7 @@ def compile_cmd(model, target, target_file, output, input_shapes, sparse, measur
     manifest = compile_model(model, target if not target_file or target != "host" else None, output,
                              input_shapes=_parse_shapes(input_shapes), sparse=sparse, target_file=target_file,
                              tuning_db=tuning_db, threads=threads, force=force, bundle=bundle, measure=measure,
-                             quiet=quiet)
+                             quiet=quiet, input_values=_parse_values(input_values))
     if verbose:
         _print_layers(manifest.get("layers", []))
     size = sum(f["bytes"] for f in manifest["files"].values())

@@ -66,8 +66,10 @@ def compile(model: str | os.PathLike, target: str = "host", out_dir: str | os.Pa
             input_shapes: dict[str, tuple[int, ...]] | None = None, sparse: str = "auto",
             target_file: str | os.PathLike | None = None, tuning_db: str | os.PathLike | None = None,
             threads: int | None = None, force: bool = False, bundle: bool = False, measure: bool = False,
-            quiet: bool | None = None) -> dict[str, Any]:
-    """Compile ``model`` (an .onnx path) for ``target`` into ``out_dir``; returns the manifest as a dict."""
+            quiet: bool | None = None, input_values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Compile ``model`` (an .onnx path) for ``target`` into ``out_dir``; returns the manifest as a dict.
+
+    ``input_values`` freezes inputs to constants (name -> number or array) before folding (see ``intake``)."""
     from edge_sparse import targets
     from edge_sparse.intake import load_model
 
@@ -85,7 +87,7 @@ def compile(model: str | os.PathLike, target: str = "host", out_dir: str | os.Pa
     progress = Progress(quiet)
     t0 = time.perf_counter()
     with progress.step(f"loading {Path(model).name}"):
-        intake = load_model(model, input_shapes)
+        intake = load_model(model, input_shapes, input_values=input_values)
     with progress.step("importing into TVM Relax"):
         mod = import_relax(intake)
     with progress.step(f"choosing sparse kernels ({sparse})"):
@@ -106,7 +108,7 @@ def compile(model: str | os.PathLike, target: str = "host", out_dir: str | os.Pa
             source_model={"name": intake.source_name, "sha256": intake.source_sha256},
             layers=layers,
             compile={"seconds": round(time.perf_counter() - t0, 2), "sparse": sparse, "threads": threads,
-                     "tuning_db": str(tuning_db) if tuning_db else None},
+                     "tuning_db": str(tuning_db) if tuning_db else None, "input_values": intake.frozen},
         )
         if bundle:
             from edge_sparse import bundle as bundle_mod

@@ -3,6 +3,13 @@
 Real exports reach TVM's importer with Shape->Slice->Concat chains feeding Reshape, ConstantOfShape and dynamic Pad,
 which it rejects. With static input shapes, onnxruntime's basic graph optimisation (constant folding and redundant-node
 elimination, no contrib ops) folds those chains away; onnx-ir passes then clean the graph and infer shapes.
+
+Inputs frozen with ``--input-value NAME=V`` (a sample rate, a mode flag) become initializers first; onnxscript's
+optimizer (on onnx-ir) then folds what depends on them, inlining the taken branch of every ``If`` whose condition is
+now constant, before onnxruntime folds the rest.
+
+Shapes: ``NAME=1,3,224,224`` (or ``1x3x224x224``); a scalar (rank 0) is ``NAME=()`` (``NAME=`` is accepted too).
+Zoo models (recognised by their sha256) take the recipe's shapes and values as defaults.
 """
 from __future__ import annotations
 
@@ -19,7 +26,8 @@ import onnx
 from edge_sparse.util import sha256_file
 from edge_sparse.errors import UserError
 
-__all__ = ["TensorInfo", "Intake", "load_model", "parse_input_shape", "unsupported_ops", "index_ranges"]
+__all__ = ["TensorInfo", "Intake", "load_model", "parse_input_shape", "parse_input_value", "unsupported_ops",
+           "index_ranges"]
 
 _ONNX_DTYPES = {
     onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.DOUBLE: "float64",
@@ -50,6 +58,7 @@ class Intake:
     source_sha256: str
     source_name: str
     weight_names: dict[str, str]           # sha1(float32 C bytes) -> initializer name (2-D also keyed transposed)
+    frozen: dict[str, list] = dataclasses.field(default_factory=dict)   # inputs frozen to constants (values)
 
     @property
     def shape_dict(self) -> dict[str, list[int]]:
@@ -57,17 +66,50 @@ class Intake:
 
 
 _SHAPE_RE = re.compile(r"^\s*([^=\s]+)\s*=\s*(\d+(?:\s*[,x]\s*\d+)*)\s*$")
+_SCALAR_RE = re.compile(r"^\s*([^=\s]+)\s*=\s*(?:\(\s*\))?\s*$")
+_VALUE_RE = re.compile(r"^\s*([^=\s]+)\s*=\s*(.+?)\s*$")
+_MAX_VALUE_ELEMENTS = 4096        # --input-value is for scalars and small tensors, not data
 
 
 def parse_input_shape(spec: str) -> tuple[str, tuple[int, ...]]:
-    """``"x=1,3,224,224"`` (or ``1x3x224x224``) -> ``("x", (1, 3, 224, 224))``."""
+    """``"x=1,3,224,224"`` (or ``1x3x224x224``) -> ``("x", (1, 3, 224, 224))``; ``"sr=()"`` / ``"sr="`` -> ``("sr", ())``."""
+    m = _SCALAR_RE.match(spec or "")
+    if m:
+        return m.group(1), ()
     m = _SHAPE_RE.match(spec or "")
     if not m:
-        raise UserError(f"malformed --input-shape '{spec}': expected NAME=D1,D2,... with positive integers, e.g. x=1,3,224,224")
+        raise UserError(f"malformed --input-shape '{spec}': expected NAME=D1,D2,... with positive integers, "
+                        f"e.g. x=1,3,224,224 (a scalar: NAME=())")
     dims = tuple(int(d) for d in re.split(r"\s*[,x]\s*", m.group(2)))
     if any(d <= 0 for d in dims):
         raise UserError(f"malformed --input-shape '{spec}': dimensions must be positive integers")
     return m.group(1), dims
+
+
+def parse_input_value(spec: str) -> tuple[str, np.ndarray]:
+    """``"sr=16000"`` -> ``("sr", array(16000.))``; ``"k=1,2,3"`` or ``"k=[1,2,3]"`` -> a 1-D array.
+
+    Values are parsed as float64 and cast to the input's dtype by :func:`load_model` (which also reshapes a flat list
+    to the input's shape); integers up to 2**53 are exact."""
+    m = _VALUE_RE.match(spec or "")
+    body = m.group(2).strip() if m else ""
+    is_list = "," in body or (body.startswith("[") and body.endswith("]"))
+    if body.startswith("[") and body.endswith("]"):
+        body = body[1:-1].strip()
+    if body.endswith(","):                      # "k=7," : a one-element tensor
+        body = body[:-1]
+    try:
+        items = [float(v) for v in re.split(r"\s*,\s*", body.strip())] if body.strip() else []
+    except ValueError:
+        items = []
+    if not m or not items:
+        raise UserError(f"malformed --input-value '{spec}': expected NAME=V (a number, e.g. sr=16000) or "
+                        f"NAME=V1,V2,... (a small tensor, filled in row-major order)")
+    if len(items) > _MAX_VALUE_ELEMENTS:
+        raise UserError(f"--input-value {m.group(1)}: {len(items)} values; freezing is for scalars and small tensors "
+                        f"(at most {_MAX_VALUE_ELEMENTS}); feed data as an input instead")
+    arr = np.asarray(items, dtype=np.float64)
+    return m.group(1), (arr if is_list else arr.reshape(()))
 
 
 def read_model(path: Path) -> onnx.ModelProto:
@@ -99,7 +141,13 @@ def _dims(vi: onnx.ValueInfoProto) -> list[int | str]:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in vi.type.tensor_type.shape.dim]
 
 
-def _fix_input_shapes(model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]]) -> list[TensorInfo]:
+def _has_rank(vi: onnx.ValueInfoProto) -> bool:
+    """False when the model does not say the input's rank (no shape at all); a rank-0 shape is a scalar."""
+    return vi.type.tensor_type.HasField("shape")
+
+
+def _fix_input_shapes(model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]],
+                      frozen: frozenset[str] = frozenset()) -> list[TensorInfo]:
     inputs = _graph_inputs(model)
     names = [i.name for i in inputs]
     for name in overrides:
@@ -108,18 +156,22 @@ def _fix_input_shapes(model: onnx.ModelProto, overrides: dict[str, tuple[int, ..
     infos = []
     for vi in inputs:
         dims = _dims(vi)
+        known_rank = _has_rank(vi)
         if vi.name in overrides:
             new = overrides[vi.name]
-            if dims and len(new) != len(dims):
+            if known_rank and len(new) != len(dims):
                 raise UserError(f"--input-shape {vi.name}: model input has rank {len(dims)} ({dims}), got {len(new)} dims")
             for d_old, d_new in zip(dims, new):
                 if isinstance(d_old, int) and d_old > 0 and d_old != d_new:
                     raise UserError(f"--input-shape {vi.name}={','.join(map(str, new))} conflicts with the model's static shape {dims}")
-            dims = list(new)
+            dims, known_rank = list(new), True
         bad = [d for d in dims if not isinstance(d, int) or d <= 0]
-        if bad or not vi.type.tensor_type.shape.dim and not dims:
-            shown = ",".join(str(d) for d in dims) or "unknown"
-            raise UserError(f"input '{vi.name}' has a dynamic shape [{shown}]; fix it with --input-shape {vi.name}=D1,D2,...")
+        if bad or not known_rank:
+            shown = ",".join(str(d) for d in dims) if known_rank else "unknown rank"
+            how = f"--input-shape {vi.name}=D1,D2,... (a scalar: {vi.name}=())"
+            if vi.name not in frozen:
+                how += f", or freeze it with --input-value {vi.name}=V"
+            raise UserError(f"input '{vi.name}' has a dynamic shape [{shown}]; fix it with {how}")
         shape_proto = vi.type.tensor_type.shape
         del shape_proto.dim[:]
         for d in dims:
@@ -129,6 +181,49 @@ def _fix_input_shapes(model: onnx.ModelProto, overrides: dict[str, tuple[int, ..
             raise UserError(f"input '{vi.name}' has an unsupported element type {vi.type.tensor_type.elem_type}")
         infos.append(TensorInfo(vi.name, tuple(int(d) for d in dims), dtype))
     return infos
+
+
+def _freeze_inputs(model: onnx.ModelProto, values: dict[str, np.ndarray],
+                   shapes: dict[str, tuple[int, ...]]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """Turn the inputs named in ``values`` into initializers and fold what depends on them (``If`` on a constant
+    condition is replaced by its taken branch). Returns the model and the frozen arrays (input dtype and shape)."""
+    import onnx_ir as ir
+    import onnxscript.optimizer as optimizer
+
+    inputs = {vi.name: vi for vi in _graph_inputs(model)}
+    for name in values:
+        if name not in inputs:
+            raise UserError(f"--input-value names '{name}', but the model's inputs are: {', '.join(inputs)}")
+    frozen: dict[str, np.ndarray] = {}
+    for name, value in values.items():
+        vi = inputs[name]
+        dtype = _ONNX_DTYPES.get(vi.type.tensor_type.elem_type)
+        if dtype is None or dtype == "float16":
+            raise UserError(f"--input-value {name}: input element type {vi.type.tensor_type.elem_type} cannot be frozen")
+        shape = shapes.get(name)
+        if shape is None and _has_rank(vi) and all(isinstance(d, int) and d > 0 for d in _dims(vi)):
+            shape = tuple(_dims(vi))
+        if shape is None:
+            shape = value.shape
+        if int(np.prod(shape, dtype=np.int64)) != value.size:
+            raise UserError(f"--input-value {name}: {value.size} value(s) for an input of shape {list(shape)} "
+                            f"({int(np.prod(shape, dtype=np.int64))} elements); give exactly that many, or fix the "
+                            f"shape with --input-shape {name}=...")
+        cast = value.astype(dtype)
+        if dtype != "bool" and not np.array_equal(cast.astype(np.float64), value):
+            raise UserError(f"--input-value {name}: {value.tolist()} is not exactly representable as {dtype}")
+        frozen[name] = cast.reshape(shape)
+
+    irm = ir.serde.deserialize_model(model)
+    graph = irm.graph
+    for value in list(graph.inputs):
+        if value.name in frozen:
+            graph.inputs.remove(value)
+            value.const_value = ir.tensor(frozen[value.name], name=value.name)
+            value.shape = ir.Shape(frozen[value.name].shape)
+            graph.register_initializer(value)
+    optimizer.fold_constants(irm)
+    return ir.serde.serialize_model(irm), frozen
 
 
 def _ort_fold(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -250,19 +345,46 @@ def _outputs(model: onnx.ModelProto) -> list[TensorInfo]:
     return infos
 
 
+def zoo_defaults(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, np.ndarray]]:
+    """Input shapes and frozen values of the zoo recipe whose ONNX file ``path`` is (by sha256), else empty."""
+    from edge_sparse.models.zoo import recipe_for_file
+
+    recipe = recipe_for_file(path)
+    if recipe is None:
+        return {}, {}
+    return dict(recipe.input_shapes), {k: np.asarray(v, dtype=np.float64) for k, v in recipe.input_values.items()}
+
+
 def load_model(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | None = None,
-               check_tvm: bool = True) -> Intake:
-    """Load ``path``, fix input shapes, fold constants; raise UserError for anything the user must fix."""
+               check_tvm: bool = True, input_values: dict[str, np.ndarray] | None = None) -> Intake:
+    """Load ``path``, freeze ``input_values``, fix input shapes, fold constants; raise UserError for anything the
+    user must fix. A zoo model's recipe supplies the shapes and values the caller leaves out."""
     path = Path(path)
     model = read_model(path)
-    inputs = _fix_input_shapes(model, dict(input_shapes or {}))
+    shapes, values = dict(input_shapes or {}), dict(input_values or {})
+    zoo_shapes, zoo_values = zoo_defaults(path)
+    for name, shape in zoo_shapes.items():
+        if name not in values:
+            shapes.setdefault(name, shape)
+    for name, value in zoo_values.items():
+        if name not in shapes:
+            values.setdefault(name, value)
+    frozen: dict[str, np.ndarray] = {}
+    if values:
+        model, frozen = _freeze_inputs(model, values, shapes)
+        shapes = {k: v for k, v in shapes.items() if k not in frozen}
+    inputs = _fix_input_shapes(model, shapes, frozenset(frozen))
     folded = _clean(_ort_fold(model))
     if check_tvm:
         missing = unsupported_ops(folded)
         if missing:
             shown = ", ".join(f"{op} ({name})" for op, name in missing[:5])
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise UserError(f"TVM cannot import these ops: {shown}{more}; replace them before export (e.g. export LSTM unrolled)")
+            how = "replace them before export (e.g. export LSTM unrolled)"
+            if any(op == "If" for op, _ in missing):
+                how = ("an If that branches on an input folds away when that input is frozen with --input-value "
+                       "NAME=V; otherwise " + how)
+            raise UserError(f"TVM cannot import these ops: {shown}{more}; {how}")
     ranges = index_ranges(folded)
     return Intake(
         model=folded,
@@ -271,4 +393,5 @@ def load_model(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]]
         source_sha256=sha256_file(path),
         source_name=path.name,
         weight_names=_weight_names(folded),
+        frozen={k: v.tolist() for k, v in frozen.items()},
     )

