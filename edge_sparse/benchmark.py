@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edge_sparse.errors import UserError
+from edge_sparse.errors import UserError, check_number, check_threads
 from edge_sparse.util import atomic_write, latency_stats
 
 __all__ = ["SCHEMA", "bench", "combine", "format_table", "plot", "write_json"]
@@ -32,6 +32,7 @@ SCHEMA = "edge-sparse.bench/1"
 DEFAULT_WARMUP = 10
 DEFAULT_REPEAT = 50            # LiteRT benchmark_model: --num_runs=50 ...
 DEFAULT_MIN_SECONDS = 1.0      # ... and --min_secs=1
+MAX_WARMUP, MAX_REPEAT, MAX_SECONDS = 100_000, 10_000_000, 24 * 3600.0   # bounds of the options (a typo, not a plan)
 ENERGY_MIN_SECONDS = 2.0       # a meter needs a window long enough to see the model above its noise
 MAX_SAMPLES_KEPT = 10000
 CHUNK_SECONDS = 0.03           # time_evaluator chunk: lets interleaved meters sample at >= 10 Hz
@@ -379,14 +380,14 @@ def bench(artifact_dir: str | os.PathLike, *, rpc: str | None = None, tracker: s
     artifact = Path(artifact_dir)
     manifest = read_manifest(artifact)
     remote = rpc is not None or tracker is not None
-    if warmup < 0:
-        raise UserError(f"--warmup must be >= 0, got {warmup}")
-    if repeat is not None and repeat < 1:
-        raise UserError(f"--repeat must be >= 1, got {repeat}")
-    if min_seconds is not None and min_seconds <= 0:
-        raise UserError(f"--min-seconds must be > 0, got {min_seconds}")
-    if threads is not None and threads < 1:
-        raise UserError(f"--threads must be >= 1, got {threads}")
+    check_number(warmup, "--warmup", 0, MAX_WARMUP)
+    check_number(repeat, "--repeat", 1, MAX_REPEAT)
+    check_number(min_seconds, "--min-seconds", 0, MAX_SECONDS, lo_open=True)
+    if remote:
+        cores = (manifest["target"].get("device") or {}).get("cores") or manifest["target"].get("cores") or 1
+        check_threads(threads, cores, where=f"the target {manifest['target']['name']}")
+    else:
+        check_threads(threads)
     if compare is not None and remote:
         raise UserError("--compare runs onnxruntime on this machine, not on the RPC device; run 'edge-sparse bench "
                         "--compare' on the device itself, or drop --compare")

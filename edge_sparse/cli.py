@@ -18,14 +18,44 @@ __all__ = ["main", "cli"]
 
 
 class _Group(click.Group):
-    """Maps UserError to ``error: ...`` + exit 2 for every subcommand."""
+    """One line ``error: ...`` for every failure the user can fix: UserError and click's usage errors exit 2,
+    an interrupt (Ctrl-C, SIGTERM) exits 130; no traceback, no usage block."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except UserError as e:
-            click.echo(f"error: {e}", err=True)
-            ctx.exit(2)
+            _fail(str(e), 2)
+        except KeyboardInterrupt:                   # before click turns it into Abort (and prints an empty line)
+            _fail(INTERRUPTED, 130)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        from edge_sparse.errors import interrupts_as_exceptions
+
+        with interrupts_as_exceptions():
+            try:
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            except click.UsageError as e:
+                where = e.ctx.command_path if e.ctx is not None else (prog_name or "edge-sparse")
+                _fail(f"{e.format_message()} (see '{where} --help')", 2)
+            except click.ClickException as e:
+                _fail(e.format_message(), e.exit_code)
+            except UserError as e:                  # raised outside a subcommand's invoke (e.g. in a callback)
+                _fail(str(e), 2)
+            except (KeyboardInterrupt, click.Abort):
+                _fail(INTERRUPTED, 130)
+        code = rv if isinstance(rv, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+INTERRUPTED = "interrupted; nothing was written (partial outputs were removed)"
+
+
+def _fail(message: str, code: int):
+    click.echo("error: " + " ".join(str(message).split()), err=True)
+    sys.exit(code)
 
 
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress output.")
@@ -107,8 +137,6 @@ def compile_cmd(model, target, target_file, output, input_shapes, input_values, 
     from edge_sparse.compiler import compile as compile_model
 
     _quiet(quiet)
-    if threads is not None and threads < 1:
-        raise UserError(f"--threads must be >= 1, got {threads}")
     manifest = compile_model(model, target if not target_file or target != "host" else None, output,
                              input_shapes=_parse_shapes(input_shapes), sparse=sparse, target_file=target_file,
                              tuning_db=tuning_db, threads=threads, force=force, bundle=bundle, measure=measure,
@@ -706,11 +734,7 @@ def tune_cmd(model, target, target_file, output, trials, input_shapes, tracker, 
 
 def main(argv=None):
     """Console-script entry point."""
-    try:
-        cli.main(args=argv, prog_name="edge-sparse", standalone_mode=True)
-    except UserError as e:  # raised outside a subcommand's invoke (e.g. in a callback)
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    cli.main(args=argv, prog_name="edge-sparse", standalone_mode=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_sparse.artifact import Manifest, check_output_dir, write_manifest
-from edge_sparse.errors import UserError
+from edge_sparse.errors import UserError, check_threads, raise_if_interrupted
 from edge_sparse.formats import SPARSE_MODES
 from edge_sparse.progress import Progress
 from edge_sparse.util import atomic_dir
@@ -30,6 +30,7 @@ def import_relax(intake):
     try:
         mod = from_onnx(intake.model, shape_dict=intake.shape_dict, keep_params_in_input=False)
     except Exception as e:  # converter errors are model problems the user must fix, not our bugs
+        raise_if_interrupted()
         msg = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
         raise UserError(f"TVM's ONNX importer rejected the model: {msg}") from None
     return bound_takes(mod)
@@ -76,6 +77,7 @@ def compile(model: str | os.PathLike, target: str = "host", out_dir: str | os.Pa
     if sparse not in SPARSE_MODES:
         raise UserError(f"unknown --sparse '{sparse}'; choose one of {', '.join(SPARSE_MODES)}")
     preset = targets.get(target, target_file)
+    check_threads(threads, preset.cores, where=f"the target {preset.name}")
     out = check_output_dir(out_dir, force, inputs=(model,))
     if tuning_db is not None and not Path(tuning_db).is_dir():
         raise UserError(f"tuning database not found: {tuning_db}; create it with 'edge-sparse tune MODEL.onnx -o {tuning_db}'")

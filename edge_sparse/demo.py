@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from edge_sparse.artifact import check_output_dir
+from edge_sparse.errors import check_threads
 from edge_sparse.util import atomic_dir
 from edge_sparse.progress import Progress
 
@@ -39,6 +40,7 @@ def demo(out_dir: str | os.PathLike = "out/demo", *, force: bool = False, thread
     from edge_sparse.models import synthetic
     from edge_sparse.passes import methods
 
+    check_threads(threads)
     out = check_output_dir(out_dir, force)
     progress = Progress(quiet)
     with atomic_dir(out) as stage:

@@ -6,7 +6,13 @@ without a traceback. Everything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
-__all__ = ["UserError", "closest"]
+import math
+import os
+
+__all__ = ["UserError", "closest", "check_number", "check_threads", "THREADS_PER_CORE", "interrupts_as_exceptions",
+           "raise_if_interrupted"]
+
+THREADS_PER_CORE = 4   # more threads than this per core only thrash (and 10^5 threads abort the process)
 
 
 class UserError(Exception):
@@ -21,3 +27,69 @@ def closest(name: str, choices) -> str:
 
     match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def check_number(value, what: str, lo=None, hi=None, *, lo_open: bool = False):
+    """``value`` unless it is NaN/inf or outside [lo, hi] (``(lo, hi]`` with ``lo_open``): then a UserError naming
+    the option and the allowed range. None passes through (an option not given)."""
+    if value is None:
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{what} must be a finite number, got {value}")
+    low_bad = lo is not None and (value <= lo if lo_open else value < lo)
+    if low_bad or (hi is not None and value > hi):
+        span = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        raise UserError(f"{what} must be in {span}, got {value:g}" if isinstance(value, float) else
+                        f"{what} must be in {span}, got {value}")
+    return value
+
+
+def check_threads(n: int | None, cores: int | None = None, what: str = "--threads", where: str = "this machine"):
+    """A thread count between 1 and THREADS_PER_CORE x ``cores`` (default: this machine's)."""
+    if n is None:
+        return None
+    cores = int(cores or os.cpu_count() or 1)
+    hi = THREADS_PER_CORE * cores
+    if not 1 <= n <= hi:
+        raise UserError(f"{what} must be between 1 and {hi} ({THREADS_PER_CORE}x the {cores} cores of {where}), got {n}")
+    return n
+
+
+_interrupted = False
+
+
+def _on_signal(signum, frame):
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def raise_if_interrupted() -> None:
+    """Re-raise a Ctrl-C/SIGTERM that native code turned into an ordinary exception. Call it in every broad
+    ``except Exception`` that may catch errors from inside TVM, which otherwise swallows the interrupt."""
+    if _interrupted:
+        raise KeyboardInterrupt
+
+
+class interrupts_as_exceptions:
+    """Within the block, SIGINT and SIGTERM raise KeyboardInterrupt (so ``finally``/``except BaseException`` clean-ups
+    of temp files run) and are remembered for :func:`raise_if_interrupted`. A no-op outside the main thread."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        global _interrupted
+        _interrupted = False
+        self._saved = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._saved[sig] = signal.signal(sig, _on_signal)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+        return False

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from edge_sparse.artifact import library_path, read_manifest
-from edge_sparse.errors import UserError
+from edge_sparse.errors import UserError, check_threads
 from edge_sparse.util import host_arch
 
 __all__ = ["Model", "load", "set_threads"]
@@ -22,8 +22,7 @@ def set_threads(n: int | None) -> None:
     """Number of TVM worker threads for this process (None: TVM_NUM_THREADS or TVM's default)."""
     if n is None:
         return
-    if n < 1:
-        raise UserError(f"--threads must be >= 1, got {n}")
+    check_threads(n)
     os.environ["TVM_NUM_THREADS"] = str(n)      # read when the pool starts
     import tvm
 

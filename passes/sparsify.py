@@ -499,6 +499,9 @@ def _choose(layer: Layer, preset, family, mode: str, measure: bool, log) -> dict
                     _DENSE_TIMES[key] = _time_dense(layer, preset, family)
                 timings["dense"] = _DENSE_TIMES[key]
             except Exception as e:  # dense timing failed: compare sparse candidates against the model instead
+                from edge_sparse.errors import raise_if_interrupted
+
+                raise_if_interrupted()
                 log(f"measure: dense timing failed for layer {layer.index}: {e}")
             best = est[order[0]]
             for fmt in order:

@@ -211,3 +211,79 @@ def test_malformed_manifest_one_line(cnn_artifact, tmp_path, brk, cmd):
     (art / "manifest.json").write_text(json.dumps(m))
     args = [cmd, art] + (["--repeat", "1", "--warmup", "0"] if cmd == "bench" else [])
     assert_bad_input(args, "manifest.json", inputs=[art])
+
+
+# ------------------------------------------------------------------------------------ 7: numeric options bounded
+@pytest.mark.parametrize("opts,msg", [
+    (["--min-seconds", "nan"], "--min-seconds must be a finite number"),
+    (["--min-seconds", "inf"], "--min-seconds must be a finite number"),
+    (["--min-seconds", "-1"], "--min-seconds must be in"),
+    (["--min-seconds", "1e9"], "--min-seconds must be in"),
+    (["--threads", "100000"], "--threads must be between 1 and"),
+    (["--threads", "5000"], "--threads must be between 1 and"),
+    (["--threads", "0"], "--threads must be between 1 and"),
+    (["--repeat", "0"], "--repeat must be in"),
+    (["--repeat", "99999999999"], "--repeat must be in"),
+    (["--warmup", "-1"], "--warmup must be in"),
+    (["--warmup", "10000000"], "--warmup must be in"),
+])
+def test_bench_numeric_options_bounded(cnn_artifact, tmp_path, opts, msg):
+    assert_bad_input(["bench", cnn_artifact, *opts, "--json", tmp_path / "b.json"], msg, inputs=[cnn_artifact],
+                     outputs=[tmp_path / "b.json"], timeout=60)
+
+
+@pytest.mark.parametrize("cmd", ["run", "compile"])
+def test_threads_bounded_for_run_and_compile(cnn_artifact, synthetic_models, tmp_path, cmd):
+    args = ["run", cnn_artifact] if cmd == "run" else ["compile", synthetic_models["cnn"], "-o", tmp_path / "o"]
+    assert_bad_input(args + ["--threads", "100000"], "--threads must be between 1 and",
+                     inputs=[cnn_artifact, synthetic_models["cnn"]], outputs=[tmp_path / "o"])
+
+
+# ------------------------------------------------------------------------------------ 11: click usage errors
+@pytest.mark.parametrize("case", ["dir-as-model", "unknown-option", "threads-not-int", "missing-argument",
+                                  "bad-choice", "unknown-command"])
+def test_usage_errors_are_one_line_with_hint(synthetic_models, tmp_path, case):
+    args = {
+        "dir-as-model": ["compile", tmp_path, "-o", tmp_path / "o"],
+        "unknown-option": ["compile", synthetic_models["mlp"], "-o", tmp_path / "o", "--bogus"],
+        "threads-not-int": ["run", tmp_path, "--threads", "many"],
+        "missing-argument": ["compile", "-o", tmp_path / "o"],
+        "bad-choice": ["run", tmp_path, "--fill", "ones"],
+        "unknown-command": ["compiel", synthetic_models["mlp"]],
+    }[case]
+    r = assert_bad_input(args, "--help", inputs=[synthetic_models["mlp"]], outputs=[tmp_path / "o"])
+    assert "Usage:" not in r.stderr + r.stdout
+
+
+def test_usage_error_from_console_script(tmp_path):
+    r = assert_bad_input(["bench", tmp_path, "--repeat", "x"], "'--repeat'", "edge-sparse bench --help",
+                         in_process=False)
+    assert "Usage:" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------ 14: interrupts
+@pytest.mark.parametrize("sig,delay", [("SIGINT", 4.0), ("SIGTERM", 4.0), ("SIGINT", 1.5)])
+def test_interrupted_compile_is_one_line_and_leaves_nothing(synthetic_models, tmp_path, sig, delay):
+    import signal
+    import time
+
+    from contract import cli_command
+
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    out = tmp_path / "out"
+    src = synthetic_models["transformer"]
+    before = snapshot(src)
+    p = subprocess.Popen(cli_command() + ["compile", str(src), "-o", str(out)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmpdir)})
+    time.sleep(delay)
+    assert p.poll() is None, "compile finished before the signal; use a bigger model"
+    p.send_signal(getattr(signal, sig))
+    t0 = time.monotonic()
+    _, err = p.communicate(timeout=120)
+    assert time.monotonic() - t0 < 30, "the interrupt was not acted on promptly"
+    assert p.returncode == 130, (p.returncode, err)
+    assert err.splitlines() == ["error: interrupted; nothing was written (partial outputs were removed)"], err
+    assert sorted(os.listdir(tmp_path)) == ["tmp"]
+    assert [n for n in os.listdir(tmpdir) if n != ".ses"] == []
+    assert snapshot(src) == before

@@ -27,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+from edge_sparse.errors import raise_if_interrupted
+
 __all__ = ["TileConfig", "tile_config", "ScheduleDense", "schedule_func", "SCHEDULED_ATTR"]
 
 # Marks a PrimFunc scheduled by one of our rules, naming the rule (for inspection and tests).
@@ -255,7 +257,7 @@ def _contraction(sch, cfg: TileConfig, _padded: bool = False) -> bool:
             try:
                 sch.compute_inline(producer)
             except Exception:  # not a plain copy after all
-                pass
+                raise_if_interrupted()
     jo, ji = sch.split(jit.loop_rv, factors=[None, nt])
     if iit is not None:
         io, ii = sch.split(iit.loop_rv, factors=[None, mt])
@@ -286,6 +288,7 @@ def _contraction(sch, cfg: TileConfig, _padded: bool = False) -> bool:
                 progress = True
                 break
             except Exception:  # not elementwise on this buffer: scheduled below as its own loop nest
+                raise_if_interrupted()
                 continue
     sch.reverse_compute_at(acc, tile_loop, preserve_unit_loops=True)
     n_tile_outer = len(outer) + (2 if iit is not None else 1)
@@ -417,7 +420,7 @@ def _injective(sch, cfg: TileConfig) -> bool:
         try:
             sch.compute_inline(blk)
         except Exception:
-            pass
+            raise_if_interrupted()
     for blk in _root_blocks(sch):
         _spatial_nest(sch, blk, cfg)
     return True
@@ -499,6 +502,7 @@ def _fallback(sch, cfg: TileConfig) -> bool:
         try:
             _spatial_nest(sch, blk, cfg)
         except Exception:
+            raise_if_interrupted()
             continue
     return True
 
@@ -527,6 +531,7 @@ def schedule_func(func, target, cfg: TileConfig):
                     continue
             return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr(SCHEDULED_ATTR, name)
         except Exception:  # a rule that does not fit this function: try the next one
+            raise_if_interrupted()
             continue
     return None
 
