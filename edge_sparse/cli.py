@@ -180,15 +180,9 @@ def _print_layers(layers) -> None:
 
 # ---------------------------------------------------------------------------------------------- run
 def _load_npz(path) -> dict:
-    import numpy as np
+    from edge_sparse.runtime import read_arrays
 
-    try:
-        if str(path).endswith(".npy"):
-            return {"__single__": np.load(path, allow_pickle=False)}
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read inputs from {path}: {e}; pass an .npz with arrays named like the model's inputs") from None
+    return read_arrays(path, "inputs", npy=True)
 
 
 def _read_inputs(path, input_specs: list[dict]) -> dict:

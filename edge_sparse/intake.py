@@ -65,6 +65,8 @@ class Intake:
         return {t.name: list(t.shape) for t in self.inputs}
 
 
+MAX_DIM = 2**31 - 1            # TVM indexes with int32 by default
+MAX_ELEMENTS = 2**34           # 64 GiB of float32: beyond any device this targets
 _SHAPE_RE = re.compile(r"^\s*([^=\s]+)\s*=\s*(\d+(?:\s*[,x]\s*\d+)*)\s*$")
 _SCALAR_RE = re.compile(r"^\s*([^=\s]+)\s*=\s*(?:\(\s*\))?\s*$")
 _VALUE_RE = re.compile(r"^\s*([^=\s]+)\s*=\s*(.+?)\s*$")
@@ -83,6 +85,9 @@ def parse_input_shape(spec: str) -> tuple[str, tuple[int, ...]]:
     dims = tuple(int(d) for d in re.split(r"\s*[,x]\s*", m.group(2)))
     if any(d <= 0 for d in dims):
         raise UserError(f"malformed --input-shape '{spec}': dimensions must be positive integers")
+    if any(d > MAX_DIM for d in dims) or len(dims) > 32 or int(np.prod(dims, dtype=object)) > MAX_ELEMENTS:
+        raise UserError(f"--input-shape '{spec[:80]}' is too large: at most {MAX_DIM} per dimension and "
+                        f"{MAX_ELEMENTS:.0e} elements in all")
     return m.group(1), dims
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edge_sparse.errors import UserError
+from edge_sparse.errors import UserError, check_number
 from edge_sparse.intake import read_model
 from edge_sparse.progress import Progress
 from edge_sparse.util import atomic_write, sha256_bytes, sha256_file
@@ -63,6 +63,9 @@ def _check_output(output, source: Path | None, force: bool, what: str) -> Path |
     if not out.parent.exists():
         raise UserError(f"{what} directory {out.parent} does not exist")
     return out
+
+
+MAX_BATCH = 65536
 
 
 def _calibration(proto, calib, calib_random, seed):
@@ -192,13 +195,15 @@ class _Setup:
     warnings: list
 
 
-def _setup(model, recipe, default_skips, skip, calib, calib_random, seed) -> _Setup:
+def _setup(model, recipe, default_skips, skip, calib, calib_random, seed, batch) -> _Setup:
     import onnx_ir as ir
 
     from edge_sparse.passes.prune import default_skips as find_default_skips
     from edge_sparse.passes.prune import find_prunable_layers
     from edge_sparse.passes.prune_recipe import Recipe, load_recipe, resolve
 
+    check_number(batch, "--batch", 1, MAX_BATCH)
+    check_number(seed, "--seed", 0, 2**63 - 1)
     if recipe is not None and not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     proto, name, sha, path = _load(model)
@@ -284,7 +289,7 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
     if out_path is not None and rep_path is not None and out_path.resolve() == rep_path.resolve():
         raise UserError("the report path equals the output model path; choose different files")
 
-    setup = _setup(model, rec, default_skips, skip, calib, calib_random, seed)
+    setup = _setup(model, rec, default_skips, skip, calib, calib_random, seed, batch)
     method = M.get(method or rec.method or M.default(setup.data is not None))
     warnings = list(setup.warnings)
     specs = calibrate.input_specs(setup.proto)
@@ -420,7 +425,7 @@ def analyze(model, *, calib=None, calib_random: int | None = None, method: str |
     if not levels:
         raise UserError("--levels needs at least one sparsity in (0, 1)")
     t0 = time.perf_counter()
-    setup = _setup(model, recipe, default_skips, skip, calib, calib_random, seed)
+    setup = _setup(model, recipe, default_skips, skip, calib, calib_random, seed, batch)
     if setup.data is None:
         raise UserError("analyze needs calibration data: pass --calib FILE.npz (or --calib-random N, a poor proxy)")
     method = M.get(method or M.default(True))

@@ -16,7 +16,7 @@ from edge_sparse.artifact import library_path, read_manifest
 from edge_sparse.errors import UserError, check_threads
 from edge_sparse.util import host_arch
 
-__all__ = ["Model", "load", "set_threads"]
+__all__ = ["Model", "load", "set_threads", "read_arrays"]
 
 def set_threads(n: int | None) -> None:
     """Number of TVM worker threads for this process (None: TVM_NUM_THREADS or TVM's default)."""
@@ -29,6 +29,35 @@ def set_threads(n: int | None) -> None:
     cfg = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
     if cfg is not None:                          # the pool may already be running: resize it
         cfg(1, int(n))
+
+
+def read_arrays(path: str | os.PathLike, what: str = "inputs", npy: bool = False) -> dict[str, np.ndarray]:
+    """Arrays by name from an ``.npz`` (no pickles), or ``{"__single__": array}`` from an ``.npy`` when ``npy``.
+    A missing, empty, truncated or corrupt file is one UserError line."""
+    import zipfile
+    import zlib
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} file not found: {path}" if not path.exists() else f"{what} path {path} is not a file")
+    hint = ("pass an .npz written with numpy.savez(path, input_name=array, ...)" +
+            (" (or an .npy for a one-input model)" if npy else ""))
+    if path.stat().st_size == 0:
+        raise UserError(f"{what} file {path} is empty; {hint}")
+    try:
+        if npy and path.suffix == ".npy":
+            return {"__single__": np.load(path, allow_pickle=False)}
+        z = np.load(path, allow_pickle=False)
+        if not hasattr(z, "files"):
+            raise ValueError("a single .npy array, not an .npz archive")
+        with z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, NotImplementedError) as e:
+        reason = "it holds pickled objects" if "pickle" in str(e) else " ".join(str(e).split())[:120] or type(e).__name__
+        raise UserError(f"cannot read {what} from {path}: not a valid .npz ({reason}); {hint}") from None
+    if not data:
+        raise UserError(f"{what} file {path} holds no arrays; {hint}")
+    return data
 
 
 def _check_arch(manifest: dict[str, Any]) -> None:
@@ -80,6 +109,8 @@ class Model:
         (valid token ids and attention masks)."""
         if fill not in ("random", "zeros"):
             raise UserError(f"fill must be 'random' or 'zeros', got '{fill}'")
+        if not 0 <= seed < 2**63:
+            raise UserError(f"--seed must be in [0, 2^63), got {seed}")
         rng = np.random.default_rng(seed)
         out = {}
         for spec in self.inputs:

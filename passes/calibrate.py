@@ -23,6 +23,8 @@ __all__ = ["InputSpec", "input_specs", "load_calibration", "check_calibration", 
            "sample_count",
            "collect_statistics", "run_model", "Evaluator", "compare", "classifier_outputs", "DEFAULT_BATCH"]
 
+MAX_RANDOM_SAMPLES = 100_000
+MAX_RANDOM_BYTES = 4 << 30
 DEFAULT_BATCH = 8          # samples per onnxruntime call when the model's batch dimension is dynamic
 
 # Ops that may sit between a Softmax and a graph output while the output still counts as class scores.
@@ -90,25 +92,21 @@ def check_calibration(data: dict[str, np.ndarray], specs: list[InputSpec], sourc
 
 def load_calibration(path: str | Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
     """Read an ``.npz`` of inputs by name (samples on the first axis) and check names, ranks, shapes and dtypes."""
+    from edge_sparse.runtime import read_arrays
+
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"calibration file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read calibration data from {path} ({type(e).__name__}); pass an .npz written with "
-                        f"numpy.savez(path, input_name=array, ...)") from None
-    if not isinstance(data, dict) or not data:
-        raise UserError(f"{path} holds no arrays; pass an .npz with one array per model input")
-    return check_calibration(data, specs, path.name)
+    return check_calibration(read_arrays(path, "calibration data"), specs, path.name)
 
 
 def random_calibration(specs: list[InputSpec], samples: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Standard-normal floats; integer inputs are all ones (ids, masks: the only value safe for every vocabulary)."""
-    if samples < 1:
-        raise UserError(f"--calib-random needs at least 1 sample, got {samples}")
+    if not 1 <= samples <= MAX_RANDOM_SAMPLES:
+        raise UserError(f"--calib-random must be between 1 and {MAX_RANDOM_SAMPLES} samples, got {samples}")
     rng = np.random.default_rng(seed)
+    total = sum(samples * int(np.prod([d or 1 for d in spec.dims], dtype=object)) * spec.dtype.itemsize for spec in specs)
+    if total > MAX_RANDOM_BYTES:
+        raise UserError(f"--calib-random {samples} would need {total / 2**30:.1f} GiB of inputs (limit "
+                        f"{MAX_RANDOM_BYTES / 2**30:g} GiB); use fewer samples")
     data = {}
     for spec in specs:
         if any(d is None for d in spec.dims[1:]):

@@ -46,6 +46,9 @@ class Pattern:
         return 1.0 - self.n / self.m if self.kind == "nm" else None
 
 
+MAX_BLOCK_ROWS = 4096   # a block or N:M group larger than any layer's channel count is a typo
+
+
 def parse_pattern(text: str) -> Pattern:
     """``unstructured`` | ``Rx1`` (``16x1``) | ``N:M`` (``2:4``); anything else is a UserError."""
     t = str(text).strip().lower()
@@ -54,16 +57,19 @@ def parse_pattern(text: str) -> Pattern:
     m = re.fullmatch(r"(\d+)x(\d+)", t)
     if m:
         r, c = int(m.group(1)), int(m.group(2))
+        if c == 1 and r > MAX_BLOCK_ROWS or c == 4 and r > MAX_BLOCK_ROWS:
+            raise UserError(f"unknown pattern '{text[:40]}': block rows must be at most {MAX_BLOCK_ROWS}, "
+                            f"e.g. 16x1, 8x1, 4x1 or 16x4")
         if c not in (1, 4) or r < 1 or (c == 4 and r % 4):
-            raise UserError(f"unknown pattern '{text}': blocks are Rx1 (R output channels at one input, as the float "
-                            f"BSR kernels use), e.g. 16x1, 8x1, 4x1, or Rx4 (R output channels x 4 consecutive "
+            raise UserError(f"unknown pattern '{text[:40]}': blocks are Rx1 (R output channels at one input, as the "
+                            f"float BSR kernels use), e.g. 16x1, 8x1, 4x1, or Rx4 (R output channels x 4 consecutive "
                             f"inputs, as the int8 dot-product kernels use), e.g. 16x4")
         return Pattern("block", rows=r, cols=c)
     m = re.fullmatch(r"(\d+):(\d+)", t)
     if m:
         n, mm = int(m.group(1)), int(m.group(2))
-        if not 0 < n < mm:
-            raise UserError(f"unknown pattern '{text}': N:M needs 0 < N < M, e.g. 2:4")
+        if not 0 < n < mm or mm > MAX_BLOCK_ROWS:
+            raise UserError(f"unknown pattern '{text[:40]}': N:M needs 0 < N < M <= {MAX_BLOCK_ROWS}, e.g. 2:4")
         return Pattern("nm", n=n, m=mm)
     raise UserError(f"unknown pattern '{text}': use unstructured, Rx1 blocks (16x1, 8x1, 4x1), Rx4 blocks (16x4) "
                     f"or N:M (2:4)")

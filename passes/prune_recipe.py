@@ -113,6 +113,9 @@ def load_recipe(path: str | Path) -> Recipe:
         raise UserError(f"recipe {src}: use [[layer]] tables for per-layer rules")
     for i, rule in enumerate(rules, 1):
         where = f"recipe {src}: [[layer]] #{i}"
+        if not isinstance(rule, dict):
+            raise UserError(f"{where} is {type(rule).__name__} {str(rule)[:40]}; write per-layer rules as [[layer]] "
+                            f"tables with match = \"GLOB\"")
         unknown = sorted(set(rule) - _RULE_KEYS)
         if unknown:
             raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_RULE_KEYS))}")

@@ -147,6 +147,42 @@ def _host_preset() -> Preset:
 
 
 _REQUIRED = ("name", "family", "arch", "target")
+_STRINGS = ("name", "description", "family", "arch")
+_TABLES = ("target", "host", "device", "link")
+# [device] numbers: (integer?, min, max)
+_DEVICE_NUMBERS = {
+    "cores": (True, 1, 1024), "vector_bits": (True, 32, 2048), "vector_registers": (True, 1, 256),
+    "l1d_kb": (False, 0, 1 << 20), "l2_kb": (False, 0, 1 << 20), "l3_kb": (False, 0, 1 << 22),
+    "mem_bw_gbps": (False, 0, 1e5), "peak_gflops_per_core": (False, 0, 1e6), "gpu_gflops": (False, 0, 1e7),
+    "idle_watts": (False, 0, 1e4), "active_watts_per_core": (False, 0, 1e4), "gpu_active_watts": (False, 0, 1e4),
+}
+
+
+def _type_problem(data: dict[str, Any]) -> str | None:
+    """What has the wrong type or range in a preset's TOML (None: nothing)."""
+    import math
+
+    for key in _STRINGS:
+        if key in data and not isinstance(data[key], str):
+            return f"'{key}' must be a string, got {data[key]!r}"
+    for key in _TABLES:
+        if key in data and not isinstance(data[key], dict):
+            return f"'{key}' must be a [{key}] table, got {str(data[key])[:40]}"
+    for key, value in data.get("device", {}).items():
+        if key not in _DEVICE_NUMBERS:
+            continue
+        integer, lo, hi = _DEVICE_NUMBERS[key]
+        ok_type = type(value) is int if integer else type(value) in (int, float)
+        if not ok_type or not math.isfinite(value) or not lo <= value <= hi:
+            kind = "an integer" if integer else "a number"
+            return f"[device] {key} must be {kind} in [{lo}, {hi:g}], got {value!r}"
+    link = data.get("link", {})
+    for key in ("kind", "cxx", "package"):
+        if key in link and not isinstance(link[key], str):
+            return f"[link] {key} must be a string, got {link[key]!r}"
+    if "api_level" in link and (type(link["api_level"]) is not int or not 1 <= link["api_level"] <= 1000):
+        return f"[link] api_level must be an integer Android API level, got {link['api_level']!r}"
+    return None
 
 
 def _from_toml(data: dict[str, Any], source: str) -> Preset:
@@ -157,6 +193,9 @@ def _from_toml(data: dict[str, Any], source: str) -> Preset:
         raise UserError(f"target file {source}: family must be one of {', '.join(FAMILIES)}, got '{data['family']}'")
     if not isinstance(data["target"], dict) or "kind" not in data["target"]:
         raise UserError(f"target file {source}: [target] must be a TVM dict target with a 'kind' (e.g. kind = \"llvm\")")
+    problem = _type_problem(data)
+    if problem:
+        raise UserError(f"target file {source}: {problem}; see targets/presets/rpi4.toml for the schema")
     link = dict(data.get("link", {"kind": "host"}))
     return Preset(
         name=str(data["name"]),

@@ -287,3 +287,71 @@ def test_interrupted_compile_is_one_line_and_leaves_nothing(synthetic_models, tm
     assert sorted(os.listdir(tmp_path)) == ["tmp"]
     assert [n for n in os.listdir(tmpdir) if n != ".ses"] == []
     assert snapshot(src) == before
+
+
+# ------------------------------------------------------------------------------------ 10: one line for bad inputs
+def _bad_npz(tmp_path: Path, kind: str, arrays: dict) -> Path:
+    good = tmp_path / "good.npz"
+    np.savez(good, **arrays)
+    f = tmp_path / f"{kind}.npz"
+    data = good.read_bytes()
+    f.write_bytes({"empty": b"", "corrupt": os.urandom(300), "truncated": data[: len(data) // 2],
+                   "pickle": b"\x80\x04\x95" + os.urandom(64), "npy-as-npz": data[:0]}[kind] if kind != "npy-as-npz"
+                  else (np.save(tmp_path / "one.npy", np.zeros(3)), (tmp_path / "one.npy").read_bytes())[1])
+    return f
+
+
+_NPZ_KINDS = ["empty", "corrupt", "truncated", "pickle", "npy-as-npz"]
+
+
+@pytest.mark.parametrize("kind", _NPZ_KINDS)
+@pytest.mark.parametrize("cmd", ["run", "bench", "prune", "analyze"])
+def test_bad_npz_one_line(cnn_artifact, synthetic_models, tmp_path, kind, cmd):
+    src = synthetic_models["mlp"]
+    f = _bad_npz(tmp_path, kind, {"x": np.zeros((2, 32, 128), np.float32)})
+    out = tmp_path / "out"
+    args = {
+        "run": ["run", cnn_artifact, "-i", f, "-o", out],
+        "bench": ["bench", cnn_artifact, "-i", f, "--json", out],
+        "prune": ["prune", src, "-o", out, "-s", "0.5", "--calib", f],
+        "analyze": ["analyze", src, "--calib", f, "-o", out],
+    }[cmd]
+    assert_bad_input(args, str(f), inputs=[f, src, cnn_artifact], outputs=[out])
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["compile", "{mlp}", "-o", "{out}", "--input-shape", "x=99999999999999999999,32,128"], "too large"),
+    (["compile", "{mlp}", "-o", "{out}", "--input-shape", "x=99999x99999x99999"], "too large"),
+    (["prune", "{mlp}", "-o", "{out}", "-s", "0.5", "-p", "99999999999999999999x1"], "block rows must be at most"),
+    (["prune", "{mlp}", "-o", "{out}", "-p", "2:99999999999999999999"], "N:M needs"),
+    (["analyze", "{mlp}", "-p", "99999999999999999999x1"], "block rows must be at most"),
+    (["prune", "{mlp}", "-o", "{out}", "-s", "0.5", "--batch", "-1", "--calib-random", "4"], "--batch must be in"),
+    (["prune", "{mlp}", "-o", "{out}", "-s", "0.5", "--batch", "0", "--calib-random", "4"], "--batch must be in"),
+    (["prune", "{mlp}", "-o", "{out}", "-s", "0.5", "--calib-random", "100000000000"], "--calib-random must be"),
+    (["prune", "{mlp}", "-o", "{out}", "-s", "0.5", "--calib-random", "1e11"], "'--calib-random'"),
+    (["analyze", "{mlp}", "--calib-random", "100000000000"], "--calib-random must be"),
+    (["prune", "{mlp}", "-o", "{out}", "-s", "0.5", "--calib-random", "4", "--seed", "-5"], "--seed must be in"),
+    (["run", "{art}", "--seed", "-1"], "--seed must be in"),
+    (["bench", "{art}", "--seed", "-1", "--repeat", "1"], "--seed must be in"),
+    (["prune", "{mlp}", "-o", "{out}", "-s", "nan"], "sparsity must be in"),
+    (["prune", "{mlp}", "-o", "{out}", "-s", "0.5", "--holdout", "nan"], "--holdout"),
+    (["analyze", "{mlp}", "--levels", "0.5,inf"], "--levels"),
+    (["prune", "{mlp}", "-o", "{out}", "-s", "0.5", "--recipe", "{recipe}"], "[[layer]] #1"),
+    (["compile", "{mlp}", "-o", "{out}", "--target-file", "{cores}"], "[device] cores must be an integer"),
+    (["targets", "--target-file", "{cores}"], "[device] cores must be an integer"),
+    (["compile", "{mlp}", "-o", "{out}", "--target-file", "{name}"], "'name' must be a string"),
+    (["compile", "{mlp}", "-o", "{out}", "--target-file", "{linkcxx}"], "[link] cxx must be a string"),
+])
+def test_bad_values_one_line(cnn_artifact, synthetic_models, tmp_path, args, msg):
+    files = {"recipe": "layer = [1, 2]\n",
+             "cores": 'name = "odd"\nfamily = "cpu"\narch = "x86_64"\n[target]\nkind = "llvm"\n[device]\ncores = "many"\n',
+             "name": 'name = 5\nfamily = "cpu"\narch = "x86_64"\n[target]\nkind = "llvm"\n',
+             "linkcxx": 'name = "a"\nfamily = "cpu"\narch = "aarch64"\n[target]\nkind = "llvm"\n[link]\nkind = "cross"\ncxx = 3\n'}
+    paths = {}
+    for k, text in files.items():
+        paths[k] = tmp_path / f"{k}.toml"
+        paths[k].write_text(text)
+    subst = {"mlp": synthetic_models["mlp"], "out": tmp_path / "out", "art": cnn_artifact, **paths}
+    full = [str(a).format(**{k: str(v) for k, v in subst.items()}) for a in args]
+    assert_bad_input(full, msg, inputs=[synthetic_models["mlp"], cnn_artifact, *paths.values()],
+                     outputs=[tmp_path / "out"])
