@@ -16,6 +16,7 @@ from conftest import ort_run
 from contract import assert_bad_input, snapshot
 from edge_sparse import compiler, runtime
 from edge_sparse.errors import UserError
+from edge_sparse.util import sha256_file
 
 
 def _compile(src, out, **kw):
@@ -143,8 +144,8 @@ def test_wheel_member_outside_extraction_dir_is_refused(tmp_path, monkeypatch, m
                      {"tvm/lib/libtvm_runtime.so": b"rt"})
     w2 = _fake_wheel(cache / "wheels" / f"apache_tvm_ffi-{ffi_v}-cp311-cp311-manylinux_2_28_aarch64.whl",
                      {"tvm_ffi/lib/libtvm_ffi.so": b"ffi", "tvm_ffi/include/tvm/ffi/ok.h": b"//", member: b"pwned"})
-    monkeypatch.setattr(bundle, "WHEEL_SHA256", {("apache-tvm", tvm_v): bundle._sha256(w1),
-                                                 ("apache-tvm-ffi", ffi_v): bundle._sha256(w2)})
+    monkeypatch.setattr(bundle, "WHEEL_SHA256", {("apache-tvm", tvm_v): sha256_file(w1),
+                                                 ("apache-tvm-ffi", ffi_v): sha256_file(w2)})
     with pytest.raises(UserError, match="outside the extraction directory"):
         bundle.runtime_files(tvm_v, ffi_v, quiet=True)
     written = [p for p in tmp_path.rglob("*") if p.name in ("escaped.h", "x.h") or "pwned" in p.name]
