@@ -57,6 +57,18 @@ WHEEL_SHA256 = {
     ("apache-tvm-ffi", "0.1.14.post1"): "c7a759781d4fbf2b99fa12f2741f250b882b06acc2747bb02831d491d1ac7d3c",
 }
 RUNNER_FLAGS = ["-std=c++17", "-O2", "-s", "-fPIE", "-pie"]
+# Self-contained bundles: ``run`` (the runner linked with a relative ELF interpreter) loads the glibc loader and C/C++
+# libraries shipped in lib/sysroot (from the cross toolchain's sysroot), so it runs on any aarch64 Linux kernel
+# (Android included, whatever its libc) from the bundle directory. DT_RPATH (not RUNPATH) so that an
+# LD_LIBRARY_PATH set on the device cannot pull in its own libc; every C/C++ library is a direct NEEDED of ``run``
+# so that the loader finds them all through its RPATH before the TVM libraries (RUNPATH $ORIGIN) ask for them.
+LAUNCHER = "run"
+SYSROOT_DIR = "lib/sysroot"
+LOADER = "ld-linux-aarch64.so.1"
+_STANDALONE_LINK = [f"-Wl,--dynamic-linker={SYSROOT_DIR}/{LOADER}", "-Wl,--disable-new-dtags",
+                    f"-Wl,-rpath,$ORIGIN/{SYSROOT_DIR}:$ORIGIN/lib", "-Wl,--no-as-needed", "-l:libdl.so.2",
+                    "-l:libpthread.so.0", "-lstdc++", "-lm", "-lgcc_s", "-lc"]   # (glibc >= 2.34: libdl/libpthread
+                                                                               # are stubs with no libdl.so link)
 
 
 def cache_dir() -> Path:
@@ -240,14 +252,20 @@ def _compiler_version(cxx: str) -> str:
     return out.splitlines()[0].strip() if out else cxx
 
 
-def _runner_command(cxx: str, runtime: RuntimeFiles, src_dir: Path, output: Path, version: str) -> list[str]:
-    return [cxx, *RUNNER_FLAGS, f"-DEDGE_SPARSE_RUNNER_VERSION=\"{version}\"", f"-I{src_dir}", f"-I{runtime.include}",
-            str(src_dir / "main.cpp"), "-o", str(output), f"-L{runtime.lib}", "-Wl,--no-as-needed",
-            "-ltvm_runtime", "-ltvm_ffi", "-Wl,--as-needed", "-ldl", "-Wl,-rpath,$ORIGIN/../lib"]
+def _runner_command(cxx: str, runtime: RuntimeFiles, src_dir: Path, output: Path, version: str,
+                    standalone: bool = False) -> list[str]:
+    cmd = [cxx, *RUNNER_FLAGS, f"-DEDGE_SPARSE_RUNNER_VERSION=\"{version}\"", f"-I{src_dir}", f"-I{runtime.include}",
+           str(src_dir / "main.cpp"), "-o", str(output), f"-L{runtime.lib}", "-Wl,--no-as-needed",
+           "-ltvm_runtime", "-ltvm_ffi"]
+    if standalone:
+        return cmd + _STANDALONE_LINK
+    return cmd + ["-Wl,--as-needed", "-ldl", "-Wl,-rpath,$ORIGIN/../lib"]
 
 
-def build_runner(runtime: RuntimeFiles, cxx: str = "aarch64-linux-gnu-g++", *, quiet: bool | None = None) -> Path:
-    """Cross-compile ``edge-sparse-run`` against ``runtime`` (cached by sources, compiler and runtime)."""
+def build_runner(runtime: RuntimeFiles, cxx: str = "aarch64-linux-gnu-g++", *, quiet: bool | None = None,
+                 standalone: bool = False) -> Path:
+    """Cross-compile ``edge-sparse-run`` against ``runtime`` (cached by sources, compiler and runtime); with
+    ``standalone`` the self-contained launcher ``run`` (loader and libraries from lib/sysroot)."""
     from edge_sparse import __version__
 
     path = shutil.which(cxx)
@@ -257,22 +275,56 @@ def build_runner(runtime: RuntimeFiles, cxx: str = "aarch64-linux-gnu-g++", *, q
     for name in RUNNER_SOURCES:
         key.update((RUNNER_DIR / name).read_bytes())
     key.update(_compiler_version(path).encode())
-    key.update(" ".join(RUNNER_FLAGS).encode())
+    key.update(" ".join(RUNNER_FLAGS + (_STANDALONE_LINK if standalone else [])).encode())
     key.update(__version__.encode())
     key.update(sha256_file(runtime.lib / "libtvm_ffi.so").encode())
-    out = runtime.root / "runner" / key.hexdigest()[:16] / "edge-sparse-run"
+    out = runtime.root / "runner" / key.hexdigest()[:16] / (LAUNCHER if standalone else "edge-sparse-run")
     if out.is_file():
         return out
     progress = Progress(quiet)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out, mode=0o777) as tmp:
-        cmd = _runner_command(path, runtime, RUNNER_DIR, tmp, __version__)
-        with progress.step(f"building the runner with {cxx}"):
+        cmd = _runner_command(path, runtime, RUNNER_DIR, tmp, __version__, standalone)
+        with progress.step(f"building the {'self-contained launcher' if standalone else 'runner'} with {cxx}"):
             proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             errors = [l for l in proc.stderr.splitlines() if "error" in l][:3] or proc.stderr.splitlines()[-3:]
             raise RuntimeError("building edge-sparse-run failed:\n" + "\n".join(errors))
     return out
+
+
+def _needed(readelf: str, path: Path) -> list[str]:
+    """DT_NEEDED sonames of an ELF file."""
+    proc = subprocess.run([readelf, "-d", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{readelf} -d {path} failed: {proc.stderr.strip()[:200]}")
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", proc.stdout)
+
+
+def sysroot_libraries(cxx: str, roots: list[Path]) -> dict[str, Path]:
+    """The glibc loader and every C/C++ library ``roots`` need (transitively), as the toolchain's sysroot has them
+    (``cxx -print-file-name``): soname -> real file. Libraries found next to the roots (the TVM ones) are left out."""
+    readelf = shutil.which(cxx.replace("g++", "readelf")) or shutil.which("readelf")
+    if readelf is None:
+        raise UserError("readelf not found (binutils); install binutils-aarch64-linux-gnu")
+    local = {p.name for p in roots}
+    found: dict[str, Path] = {}
+    todo = [*roots]
+    wanted = [LOADER]
+    while todo or wanted:
+        if todo:
+            wanted += _needed(readelf, todo.pop())
+            continue
+        name = wanted.pop()
+        if name in found or name in local:
+            continue
+        out = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+        if not out or out == name or not Path(out).is_file():
+            raise UserError(f"{cxx} has no {name} in its sysroot; install the cross toolchain's libc "
+                            f"(libc6-arm64-cross, libstdc++6-arm64-cross)")
+        found[name] = Path(out).resolve()
+        todo.append(found[name])
+    return found
 
 
 def _glibc_needs(path: Path) -> dict[str, str]:
@@ -359,6 +411,7 @@ def make_bundle(out_dir: str | os.PathLike, preset, manifest) -> dict[str, Any]:
     shutil.copy2(runner, out_dir / "bin" / "edge-sparse-run")
     os.chmod(out_dir / "bin" / "edge-sparse-run", 0o755)
     _copy_sources(out_dir, runtime)
+    standalone = _standalone(out_dir, runtime, cxx, library)
 
     libs = runtime.library_info()
     runtime_needs = {}
@@ -373,6 +426,7 @@ def make_bundle(out_dir: str | os.PathLike, preset, manifest) -> dict[str, Any]:
         "sdk": _tree_bytes(out_dir / "include") + _tree_bytes(out_dir / "src"),
     }
     sizes["device"] = sizes["model"] + sizes["runtime"] + sizes["runner"]   # what must be on the device
+    sizes["standalone"] = standalone["bytes"]                                  # ./run + lib/sysroot on top of that
     info = {
         "format": 1,
         "kind": "linux-aarch64",
@@ -380,11 +434,32 @@ def make_bundle(out_dir: str | os.PathLike, preset, manifest) -> dict[str, Any]:
                     "libraries": libs, "requires": runtime_needs},
         "runner": {"path": "bin/edge-sparse-run", "compiler": _compiler_version(shutil.which(cxx) or cxx),
                    "requires": runner_needs},
+        "standalone": {k: v for k, v in standalone.items() if k != "bytes"},
         "sizes": sizes,
         "run": "RUN.md",
     }
     (out_dir / "RUN.md").write_text(_run_md_linux(out_dir, preset, _get(manifest, "inputs"), info))
     return info
+
+
+def _standalone(out_dir: Path, runtime: RuntimeFiles, cxx: str, library: str) -> dict[str, Any]:
+    """Add ``run`` and lib/sysroot (glibc loader, libc, libm, libstdc++, libgcc_s, ... from the toolchain's sysroot)."""
+    launcher = build_runner(runtime, cxx, standalone=True)
+    shutil.copy2(launcher, out_dir / LAUNCHER)
+    os.chmod(out_dir / LAUNCHER, 0o755)
+    sysroot = out_dir / SYSROOT_DIR
+    sysroot.mkdir(parents=True, exist_ok=True)
+    roots = [out_dir / LAUNCHER, *(out_dir / "lib" / n for n in _LIBS)]
+    if library.endswith(".so"):
+        roots.append(out_dir / library)
+    libs = sysroot_libraries(shutil.which(cxx) or cxx, roots)
+    for name, src in sorted(libs.items()):
+        shutil.copyfile(src, sysroot / name)
+        os.chmod(sysroot / name, 0o755)
+    files = sorted([LAUNCHER, *(f"{SYSROOT_DIR}/{n}" for n in libs)])
+    return {"launcher": LAUNCHER, "sysroot": SYSROOT_DIR, "loader": f"{SYSROOT_DIR}/{LOADER}",
+            "libraries": sorted(libs), "source": str(Path(libs[LOADER]).parent),
+            "bytes": sum((out_dir / f).stat().st_size for f in files)}
 
 
 def _fmt_mb(n: int) -> str:
@@ -442,6 +517,21 @@ Before loading, the runner checks `model.so` against its sha256 in `manifest.jso
 `libtvm_runtime.so`/`libtvm_ffi.so` are the ones of the TVM versions that compiled the model (by sha256; a
 mismatch stops with an error instead of crashing later). Keep `lib/` next to `bin/` and do not set
 `LD_LIBRARY_PATH` to another TVM.
+
+## Any aarch64 Linux or Android phone, nothing installed, no NDK
+
+`./run` is the same runner with its own C library: it starts through the glibc loader in `lib/sysroot/` (from the
+cross toolchain's sysroot: {', '.join(info['standalone']['libraries'])}), so the device's libc (bionic on Android,
+musl, an old glibc) does not matter. Start it from the bundle directory (its loader path is relative):
+
+```sh
+adb push {name} /data/local/tmp/
+adb shell "cd /data/local/tmp/{name} && ./run --info && ./run --bench 50 --threads 4"
+adb shell "cd /data/local/tmp/{name} && ./run -i inputs.npz -o outputs.npz" && adb pull /data/local/tmp/{name}/outputs.npz
+```
+
+It takes the same options as `bin/edge-sparse-run`. Adds {_fmt_mb(s['standalone'])} to what the device needs. For an
+Android app, link the model with the NDK instead (`--target android-arm64`).
 
 ## Python on the device
 

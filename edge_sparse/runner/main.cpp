@@ -69,6 +69,8 @@ std::string default_dir() {
   if (n <= 0) return ".";
   std::string exe(buf, static_cast<size_t>(n));
   std::string bin = exe.substr(0, exe.find_last_of('/'));
+  // the self-contained launcher (./run) sits in the bundle root itself; the runner in bin/
+  if (access((bin + "/manifest.json").c_str(), R_OK) == 0) return bin;
   return bin.substr(0, bin.find_last_of('/'));
 }
 
