@@ -163,7 +163,7 @@ def _print_layers(layers) -> None:
     def us(v):
         return f"{v:.1f}" if isinstance(v, (int, float)) else "-"
 
-    click.echo(f"{'layer':<32} {'op':<7} {'shape':<10} {'sparsity':>8}  {'format':<8} {'kernel':<12} "
+    click.echo(f"{'layer':<32} {'op':<7} {'dtype':<7} {'shape':<10} {'sparsity':>8}  {'format':<12} {'kernel':<14} "
                f"{'dense us':>9} {'chosen us':>9}  note")
     for layer in layers:
         shape = "x".join(str(d) for d in layer.get("weight_shape", []))
@@ -172,8 +172,9 @@ def _print_layers(layers) -> None:
         dense_us = measured.get("dense", layer.get("est_us_dense"))
         chosen_us = measured.get(fmt, layer.get("est_us_sparse") if fmt != "dense" else dense_us)
         note = ("measured; " if measured else "") + str(layer.get("reason") or "")
-        click.echo(f"{str(layer.get('name'))[:32]:<32} {str(layer.get('op'))[:7]:<7} {shape:<10} "
-                   f"{layer.get('sparsity', 0.0):>8.1%}  {fmt:<8} {str(layer.get('kernel', fmt))[:12]:<12} "
+        click.echo(f"{str(layer.get('name'))[:32]:<32} {str(layer.get('op'))[:7]:<7} "
+                   f"{str(layer.get('dtype', 'float32'))[:7]:<7} {shape:<10} "
+                   f"{layer.get('sparsity', 0.0):>8.1%}  {fmt:<12} {str(layer.get('kernel', fmt))[:14]:<14} "
                    f"{us(dense_us):>9} {us(chosen_us):>9}  {note.rstrip('; ')}".rstrip())
     click.echo("(us: the cost model's estimate on the target; measured on this machine with --measure)")
 

@@ -218,3 +218,17 @@ def test_prune_16x4_zeroes_whole_dot_product_blocks(quantized):
     assert str(parse_pattern("16x4")) == "16x4"
     with pytest.raises(UserError, match="Rx4"):
         parse_pattern("16x3")
+
+
+@pytest.mark.parametrize("n", [64, 1000, 49152])
+def test_minmax_kernel_matches_numpy(n):
+    x = (RNG.standard_normal(n) * 3).astype(np.float32)
+    x[RNG.integers(0, n)] = 40.0                   # extremes anywhere, including the unvectorised tail
+    x[n - 1] = -41.0
+    from edge_sparse.targets.cpu.sparse import build_kernel
+
+    ex = build_kernel(I.minmax_kernel(n), HOST)
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros(2, np.float32), dev)
+    ex.jit()["main"](tvm.runtime.tensor(x, dev), out)
+    np.testing.assert_array_equal(out.numpy(), [x.min(), x.max()])
