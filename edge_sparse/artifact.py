@@ -15,7 +15,7 @@ from edge_sparse.errors import UserError
 from edge_sparse.util import atomic_write, sha256_file
 
 __all__ = ["SCHEMA_VERSION", "MANIFEST", "Manifest", "read_manifest", "write_manifest",
-           "file_entries", "verify_files", "library_path", "check_output_dir"]
+           "file_entries", "verify_files", "library_path", "is_artifact"]
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -156,13 +156,6 @@ def verify_files(root: str | os.PathLike, manifest: dict[str, Any], only: list[s
             raise UserError(f"artifact file {rel} does not match its sha256 in {MANIFEST} (modified or corrupt); recompile or re-copy it")
 
 
-def check_output_dir(out_dir: str | os.PathLike, force: bool, inputs: tuple = ()) -> Path:
-    out = Path(out_dir)
-    for src in inputs:
-        if src is not None and Path(src).resolve() == out.resolve():
-            raise UserError(f"output {out} is the input file; choose another output path")
-    if out.exists() and not force:
-        raise UserError(f"output directory {out} already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path {out} exists and is not a directory; remove it or choose another path")
-    return out
+def is_artifact(path: Path) -> bool:
+    """What ``compile --force`` may replace: a directory holding an artifact's manifest."""
+    return (Path(path) / MANIFEST).is_file()

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edge_sparse.errors import UserError, check_number, check_threads
-from edge_sparse.util import atomic_write, latency_stats
+from edge_sparse.util import atomic_write, check_output, latency_stats
 
 __all__ = ["SCHEMA", "bench", "combine", "format_table", "plot", "write_json"]
 
@@ -134,12 +134,15 @@ def _load_local(artifact: Path, threads: int):
     return _Runner(model.vm, model.device, model.manifest), model, load_s, rss0
 
 
-def _load_remote(sess, artifact: Path, manifest: dict[str, Any], threads: int, lib_file: Path):
+def _load_remote(sess, artifact: Path, manifest: dict[str, Any], threads: int, lib_file: Path | None = None):
     """(runner, load seconds): upload the library, load it remotely, size the remote thread pool, make the VM."""
     from tvm.runtime.vm import VirtualMachine
 
     from edge_sparse.rpc import describe_error
 
+    from edge_sparse.artifact import library_path
+
+    lib_file = lib_file or library_path(artifact, manifest)   # only a file the manifest's hashes vouch for
     lib_name = lib_file.name
     family = manifest.get("target", {}).get("family", "cpu")
     t0 = time.perf_counter()
@@ -663,17 +666,9 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _check_target(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise UserError(f"output file {path} already exists; pass --force to overwrite it")
-    if not path.parent.exists():
-        raise UserError(f"directory {path.parent} does not exist")
-
-
 def write_json(result: dict[str, Any], path: str | os.PathLike, force: bool = False) -> None:
-    path = Path(path)
-    _check_target(path, force)
-    atomic_write(path, json.dumps(result, indent=2, default=float) + "\n")
+    path = check_output(path, force=force)
+    atomic_write(path, json.dumps(result, indent=2, default=float) + "\n", replace=force)
 
 
 def plot(result: dict[str, Any], path: str | os.PathLike, force: bool = False) -> None:
@@ -685,8 +680,7 @@ def plot(result: dict[str, Any], path: str | os.PathLike, force: bool = False) -
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("--plot needs matplotlib: pip install 'edge-sparse[plot]'") from None
-    path = Path(path)
-    _check_target(path, force)
+    path = check_output(path, force=force)
     runs = result["runs"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     every = np.concatenate([np.asarray(r["samples_ms"]) for r in runs])
@@ -710,7 +704,7 @@ def plot(result: dict[str, Any], path: str | os.PathLike, force: bool = False) -
     ax2.set_title(f"threads {result['settings']['threads']}, {result['device']['where']}")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), replace=force)
     plt.close(fig)
 
 

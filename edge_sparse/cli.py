@@ -12,7 +12,7 @@ import click
 
 from edge_sparse.errors import UserError
 from edge_sparse.progress import set_quiet
-from edge_sparse.util import atomic_write
+from edge_sparse.util import atomic_write, check_output
 
 __all__ = ["main", "cli"]
 
@@ -28,6 +28,9 @@ class _Group(click.Group):
             _fail(str(e), 2)
         except KeyboardInterrupt:                   # before click turns it into Abort (and prints an empty line)
             _fail(INTERRUPTED, 130)
+        except FileExistsError as e:                # a no-replace commit lost a race: nothing was overwritten
+            _fail(f"output {e.filename or e} was created by another process while this command ran; it was left "
+                  f"as it is (pass --force to replace it)", 2)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         from edge_sparse.errors import interrupts_as_exceptions
@@ -215,11 +218,7 @@ def run_cmd(artifact, input_path, fill, seed, output, threads, force, quiet):
     from edge_sparse import runtime
 
     _quiet(quiet)
-    if output is not None:
-        if Path(output).exists() and not force:
-            raise UserError(f"output file {output} already exists; pass --force to overwrite it")
-        if input_path is not None and Path(output).resolve() == Path(input_path).resolve():
-            raise UserError("--output is the input file; choose another path")
+    check_output(output, force=force, inputs=(artifact, input_path))     # before any work: fail fast
     model = runtime.load(artifact, threads=threads)
     if input_path is not None:
         inputs = _read_inputs(input_path, model.inputs)
@@ -227,7 +226,7 @@ def run_cmd(artifact, input_path, fill, seed, output, threads, force, quiet):
         inputs = model.make_inputs(fill, seed)
     outputs = model.run(inputs)
     if output is not None:
-        atomic_write(output, lambda f: np.savez(f, **outputs))
+        atomic_write(output, lambda f: np.savez(f, **outputs), replace=force)
     if not quiet:
         for name, arr in outputs.items():
             flat = arr.reshape(-1)
@@ -528,17 +527,13 @@ def analyze_cmd(model, pattern, levels, sparsity, samples, calib, calib_random, 
     target = _parse_fraction(sparsity, "--sparsity")
     if samples < 1:
         raise UserError(f"--samples must be >= 1, got {samples}")
-    if output is not None:
-        if Path(output).exists() and not force:
-            raise UserError(f"output file {output} already exists; pass --force to overwrite it")
-        if Path(output).resolve() == Path(model).resolve():
-            raise UserError("--output is the input model; choose another path")
+    check_output(output, force=force, inputs=(model, calib, recipe))     # before minutes of work
     result = analyze(model, calib=calib, calib_random=calib_random, method=method, pattern=pattern,
                      levels=level_list, sparsity=target, recipe=recipe, default_skips=not no_default_skips,
                      skip=skip, samples=samples, seed=seed, batch=batch, quiet=quiet)
     _warn(result["warnings"], quiet)
     if output is not None:
-        atomic_write(output, json.dumps(result, indent=2) + "\n")
+        atomic_write(output, json.dumps(result, indent=2) + "\n", replace=force)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -660,11 +655,10 @@ def bench_cmd(artifacts, rpc, tracker, key, warmup, repeat, min_seconds, threads
     from edge_sparse import benchmark as B
 
     _quiet(quiet)
-    for out in (json_out, plot_out):
-        if out is not None and Path(out).exists() and not force:
-            raise UserError(f"output file {out} already exists; pass --force to overwrite it")
-    if compare and any(Path(out).resolve() == Path(compare).resolve() for out in (json_out, plot_out) if out):
-        raise UserError("--json/--plot would overwrite the --compare model; choose another path")
+    for out, what in ((json_out, "--json"), (plot_out, "--plot")):
+        check_output(out, force=force, inputs=(*artifacts, compare, input_path), what=what)
+    if json_out and plot_out and Path(json_out).resolve() == Path(plot_out).resolve():
+        raise UserError("--json and --plot name the same file; choose two paths")
     inputs = None
     if input_path is not None:
         from edge_sparse.artifact import read_manifest

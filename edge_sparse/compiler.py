@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge_sparse.artifact import Manifest, check_output_dir, write_manifest
+from edge_sparse.artifact import Manifest, is_artifact, write_manifest
 from edge_sparse.errors import UserError, check_threads, raise_if_interrupted
 from edge_sparse.formats import SPARSE_MODES
 from edge_sparse.progress import Progress
-from edge_sparse.util import atomic_dir
+from edge_sparse.util import atomic_dir, check_output
 
 __all__ = ["compile", "import_relax"]
 
@@ -78,7 +78,8 @@ def compile(model: str | os.PathLike, target: str = "host", out_dir: str | os.Pa
         raise UserError(f"unknown --sparse '{sparse}'; choose one of {', '.join(SPARSE_MODES)}")
     preset = targets.get(target, target_file)
     check_threads(threads, preset.cores, where=f"the target {preset.name}")
-    out = check_output_dir(out_dir, force, inputs=(model,))
+    out = check_output(out_dir, force=force, inputs=(model, target_file, tuning_db), kind="dir",
+                       replaceable=is_artifact)
     if tuning_db is not None and not Path(tuning_db).is_dir():
         raise UserError(f"tuning database not found: {tuning_db}; create it with 'edge-sparse tune MODEL.onnx -o {tuning_db}'")
     family = targets.family_module(preset)
@@ -96,7 +97,7 @@ def compile(model: str | os.PathLike, target: str = "host", out_dir: str | os.Pa
         mod, layers = _sparsify(mod, preset, intake, sparse, measure)
     with progress.step(f"compiling for {preset.name}"):
         ex = family.build(mod, preset, tuning_db=str(tuning_db) if tuning_db else None)
-    with atomic_dir(out) as stage:
+    with atomic_dir(out, replace=force) as stage:
         with progress.step("linking"):
             library = family.export(ex, stage, preset)
         tool, tvm_versions = _versions()

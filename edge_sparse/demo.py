@@ -14,9 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_sparse.artifact import check_output_dir
 from edge_sparse.errors import check_threads
-from edge_sparse.util import atomic_dir
+from edge_sparse.util import atomic_dir, check_output
 from edge_sparse.progress import Progress
 
 __all__ = ["demo", "format_summary"]
@@ -41,9 +40,9 @@ def demo(out_dir: str | os.PathLike = "out/demo", *, force: bool = False, thread
     from edge_sparse.passes import methods
 
     check_threads(threads)
-    out = check_output_dir(out_dir, force)
+    out = check_output(out_dir, force=force, kind="dir", replaceable=lambda p: (p / "summary.json").is_file())
     progress = Progress(quiet)
-    with atomic_dir(out) as stage:
+    with atomic_dir(out, replace=force) as stage:
         dense_path, pruned_path = stage / "model.onnx", stage / "model-pruned.onnx"
         synthetic.save(_demo_model(), dense_path)
         rng = np.random.default_rng(1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import onnx
 from edge_sparse.errors import UserError, check_number
 from edge_sparse.intake import read_model
 from edge_sparse.progress import Progress
-from edge_sparse.util import atomic_write, sha256_bytes, sha256_file
+from edge_sparse.util import atomic_write, check_output, sha256_bytes, sha256_file
 
 __all__ = ["prune", "analyze", "allocate", "PruneResult", "SENSITIVITY_LEVELS", "ALLOCATIONS"]
 
@@ -48,21 +49,6 @@ def _load(model) -> tuple[onnx.ModelProto, str, str, Path | None]:
     path = Path(model)
     proto = read_model(path)
     return proto, path.name, sha256_file(path), path
-
-
-def _check_output(output, source: Path | None, force: bool, what: str) -> Path | None:
-    if output is None:
-        return None
-    out = Path(output)
-    if source is not None and out.resolve() == source.resolve():
-        raise UserError(f"{what} {out} is the input model; choose another path (the input is never overwritten)")
-    if out.is_dir():
-        raise UserError(f"{what} {out} is a directory; pass a file path")
-    if out.exists() and not force:
-        raise UserError(f"{what} {out} already exists; pass --force to overwrite it")
-    if not out.parent.exists():
-        raise UserError(f"{what} directory {out.parent} does not exist")
-    return out
 
 
 MAX_BATCH = 65536
@@ -284,8 +270,9 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
         raise UserError(f"--holdout must be in [0, 1), got {holdout}")
 
     src_path = None if isinstance(model, onnx.ModelProto) else Path(model)
-    out_path = _check_output(output, src_path, force, "output")
-    rep_path = _check_output(report_path, src_path, force, "report")
+    ins = [x for x in (src_path, calib, recipe) if isinstance(x, (str, os.PathLike))]
+    out_path = check_output(output, force=force, inputs=ins)
+    rep_path = check_output(report_path, force=force, inputs=ins, what="report")
     if out_path is not None and rep_path is not None and out_path.resolve() == rep_path.resolve():
         raise UserError("the report path equals the output model path; choose different files")
 
@@ -400,9 +387,9 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if out_path is not None:
-        atomic_write(out_path, lambda f: onnx.save(pruned, f))
+        atomic_write(out_path, lambda f: onnx.save(pruned, f), replace=force)
     if rep_path is not None:
-        atomic_write(rep_path, json.dumps(report, indent=2) + "\n")
+        atomic_write(rep_path, json.dumps(report, indent=2) + "\n", replace=force)
     return PruneResult(pruned, report)
 
 

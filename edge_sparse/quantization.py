@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -117,8 +118,8 @@ def quantize(model, output=None, *, calib=None, scheme: str = "static", per_chan
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     from edge_sparse.passes import calibrate
-    from edge_sparse.pruning import _check_output, _load
-    from edge_sparse.util import atomic_write
+    from edge_sparse.pruning import _load
+    from edge_sparse.util import atomic_write, check_output
 
     t0 = time.perf_counter()
     progress = Progress(quiet)
@@ -130,8 +131,9 @@ def quantize(model, output=None, *, calib=None, scheme: str = "static", per_chan
     proto, name, sha, path = _load(model)
     if METADATA_KEY in {p.key for p in proto.metadata_props}:
         raise UserError(f"{name} is already quantized (metadata '{METADATA_KEY}'); quantize the float model")
-    out_path = _check_output(output, path, force, "output")
-    rep_path = _check_output(report_path, path, force, "report")
+    ins = [x for x in (path, calib) if isinstance(x, (str, os.PathLike))]
+    out_path = check_output(output, force=force, inputs=ins)
+    rep_path = check_output(report_path, force=force, inputs=ins, what="report")
     if out_path is not None and rep_path is not None and out_path.resolve() == rep_path.resolve():
         raise UserError("the report path equals the output model path; choose different files")
     specs = calibrate.input_specs(proto)
@@ -216,7 +218,7 @@ def quantize(model, output=None, *, calib=None, scheme: str = "static", per_chan
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if out_path is not None:
-        atomic_write(out_path, lambda f: onnx.save(qmodel, f))
+        atomic_write(out_path, lambda f: onnx.save(qmodel, f), replace=force)
     if rep_path is not None:
-        atomic_write(rep_path, json.dumps(report, indent=2) + "\n")
+        atomic_write(rep_path, json.dumps(report, indent=2) + "\n", replace=force)
     return QuantizeResult(qmodel, report)

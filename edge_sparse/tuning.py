@@ -15,7 +15,7 @@ from typing import Any
 
 from edge_sparse.errors import UserError
 from edge_sparse.progress import Progress
-from edge_sparse.util import atomic_dir, parse_host_port
+from edge_sparse.util import atomic_dir, check_output, parse_host_port
 
 __all__ = ["tune", "prepare_for_tuning"]
 
@@ -58,9 +58,8 @@ def tune(model: str | os.PathLike, target: str = "host", out_db: str | os.PathLi
     if tracker is None and not preset.is_native:
         raise UserError(f"target '{preset.name}' does not run on this machine; measure on the device with "
                         "--tracker HOST:PORT --key KEY")
-    out = Path(out_db)
-    if out.exists() and not force:
-        raise UserError(f"{out} exists; pass --force to replace it")
+    out = check_output(out_db, force=force, inputs=(model, target_file), kind="dir",
+                       replaceable=lambda p: (p / "database_workload.json").is_file())
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
@@ -74,7 +73,7 @@ def tune(model: str | os.PathLike, target: str = "host", out_db: str | os.PathLi
         host, port = parse_host_port(tracker, None, "--tracker")
         runner = ms.runner.RPCRunner(rpc_config=ms.runner.RPCConfig(tracker_host=host, tracker_port=port,
                                                                     tracker_key=key, session_timeout_sec=120))
-    with atomic_dir(out) as stage, progress.step(f"tuning {trials} trials for {preset.name}"):
+    with atomic_dir(out, replace=force) as stage, progress.step(f"tuning {trials} trials for {preset.name}"):
         ms.relax_integration.tune_relax(
             mod=mod, params={}, target=preset.tvm_target(), work_dir=str(stage), max_trials_global=trials,
             runner=runner, num_trials_per_iter=min(64, max(4, trials // 4)))

@@ -6,6 +6,9 @@ Imports only the standard library (numpy for the statistics), so the device-side
 - :func:`atomic_write` / :func:`atomic_path`: a file appears complete or not at all (temp file beside it + rename);
   ``replace=False`` refuses to overwrite an existing file, atomically.
 - :func:`atomic_dir`: the same for a directory (build in a staging directory beside it, then rename).
+- :func:`check_output`: the one check of an output path before any work: not an input, not inside or around an
+  input, not existing without ``--force`` (and ``--force`` replaces only what the command itself writes), a name the
+  filesystem takes, a directory that exists and is writable.
 - :func:`sha256_file`, :func:`sha256_bytes`.
 - :func:`parse_host_port`: ``HOST:PORT``, ``HOST`` (with a default port) or ``[v6]:PORT``.
 - :func:`latency_stats`: count, mean, median, min, max, std, p90, p99, throughput; the one percentile formula
@@ -24,7 +27,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
-__all__ = ["atomic_write", "atomic_path", "atomic_dir", "sha256_file", "sha256_bytes", "parse_host_port",
+__all__ = ["atomic_write", "atomic_path", "atomic_dir", "check_output", "sha256_file", "sha256_bytes", "parse_host_port",
            "latency_stats", "time_calls", "normalize_arch", "host_arch"]
 
 
@@ -53,7 +56,7 @@ def atomic_path(path: str | os.PathLike, *, replace: bool = True, mode: int = 0o
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not replace and path.exists():
-        raise FileExistsError(f"{path} exists")
+        raise _exists(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=parent)
     os.close(fd)
     tmp = Path(name)
@@ -89,27 +92,107 @@ def atomic_dir(path: str | os.PathLike, *, replace: bool = True, mode: int = 0o7
     replace: False raises ``FileExistsError`` when ``path`` exists (then, or when another process got there first).
     """
     path = Path(path)
+    created = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not replace and path.exists():
-        raise FileExistsError(f"{path} exists")
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    staging = None
+    done = False
     try:
+        if not replace and path.exists():
+            raise _exists(path)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         yield staging
         os.chmod(staging, mode & ~_umask())          # mkdtemp makes it owner-only
         old = None
         if path.exists() or path.is_symlink():
             if not replace:
-                raise FileExistsError(f"{path} exists")
+                raise _exists(path)
             old = path.with_name(f".{path.name}.old-{os.getpid()}-{time.monotonic_ns()}")
             os.replace(path, old)
         try:
-            os.rename(staging, path)
+            os.rename(staging, path)             # no-replace for a non-empty directory: the kernel checks atomically
         except OSError as e:                         # another process created a non-empty ``path`` meanwhile
-            raise FileExistsError(f"{path} exists") from e
+            raise _exists(path) from e
+        done = True
         if old is not None:
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if not done:                                 # parents this call created, deepest first, if still empty
+            for p in created:
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
+
+
+def _exists(path: Path) -> FileExistsError:
+    import errno
+
+    return FileExistsError(errno.EEXIST, "exists (created by another process meanwhile?)", str(path))
+
+
+NAME_MAX = 255   # bytes per path component on Linux filesystems (ext4, xfs, btrfs, tmpfs)
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_output(path: str | os.PathLike | None, *, force: bool, inputs=(), kind: str = "file",
+                 replaceable: Callable[[Path], bool] | None = None, what: str = "output") -> Path | None:
+    """Refuse a bad output path before any work is done (one UserError line); returns the path (None passes).
+
+    inputs: files or directories the command reads; the output may not be one, lie inside one (an artifact the
+    command reads, say) or contain one (``--force`` would delete it).
+    kind: ``file`` or ``dir``. An existing output needs ``force``; a directory is replaced only when it is empty or
+    ``replaceable(path)`` says it is what this command writes (an artifact, a tuning database).
+    """
+    from edge_sparse.errors import UserError
+
+    if path is None:
+        return None
+    out = Path(path)
+    name = out.name.encode(errors="surrogateescape")
+    if not out.name or len(name) > NAME_MAX:
+        raise UserError(f"{what} name '{out.name[:40]}...' is {len(name)} bytes; file names are limited to {NAME_MAX}"
+                        if out.name else f"{what} '{out}' has no file name")
+    if any(len(part.encode(errors="surrogateescape")) > NAME_MAX for part in out.parts):
+        raise UserError(f"{what} path {str(out)[:60]}... has a component over {NAME_MAX} bytes")
+    real = out.resolve()
+    for src in inputs:
+        if src is None:
+            continue
+        s = Path(src).resolve()
+        if _overlaps(real, s):
+            rel = ("is" if real == s else "is inside" if s in real.parents else "contains")
+            raise UserError(f"{what} {out} {rel} the input {src}; choose an output path apart from the inputs "
+                            f"(inputs are never overwritten)")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise UserError(f"{what} {out} already exists; pass --force to replace it")
+        if kind == "file" and out.is_dir():
+            raise UserError(f"{what} {out} is a directory; pass a file path")
+        if kind == "dir":
+            if not out.is_dir() or out.is_symlink():
+                raise UserError(f"{what} {out} exists and is not a directory; remove it or choose another path")
+            if any(out.iterdir()) and not (replaceable and replaceable(out)):
+                raise UserError(f"{what} {out} is a non-empty directory this command did not write; --force replaces "
+                                f"only its own outputs: remove it yourself or choose another path")
+    parent = out.parent
+    if kind == "dir":                                # created if missing: check the deepest existing ancestor
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{what} directory {out.parent} does not exist; create it first" if not parent.exists()
+                        else f"{what} {out}: {parent} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".edge-sparse-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write {what} into {parent}: {e.strerror or e}; choose a writable directory") from None
+    return out
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -21,7 +21,10 @@ __all__ = ["Outcome", "assert_bad_input", "snapshot", "cli_command"]
 def snapshot(path: Path) -> dict[str, str] | None:
     """Content hash of a file, or of every entry under a directory (None: the path does not exist)."""
     path = Path(path)
-    if not path.exists() and not path.is_symlink():
+    try:
+        if not path.exists() and not path.is_symlink():
+            return None
+    except OSError:                                  # e.g. a name too long to exist
         return None
     if path.is_file():
         return {".": hashlib.sha256(path.read_bytes()).hexdigest()}
@@ -33,7 +36,10 @@ def snapshot(path: Path) -> dict[str, str] | None:
 
 
 def _listing(d: Path) -> set[str]:
-    return set(os.listdir(d)) if d.is_dir() else set()
+    try:
+        return set(os.listdir(d)) if d.is_dir() else set()
+    except OSError:
+        return set()
 
 
 def cli_command() -> list[str]:

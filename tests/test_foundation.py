@@ -194,15 +194,21 @@ def test_dynamic_input_needs_shape(tmp_path):
 
 
 def test_existing_output_needs_force(synthetic_models, tmp_path):
+    """--force replaces an artifact (or an empty directory), never a directory of someone else's files (issue 13)."""
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     r = invoke(["compile", synthetic_models["cnn"], "-o", out, "--sparse", "off"])
     _assert_clean_error(r, "already exists", "--force")
+    r = invoke(["compile", synthetic_models["cnn"], "-o", out, "--sparse", "off", "--force", "-q"])
+    _assert_clean_error(r, "non-empty directory this command did not write")
     assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
     r = invoke(["compile", synthetic_models["cnn"], "-o", out, "--sparse", "off", "--force", "-q"])
     assert r.exit_code == 0, r.output
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+    r = invoke(["compile", synthetic_models["cnn"], "-o", out, "--sparse", "off", "--force", "-q"])
+    assert r.exit_code == 0, r.output                   # an artifact is replaced
+    assert (out / "manifest.json").exists()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == []
 

@@ -356,3 +356,131 @@ def test_bad_values_one_line(cnn_artifact, synthetic_models, tmp_path, args, msg
     full = [str(a).format(**{k: str(v) for k, v in subst.items()}) for a in args]
     assert_bad_input(full, msg, inputs=[synthetic_models["mlp"], cnn_artifact, *paths.values()],
                      outputs=[tmp_path / "out"])
+
+
+# ------------------------------------------------------------------------------------ 1: --force never deletes inputs
+@pytest.mark.parametrize("cmd", ["compile", "tune"])
+@pytest.mark.parametrize("layout", ["output-holds-input", "output-is-parent-of-input", "output-inside-input-dir"])
+def test_force_never_deletes_a_directory_holding_inputs(synthetic_models, tmp_path, cmd, layout):
+    import shutil
+
+    work = tmp_path / "work"
+    work.mkdir()
+    model = work / "m.onnx"
+    shutil.copy(synthetic_models["mlp"], model)
+    (work / "notes.txt").write_text("x\n")
+    out = {"output-holds-input": work, "output-is-parent-of-input": tmp_path,
+           "output-inside-input-dir": model / "sub"}[layout]
+    if layout == "output-inside-input-dir":       # a model path used as a directory: refused as "inside the input"
+        out = work / "m.onnx" / "art"
+    args = [cmd, model, "-o", out, "--force"] + (["--trials", "1"] if cmd == "tune" else ["--sparse", "off"])
+    assert_bad_input(args, "the input", inputs=[work], outputs=[out] if out != tmp_path else [])
+    assert (work / "notes.txt").read_text() == "x\n"
+
+
+def test_force_replaces_only_own_outputs(synthetic_models, tmp_path):
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "a.jpg").write_bytes(b"\xff\xd8")
+    assert_bad_input(["compile", synthetic_models["mlp"], "-o", other, "--force", "--sparse", "off"],
+                     "did not write", inputs=[other, synthetic_models["mlp"]], outputs=[other])
+
+
+# ------------------------------------------------------------------------------------ 5: concurrent compiles
+def test_concurrent_compiles_to_one_output_one_wins(synthetic_models, tmp_path):
+    """Two compiles to the same new output without --force: exactly one succeeds; the loser says so, and the
+    winner's artifact is intact (the no-replace rename is atomic)."""
+    from contract import cli_command
+
+    out = tmp_path / "out"
+    procs = [subprocess.Popen(cli_command() + ["compile", str(synthetic_models["mlp"]), "-o", str(out), "-q",
+                                               "--sparse", "off"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    codes = sorted(c for c, _ in results)
+    assert codes == [0, 2], results
+    loser = next(err for c, err in results if c == 2)
+    assert len(loser.splitlines()) == 1 and loser.startswith("error: "), loser
+    assert "another process" in loser or "already exists" in loser, loser
+    runtime.load(out)                                 # hashes verified: one complete artifact, not a mix
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_atomic_dir_no_replace_loses_race_cleanly(tmp_path):
+    from edge_sparse.util import atomic_dir
+
+    out = tmp_path / "out"
+    with pytest.raises(FileExistsError):
+        with atomic_dir(out, replace=False) as stage:
+            (stage / "a").write_text("mine")
+            out.mkdir()                               # another process commits first
+            (out / "theirs").write_text("theirs")
+    assert sorted(p.name for p in out.iterdir()) == ["theirs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# ------------------------------------------------------------------------------------ 6: outputs inside the artifact
+@pytest.mark.parametrize("case", ["run-manifest", "run-library", "bench-json-manifest", "bench-plot-in-artifact",
+                                  "run-output-is-input"])
+def test_outputs_inside_the_artifact_read_are_refused(cnn_artifact, tmp_path, case):
+    art = _copy_artifact(cnn_artifact, tmp_path / "art")
+    np.savez(tmp_path / "in.npz", x=np.zeros((1, 3, 32, 32), np.float32))
+    args, out = {
+        "run-manifest": (["run", art, "-o", art / "manifest.json", "--force"], art / "manifest.json"),
+        "run-library": (["run", art, "-o", art / "model.so", "--force"], art / "model.so"),
+        "bench-json-manifest": (["bench", art, "--json", art / "manifest.json", "--force", "--repeat", "1"],
+                                art / "manifest.json"),
+        "bench-plot-in-artifact": (["bench", art, "--plot", art / "new.png", "--repeat", "1"], art / "new.png"),
+        "run-output-is-input": (["run", art, "-i", tmp_path / "in.npz", "-o", tmp_path / "in.npz", "--force"],
+                                tmp_path / "in.npz"),
+    }[case]
+    assert_bad_input(args, "the input", inputs=[art, tmp_path / "in.npz"], outputs=[out])
+
+
+# ------------------------------------------------------------------------------------ 10: output paths
+def _readonly_dir(tmp_path: Path) -> Path:
+    """A directory this process cannot write to (as root, chmod does not stop writes: sysfs does)."""
+    if os.geteuid() == 0:
+        return Path("/sys")
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o555)
+    return d
+
+
+@pytest.mark.parametrize("cmd,where", [(c, w) for c in ("run", "analyze", "bench", "prune", "compile")
+                                       for w in ("read-only", "missing-dir", "parent-is-file", "long-name")
+                                       if (c, w) != ("compile", "missing-dir")])   # compile creates parents
+def test_unwritable_output_fails_before_the_work(cnn_artifact, synthetic_models, tmp_path, monkeypatch, where, cmd):
+    (tmp_path / "file").write_text("")
+    parent = {"read-only": _readonly_dir(tmp_path), "missing-dir": tmp_path / "nope",
+              "parent-is-file": tmp_path / "file", "long-name": tmp_path}[where]
+    name = ("x" * 300 if where == "long-name" else "out") + (".npz" if cmd == "run" else ".json")
+    out = parent / name
+    src = synthetic_models["mlp"]
+    args = {
+        "run": ["run", cnn_artifact, "-o", out],
+        "analyze": ["analyze", src, "--calib-random", "2", "-o", out],
+        "bench": ["bench", cnn_artifact, "--json", out, "--repeat", "1"],
+        "prune": ["prune", src, "-s", "0.5", "-o", out],
+        "compile": ["compile", src, "-o", out, "--sparse", "off"],
+    }[cmd]
+    import edge_sparse.pruning as P
+
+    def no_work(*a, **k):
+        raise AssertionError("the work started before the output path was checked")
+
+    monkeypatch.setattr(runtime, "load", no_work)
+    monkeypatch.setattr(P, "analyze", no_work)
+    monkeypatch.setattr("edge_sparse.benchmark.bench", no_work)
+    msg = {"read-only": "cannot write", "missing-dir": "does not exist", "parent-is-file": "not a directory",
+           "long-name": "bytes"}[where]
+    assert_bad_input(args, msg, inputs=[cnn_artifact, src], outputs=[out] if where != "read-only" else [])
+
+
+def test_compile_into_missing_parent_leaves_nothing_on_failure(tmp_path):
+    """compile creates missing parents of -o; when it then fails, the parents it created are removed again."""
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not onnx")
+    assert_bad_input(["compile", bad, "-o", tmp_path / "a" / "b" / "art"], "ONNX", inputs=[bad],
+                     outputs=[tmp_path / "a"])

@@ -442,7 +442,7 @@ def test_output_equal_to_input_and_existing_output(tiny, tmp_path):
     path, _ = tiny
     before = path.read_bytes()
     r = invoke(["prune", path, "-o", path, "-s", "0.5"])
-    assert r.exit_code == 2 and r.output.strip().startswith("error: ") and "input model" in r.output
+    assert r.exit_code == 2 and r.output.strip().startswith("error: ") and "is the input" in r.output
     assert path.read_bytes() == before
     existing = tmp_path / "exists.onnx"
     existing.write_bytes(b"keep")

@@ -101,7 +101,7 @@ def test_cli_quantize_and_errors(mlp_files):
         (["quantize", out, "-o", d / "twice.onnx", "--calib", calib], "already quantized"),
         (["quantize", model, "-o", d / "nocal.onnx"], "--calib"),
         (["quantize", model, "-o", d / "bad.onnx", "--calib", calib, "--scheme", "weird"], "weird"),
-        (["quantize", model, "-o", model, "--calib", calib, "--force"], "input model"),
+        (["quantize", model, "-o", model, "--calib", calib, "--force"], "is the input"),
     ]:
         r = invoke(args)
         assert r.exit_code == 2, (args, r.output)
