@@ -179,6 +179,7 @@ class _Setup:
     data: dict | None
     calib_desc: str | None
     warnings: list
+    restore: object = None               # quantized input: puts the int8 weights back (quantization.float_weight_view)
 
 
 def _setup(model, recipe, default_skips, skip, calib, calib_random, seed, batch) -> _Setup:
@@ -192,14 +193,17 @@ def _setup(model, recipe, default_skips, skip, calib, calib_random, seed, batch)
     check_number(seed, "--seed", 0, 2**63 - 1)
     if recipe is not None and not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
+    from edge_sparse.quantization import float_weight_view
+
     proto, name, sha, path = _load(model)
+    proto, restore = float_weight_view(proto, name)       # a QDQ model is pruned on its exact float weights
     data, desc, warnings = _calibration(proto, calib, calib_random, seed)
     irm = ir.serde.deserialize_model(proto)
     layers, rejected = find_prunable_layers(irm)
     if not layers:
         raise UserError(f"{name} has no prunable layers (MatMul, Gemm or ungrouped Conv with a constant float weight)")
     settings = resolve(layers, recipe, find_default_skips(irm, layers), default_skips, list(skip or ()))
-    return _Setup(proto, irm, layers, rejected, settings, name, sha, path, data, desc, warnings)
+    return _Setup(proto, irm, layers, rejected, settings, name, sha, path, data, desc, warnings, restore)
 
 
 def _statistics(method, setup: _Setup, layers, data, batch, progress) -> dict | None:
@@ -332,6 +336,8 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
                              str(pattern_obj), sparsity),
         )(setup.irm).model
         pruned = ir.serde.serialize_model(irm)
+        if setup.restore is not None:
+            pruned = setup.restore(pruned)
         try:
             onnx.checker.check_model(pruned)
         except onnx.checker.ValidationError as e:  # a bug, not user input: keep the traceback

@@ -29,7 +29,7 @@ import onnx
 from edge_sparse.errors import UserError
 from edge_sparse.progress import Progress
 
-__all__ = ["quantize", "QuantizeResult", "SCHEMES", "METADATA_KEY", "quantized_weights"]
+__all__ = ["quantize", "QuantizeResult", "SCHEMES", "METADATA_KEY", "quantized_weights", "float_weight_view"]
 
 SCHEMES = ("dynamic", "static")
 METADATA_KEY = "edge_sparse.quantization"
@@ -91,6 +91,83 @@ def quantized_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
             if t is not None and t.data_type == onnx.TensorProto.INT8:
                 out[name] = numpy_helper.to_array(t)
     return out
+
+
+def float_weight_view(proto: onnx.ModelProto, name: str = "model"):
+    """``(model, restore)``: a QDQ model with each weight ``DequantizeLinear(int8, scale, 0)`` feeding a MatMul /
+    Gemm / Conv replaced by its float value (exact: q * scale), so that ``prune`` works on it as on any float model;
+    ``restore(pruned)`` quantizes the pruned weights back with the same scales (zeros stay zero, kept weights get
+    their int8 value back exactly) and re-inserts the DequantizeLinear nodes. ``restore`` is None for a float model.
+    A dynamic-quantized model (MatMulInteger) is refused: its weight scales live in the graph after the op.
+    """
+    from onnx import numpy_helper
+
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if METADATA_KEY in meta and json.loads(meta[METADATA_KEY]).get("scheme") == "dynamic" or \
+            any(n.op_type in ("MatMulInteger", "ConvInteger") for n in proto.graph.node):
+        raise UserError(f"{name} is quantized with --scheme dynamic (MatMulInteger); prune the float model first, "
+                        f"then quantize (or quantize with --scheme static, which prune accepts)")
+    inits = {t.name: t for t in proto.graph.initializer}
+    users: dict[str, list] = {}
+    for node in proto.graph.node:
+        for i, v in enumerate(node.input):
+            users.setdefault(v, []).append((node, i))
+    found = []
+    for node in proto.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        q = numpy_helper.to_array(inits[node.input[0]])
+        zp = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] else None
+        u = users.get(node.output[0], [])
+        if q.dtype != np.int8 or (zp is not None and np.any(zp)) or node.input[1] not in inits or not u or \
+                any(n.op_type not in ("MatMul", "Gemm", "Conv") or i != 1 for n, i in u) or \
+                len(users.get(node.input[0], [])) != 1:
+            continue
+        found.append(node)
+    if not found:
+        return proto, None
+    view = onnx.ModelProto()
+    view.CopyFrom(proto)
+    records = []
+    for node in found:
+        q = numpy_helper.to_array(inits[node.input[0]])
+        scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * q.ndim
+        if scale.size > 1:
+            shape[axis % q.ndim] = scale.size
+        w = (q.astype(np.float32) * scale.reshape(shape)).astype(np.float32)
+        records.append((onnx.helper.make_node("DequantizeLinear", list(node.input), list(node.output),
+                                              name=node.name, axis=axis), node.input[0], scale.reshape(shape)))
+        view.graph.initializer.append(numpy_helper.from_array(w, node.output[0]))
+    keep = [n for n in view.graph.node if not any(n.output[:] == r[0].output[:] and n.op_type == "DequantizeLinear"
+                                                   for r in records)]
+    drop = {r[1] for r in records}
+    del view.graph.node[:]
+    view.graph.node.extend(keep)
+    kept_inits = [t for t in view.graph.initializer if t.name not in drop]
+    del view.graph.initializer[:]
+    view.graph.initializer.extend(kept_inits)
+
+    def restore(pruned: onnx.ModelProto) -> onnx.ModelProto:
+        out = onnx.ModelProto()
+        out.CopyFrom(pruned)
+        floats = {t.name: t for t in out.graph.initializer}
+        new_inits = []
+        for dq, qname, scale in records:
+            w = numpy_helper.to_array(floats[dq.output[0]])
+            q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+            new_inits.append(numpy_helper.from_array(q, qname))
+        dq_out = {r[0].output[0] for r in records}
+        inits_ = [t for t in out.graph.initializer if t.name not in dq_out] + new_inits
+        del out.graph.initializer[:]
+        out.graph.initializer.extend(inits_)
+        nodes = [r[0] for r in records] + list(out.graph.node)      # weight DQs read initializers only: first
+        del out.graph.node[:]
+        out.graph.node.extend(nodes)
+        return out
+
+    return view, restore
 
 
 def _float_zeros(model: onnx.ModelProto) -> tuple[int, int]:

@@ -202,16 +202,14 @@ def int8_estimate_us(M: int, K: int, N: int, blocks: int, sparse: bool, preset) 
     return max((wbytes + M * (K + 4 * N)) / bw, factor * flops / (peak * 0.5)) + 1.0
 
 
-def _choose(plan: _Plan, preset, mode: str) -> dict[str, Any]:
-    from edge_sparse.targets.cpu.int8 import block_density, isa_for
-
+def _choose(plan: _Plan, preset, kernels, mode: str) -> dict[str, Any]:
     nbt = (plan.K // 4) * (plan.N // R_INT8)
-    dens = block_density(plan.wq, R_INT8)
+    dens = kernels.block_density(plan.wq)
     sparse_blocks = max(1, int(round(dens * nbt)))
     est_d = int8_estimate_us(plan.M, plan.K, plan.N, nbt, False, preset)
     est_s = int8_estimate_us(plan.M, plan.K, plan.N, sparse_blocks, True, preset)
     sparse = mode != "off" and (est_s * 1.05 < est_d if mode == "auto" else dens < 1.0)
-    return {"isa": isa_for(preset), "sparse": sparse, "block_density": round(dens, 4),
+    return {"isa": kernels.isa, "sparse": sparse, "block_density": round(dens, 4),
             "est_us_dense": round(est_d, 2), "est_us_sparse": round(est_s, 2)}
 
 
@@ -259,15 +257,13 @@ def _make_mutator():
     return _Rewriter
 
 
-def fuse_range_reductions(mod):
+def fuse_range_reductions(mod, kernels):
     """``R.max(x, axis=None)`` and ``R.min(x, axis=None)`` of one float tensor as a single vectorised pass
-    (``targets.cpu.int8.minmax_kernel``). Dynamic quantization computes the range of every quantized activation
+    (the family's ``minmax`` kernel). Dynamic quantization computes the range of every quantized activation
     this way; TVM lowers each full reduction to a scalar loop (about 100 us per 128x1536 on the host: a sixth of
     int8 MiniLM's time went there)."""
     import tvm
     from tvm import relax
-
-    from edge_sparse.targets.cpu.int8 import minmax_kernel
 
     op_max, op_min = tvm.ir.Op.get("relax.max"), tvm.ir.Op.get("relax.min")
 
@@ -291,7 +287,7 @@ def fuse_range_reductions(mod):
             rng = self.ranges.get(key) if key is not None else None
             if rng is None:
                 n = int(np.prod(shape))
-                gv = self.builder_.add_func(minmax_kernel(n), "minmax")
+                gv = self.builder_.add_func(kernels.minmax(n), "minmax")
                 flat = self.builder_.emit(relax.op.reshape(x, (n,)))
                 rng = self.builder_.emit(relax.call_tir(gv, [flat], relax.TensorType((2,), "float32")))
                 if key is not None:
@@ -316,10 +312,12 @@ def rewrite_qdq(mod, preset, *, mode: str = "auto", log=None):
     """
     from tvm import relax
 
-    from edge_sparse.targets.cpu.int8 import as_block_func, int8_kernel, pack_int8
+    from edge_sparse import targets
 
-    if preset.family != "cpu":
+    make = getattr(targets.family_module(preset), "int8_kernels", None)
+    if make is None:                       # the family has no int8 kernels: TVM lowers the imported ops
         return mod, []
+    kernels = make(preset)
     ops = _ops_int8()
     plans, report = [], []
     for gv, func in mod.functions_items():
@@ -335,17 +333,17 @@ def rewrite_qdq(mod, preset, *, mode: str = "auto", log=None):
                                 "weight": {"per_channel": bool(np.ptp(p.ws) > 0), "min": float(p.ws.min()),
                                            "max": float(p.ws.max()), "zero_point": 0}},
                      "sparsity": round(float(np.mean(p.wq == 0)), 4)}
-            if p.K % 4 or p.N % R_INT8:
+            if not kernels.fits(p.K, p.N):
                 entry.update(format="dense", kernel="tvm_default", reason=f"int8 kernels need K % 4 == 0 and "
                              f"N % {R_INT8} == 0 (K={p.K}, N={p.N})")
                 report.append(entry)
                 continue
-            ch = _choose(p, preset, mode)
-            p.packed = pack_int8(p.wq, R_INT8, ch["sparse"])
+            ch = _choose(p, preset, kernels, mode)
+            p.packed = kernels.pack(p.wq, ch["sparse"])
             kname = f"{'gemv' if p.M == 1 else 'gemm'}_{ch['isa']}"
             p.kernel = f"{'bsr16x4' if ch['sparse'] else 'dense'}_{kname}"
-            p.pf = as_block_func(int8_kernel(p.M, p.K, p.N, R_INT8, p.packed.nblocks, isa=ch["isa"],
-                                             x_dtype=str(p.xq.ty.dtype), out=p.out, activation=p.act))
+            p.pf = kernels.kernel(p.M, p.K, p.N, p.packed.nblocks, x_dtype=str(p.xq.ty.dtype), out=p.out,
+                                  activation=p.act)
             entry.update(format="int8_bsr16x4" if ch["sparse"] else "int8_dense", kernel=f"int8_{kname}",
                          block_sparsity=round(1 - ch["block_density"], 4), bytes_dense=p.K * p.N,
                          bytes_sparse=p.packed.nbytes if ch["sparse"] else None, est_us_dense=ch["est_us_dense"],
@@ -354,6 +352,6 @@ def rewrite_qdq(mod, preset, *, mode: str = "auto", log=None):
             plans.append(p)
     if plans:
         mod = _make_mutator()(mod, plans).transform()
-        mod = fuse_range_reductions(mod)
+        mod = fuse_range_reductions(mod, kernels)
         mod = relax.transform.DeadCodeElimination()(mod)
     return mod, report

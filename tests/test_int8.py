@@ -232,3 +232,18 @@ def test_minmax_kernel_matches_numpy(n):
     out = tvm.runtime.tensor(np.zeros(2, np.float32), dev)
     ex.jit()["main"](tvm.runtime.tensor(x, dev), out)
     np.testing.assert_array_equal(out.numpy(), [x.min(), x.max()])
+
+
+def test_quantize_then_prune_compiles_to_sparse_int8(quantized, tmp_path):
+    from edge_sparse import load
+
+    d, files = quantized
+    q = files[("dense", "static", True)]
+    qp = tmp_path / "q_then_p.onnx"
+    pruning.prune(q, qp, sparsity=0.8, pattern="16x4", calib=d / "calib.npz", default_skips=False, quiet=True)
+    man = compiler.compile(str(qp), "host", tmp_path / "art", sparse="auto", quiet=True)
+    int8 = [lay for lay in man["layers"] if lay.get("dtype") == "int8"]
+    assert len(int8) == 4 and all(lay["format"] == "int8_bsr16x4" for lay in int8)
+    x = np.random.default_rng(9).standard_normal((1, 8, 64)).astype(np.float32)
+    np.testing.assert_allclose(load(tmp_path / "art").run({"x": x})["y"], ort_run(qp, {"x": x})[0],
+                               rtol=1e-4, atol=2e-2)

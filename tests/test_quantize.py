@@ -107,3 +107,34 @@ def test_cli_quantize_and_errors(mlp_files):
         assert r.exit_code == 2, (args, r.output)
         assert needle in r.output and "Traceback" not in r.output
     assert not (d / "twice.onnx").exists() and not (d / "bad.onnx").exists()
+
+
+def test_quantize_then_prune_static(mlp_files):
+    """quantize (static QDQ) then prune: the pruned model is still the same QDQ graph, int8 weights zeroed in
+    blocks, kept weights unchanged, and pruning facts recorded next to the quantization facts."""
+    d, model, calib = mlp_files
+    q = d / "q_first.onnx"
+    quantization.quantize(model, q, calib=calib, scheme="static", per_channel=True, force=True, quiet=True)
+    out = d / "q_then_p.onnx"
+    res = pruning.prune(q, out, sparsity=0.5, pattern="16x4", method="magnitude", calib=calib, default_skips=False,
+                        force=True, quiet=True)
+    before, after = onnx.load(str(q)), onnx.load(str(out))
+    assert [n.op_type for n in before.graph.node] == [n.op_type for n in after.graph.node] or \
+        sorted(n.op_type for n in before.graph.node) == sorted(n.op_type for n in after.graph.node)
+    wb, wa = quantization.quantized_weights(before), quantization.quantized_weights(after)
+    assert set(wb) == set(wa) and len(wa) == 2
+    for name in wa:
+        kept = wa[name] != 0
+        np.testing.assert_array_equal(wa[name][kept], wb[name][kept])          # survivors keep their int8 value
+        assert 0.45 < np.mean(wa[name] == 0) < 0.6
+    keys = {m.key for m in after.metadata_props}
+    assert {"edge_sparse.pruning", quantization.METADATA_KEY} <= keys
+    # the report's accuracy compares against the quantized input, run by onnxruntime
+    x = np.load(calib)["x"][:1]
+    assert res.report["accuracy"]["calibration"]["samples"] > 0
+    assert np.isfinite(ort_run(out, {"x": x})[0]).all()
+    # a dynamic-quantized model is refused with a clear line
+    qd = d / "qd_first.onnx"
+    quantization.quantize(model, qd, calib=calib, scheme="dynamic", force=True, quiet=True)
+    r = invoke(["prune", qd, "-o", d / "qd_p.onnx", "-s", "0.5", "--calib", calib])
+    assert r.exit_code == 2 and "prune the float model first" in r.output and not (d / "qd_p.onnx").exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 from edge_sparse.errors import UserError
 from edge_sparse.formats import KERNEL_ATTR
 
-__all__ = ["build", "export", "make_sparse_kernel", "TIR_PIPELINE"]
+__all__ = ["build", "export", "make_sparse_kernel", "int8_kernels", "TIR_PIPELINE"]
 
 # PrimFuncs carrying this attribute are hand-scheduled kernels (sparse kernels): the TIR pipeline compiles them with
 # StorageRewrite disabled so that their small local accumulators stay in registers (TVM_NOTES: 5x in the prototype).
@@ -48,6 +48,13 @@ def make_sparse_kernel(spec, preset):
     from edge_sparse.targets.cpu.sparse import make_sparse_kernel as _make
 
     return _make(spec, preset)
+
+
+def int8_kernels(preset):
+    """The int8 kernel set for ``preset`` (targets/cpu/int8.py): its ISA path, weight packing, kernel factories."""
+    from edge_sparse.targets.cpu.int8 import Int8Kernels
+
+    return Int8Kernels.for_preset(preset)
 
 
 _REGISTERED = False

@@ -32,7 +32,7 @@ from tvm.script import tirx as T
 
 from edge_sparse.targets.cpu.sparse import _act_fn, _attrs, _cdiv, as_block_func
 
-__all__ = ["minmax_kernel", "ISAS", "Int8Weight", "pack_int8", "isa_for", "int8_kernel", "build_int8_kernel", "reference_int32",
+__all__ = ["Int8Kernels", "minmax_kernel", "ISAS", "Int8Weight", "pack_int8", "isa_for", "int8_kernel", "build_int8_kernel", "reference_int32",
            "block_density"]
 
 ISAS = ("vnni", "sdot", "neon", "generic")
@@ -320,6 +320,34 @@ def minmax_kernel(n: int, V: int = 16):
             out[0] = T.min(out[0], acc[0, i])
             out[1] = T.max(out[1], acc[1, i])
     return as_block_func(f)
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Kernels:
+    """What a Relax pass needs from this family to route int8 layers (``targets.cpu.int8_kernels(preset)``)."""
+
+    isa: str
+    R: int = 16
+
+    @classmethod
+    def for_preset(cls, preset) -> "Int8Kernels":
+        return cls(isa_for(preset))
+
+    def fits(self, K: int, N: int) -> bool:
+        return K % 4 == 0 and N % self.R == 0
+
+    def pack(self, wq: np.ndarray, sparse: bool) -> Int8Weight:
+        return pack_int8(wq, self.R, sparse)
+
+    def block_density(self, wq: np.ndarray) -> float:
+        return block_density(wq, self.R)
+
+    def kernel(self, M: int, K: int, N: int, nblocks: int, *, x_dtype: str, out: str, activation):
+        return as_block_func(int8_kernel(M, K, N, self.R, nblocks, isa=self.isa, x_dtype=x_dtype, out=out,
+                                         activation=activation))
+
+    def minmax(self, n: int):
+        return minmax_kernel(n)
 
 
 def build_int8_kernel(prim_func, preset):
