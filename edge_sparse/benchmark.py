@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edge_sparse.errors import UserError, check_number, check_threads
-from edge_sparse.util import atomic_write, check_output, latency_stats
+from edge_sparse.util import atomic_write, check_output, json_text, latency_stats
 
 __all__ = ["SCHEMA", "bench", "combine", "format_table", "plot", "write_json"]
 
@@ -668,7 +668,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def write_json(result: dict[str, Any], path: str | os.PathLike, force: bool = False) -> None:
     path = check_output(path, force=force)
-    atomic_write(path, json.dumps(result, indent=2, default=float) + "\n", replace=force)
+    atomic_write(path, json_text(result) + "\n", replace=force)
 
 
 def plot(result: dict[str, Any], path: str | os.PathLike, force: bool = False) -> None:

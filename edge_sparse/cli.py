@@ -12,7 +12,7 @@ import click
 
 from edge_sparse.errors import UserError
 from edge_sparse.progress import set_quiet
-from edge_sparse.util import atomic_write, check_output
+from edge_sparse.util import atomic_write, check_output, json_text
 
 __all__ = ["main", "cli"]
 
@@ -533,9 +533,9 @@ def analyze_cmd(model, pattern, levels, sparsity, samples, calib, calib_random, 
                      skip=skip, samples=samples, seed=seed, batch=batch, quiet=quiet)
     _warn(result["warnings"], quiet)
     if output is not None:
-        atomic_write(output, json.dumps(result, indent=2) + "\n", replace=force)
+        atomic_write(output, json_text(result) + "\n", replace=force)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json_text(result))
         return
     lv = [f"{x:g}" for x in result["levels"]]
     click.echo(f"output rel L2 error with only that layer pruned ({result['method']}, {result['pattern']}, "

@@ -134,7 +134,39 @@ def read_model(path: Path) -> onnx.ModelProto:
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
         raise UserError(f"{path} fails the ONNX checker: {first}") from None
+    if all(n.domain in ("", "ai.onnx") for n in model.graph.node):   # strict mode knows only the standard ops
+        try:
+            onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        except onnx.shape_inference.InferenceError as e:
+            first = " ".join(str(e).split())[:300]
+            raise UserError(f"{path} fails ONNX shape inference: {first}; fix the model's export") from None
+    problem = _weight_problem(model)
+    if problem:
+        raise UserError(f"{path}: {problem}; onnxruntime refuses this model too: fix the export")
     return model
+
+
+_WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "MatMul": 1, "Gemm": 1}
+
+
+def _weight_problem(model: onnx.ModelProto) -> str | None:
+    """Inconsistent constant weights that the checker and shape inference let through: a Conv whose kernel_shape
+    disagrees with its weight, an empty (zero-size) weight."""
+    dims = {i.name: list(i.dims) for i in model.graph.initializer}
+    for i, node in enumerate(model.graph.node):
+        pos = _WEIGHT_INPUT.get(node.op_type)
+        if pos is None or node.domain not in ("", "ai.onnx") or len(node.input) <= pos:
+            continue
+        w = dims.get(node.input[pos])
+        if w is None:
+            continue
+        where = f"{node.op_type} '{node.name or f'#{i}'}'"
+        if 0 in w:
+            return f"{where} has a zero-size weight '{node.input[pos]}' {w}"
+        ks = next((list(a.ints) for a in node.attribute if a.name == "kernel_shape"), None)
+        if node.op_type in ("Conv", "ConvTranspose") and ks is not None and ks != w[2:]:
+            return f"{where}: kernel_shape {ks} disagrees with its weight '{node.input[pos]}' {w} (spatial {w[2:]})"
+    return None
 
 
 def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

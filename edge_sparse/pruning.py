@@ -21,7 +21,7 @@ import onnx
 from edge_sparse.errors import UserError, check_number
 from edge_sparse.intake import read_model
 from edge_sparse.progress import Progress
-from edge_sparse.util import atomic_write, check_output, sha256_bytes, sha256_file
+from edge_sparse.util import atomic_write, check_output, json_text, sha256_bytes, sha256_file
 
 __all__ = ["prune", "analyze", "allocate", "PruneResult", "SENSITIVITY_LEVELS", "ALLOCATIONS"]
 
@@ -182,6 +182,29 @@ class _Setup:
     restore: object = None               # quantized input: puts the int8 weights back (quantization.float_weight_view)
 
 
+def _non_finite_warnings(proto, data) -> list[str]:
+    """NaN/Inf in float weights or calibration inputs make every error figure NaN (reported as null): say where."""
+    from onnx import numpy_helper
+
+    out = []
+    bad = []
+    for init in proto.graph.initializer:
+        if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+            n = int(np.size(w := numpy_helper.to_array(init)) - np.count_nonzero(np.isfinite(w)))
+            if n:
+                bad.append(f"'{init.name}' ({n})")
+    if bad:
+        out.append(f"NaN/Inf in weight(s) {', '.join(bad[:5])}{' and more' if len(bad) > 5 else ''}: the model "
+                   f"itself is broken; error and accuracy figures that involve them are null")
+    for name, arr in (data or {}).items():
+        if np.asarray(arr).dtype.kind == "f":
+            n = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            if n:
+                out.append(f"calibration input '{name}' holds {n} NaN/Inf values: statistics and accuracy figures "
+                           f"computed from them are null; clean the calibration data")
+    return out
+
+
 def _setup(model, recipe, default_skips, skip, calib, calib_random, seed, batch) -> _Setup:
     import onnx_ir as ir
 
@@ -198,6 +221,7 @@ def _setup(model, recipe, default_skips, skip, calib, calib_random, seed, batch)
     proto, name, sha, path = _load(model)
     proto, restore = float_weight_view(proto, name)       # a QDQ model is pruned on its exact float weights
     data, desc, warnings = _calibration(proto, calib, calib_random, seed)
+    warnings = warnings + _non_finite_warnings(proto, data)
     irm = ir.serde.deserialize_model(proto)
     layers, rejected = find_prunable_layers(irm)
     if not layers:
@@ -395,7 +419,7 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
     if out_path is not None:
         atomic_write(out_path, lambda f: onnx.save(pruned, f), replace=force)
     if rep_path is not None:
-        atomic_write(rep_path, json.dumps(report, indent=2) + "\n", replace=force)
+        atomic_write(rep_path, json_text(report) + "\n", replace=force)
     return PruneResult(pruned, report)
 
 

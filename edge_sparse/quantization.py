@@ -196,7 +196,7 @@ def quantize(model, output=None, *, calib=None, scheme: str = "static", per_chan
 
     from edge_sparse.passes import calibrate
     from edge_sparse.pruning import _load
-    from edge_sparse.util import atomic_write, check_output
+    from edge_sparse.util import atomic_write, check_output, json_text
 
     t0 = time.perf_counter()
     progress = Progress(quiet)
@@ -297,5 +297,5 @@ def quantize(model, output=None, *, calib=None, scheme: str = "static", per_chan
     if out_path is not None:
         atomic_write(out_path, lambda f: onnx.save(qmodel, f), replace=force)
     if rep_path is not None:
-        atomic_write(rep_path, json.dumps(report, indent=2) + "\n", replace=force)
+        atomic_write(rep_path, json_text(report) + "\n", replace=force)
     return QuantizeResult(qmodel, report)

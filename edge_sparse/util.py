@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
-__all__ = ["atomic_write", "atomic_path", "atomic_dir", "check_output", "sha256_file", "sha256_bytes", "parse_host_port",
+__all__ = ["atomic_write", "atomic_path", "atomic_dir", "check_output", "json_text", "sha256_file", "sha256_bytes", "parse_host_port",
            "latency_stats", "time_calls", "normalize_arch", "host_arch"]
 
 
@@ -193,6 +193,31 @@ def check_output(path: str | os.PathLike | None, *, force: bool, inputs=(), kind
     except OSError as e:
         raise UserError(f"cannot write {what} into {parent}: {e.strerror or e}; choose a writable directory") from None
     return out
+
+
+def _finite(obj):
+    if isinstance(obj, float) or type(obj).__name__ in ("float32", "float64", "float16"):
+        import math
+
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def json_text(obj, indent: int | None = 2) -> str:
+    """Strict JSON for reports: NaN and +-inf become null (bare ``NaN`` is not JSON and breaks other readers);
+    numpy scalars become numbers."""
+    import json
+
+    def default(o):
+        if hasattr(o, "item"):
+            return _finite(o.item())
+        raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+    return json.dumps(_finite(obj), indent=indent, allow_nan=False, default=default)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

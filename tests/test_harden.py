@@ -484,3 +484,83 @@ def test_compile_into_missing_parent_leaves_nothing_on_failure(tmp_path):
     bad.write_bytes(b"not onnx")
     assert_bad_input(["compile", bad, "-o", tmp_path / "a" / "b" / "art"], "ONNX", inputs=[bad],
                      outputs=[tmp_path / "a"])
+
+
+# ------------------------------------------------------------------------------------ 12: invalid models refused
+def _conv_model(path: Path, kernel_shape, w_shape, out_hw: int):
+    w = np.ones(w_shape, np.float32)
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=kernel_shape)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, w_shape[0], out_hw, out_hw])],
+                          [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def _matmul_model(path: Path, w_shape):
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, w_shape[0]])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, w_shape[1]])],
+                          [numpy_helper.from_array(np.ones(w_shape, np.float32), "w")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+@pytest.mark.parametrize("case,msg", [
+    ("kernel-vs-weight", "kernel_shape [5, 5] disagrees with its weight"),
+    ("kernel-vs-output", "fails ONNX shape inference"),
+    ("zero-size-weight", "zero-size weight"),
+])
+@pytest.mark.parametrize("cmd", ["compile", "prune"])
+def test_invalid_models_refused_at_intake(tmp_path, case, msg, cmd):
+    f = tmp_path / "m.onnx"
+    if case == "kernel-vs-weight":
+        _conv_model(f, [5, 5], (4, 3, 3, 3), 4)       # output shape agrees with kernel_shape, the weight does not
+    elif case == "kernel-vs-output":
+        _conv_model(f, [5, 5], (4, 3, 3, 3), 6)
+    else:
+        _matmul_model(f, (0, 4))
+    out = tmp_path / "out"
+    args = ["compile", f, "-o", out, "--sparse", "off"] if cmd == "compile" else ["prune", f, "-o", out, "-s", "0.5"]
+    assert_bad_input(args, msg, inputs=[f], outputs=[out])
+
+
+# ------------------------------------------------------------------------------------ 13: NaN/Inf -> warning, strict JSON
+def _strict_json(text: str):
+    def bad(c):
+        raise AssertionError(f"bare {c} in a JSON report")
+    return json.loads(text, parse_constant=bad)
+
+
+@pytest.mark.parametrize("where", ["weights", "calibration"])
+def test_non_finite_values_warn_and_reports_stay_json(synthetic_models, tmp_path, where):
+    from edge_sparse.models import synthetic
+
+    src = tmp_path / "m.onnx"
+    m = onnx.load(str(synthetic_models["mlp"]))
+    if where == "weights":
+        init = m.graph.initializer[0]
+        w = numpy_helper.to_array(init).copy()
+        w.flat[:3] = [np.nan, np.inf, -np.inf]
+        init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(m, str(src))
+    calib = tmp_path / "c.npz"
+    x = np.random.default_rng(0).standard_normal((4, 32, 128)).astype(np.float32)
+    if where == "calibration":
+        x[1, 2, 3] = np.nan
+    np.savez(calib, x=x)
+    from contract import _run
+
+    for args, out in ((["prune", src, "-o", tmp_path / "p.onnx", "-s", "0.5", "--calib", calib], tmp_path / "p.report.json"),
+                      (["analyze", src, "--calib", calib, "-o", tmp_path / "a.json", "--levels", "0.5"], tmp_path / "a.json")):
+        r = _run([str(a) for a in args], tmp_path, True, None, 600, None)
+        assert r.exit_code == 0, r.stderr
+        assert "warning: " in r.stderr and "NaN/Inf" in r.stderr, r.stderr
+        _strict_json(out.read_text())
+    r = _run(["analyze", str(src), "--calib", str(calib), "--json", "--levels", "0.5"], tmp_path, True, None, 600, None)
+    _strict_json(r.stdout)
+
+
+def test_json_text_has_no_bare_nan():
+    from edge_sparse.util import json_text
+
+    text = json_text({"a": float("nan"), "b": [np.float32("inf"), 1.5], "c": np.float64(-np.inf), "d": np.int64(3)})
+    assert _strict_json(text) == {"a": None, "b": [None, 1.5], "c": None, "d": 3}
