@@ -26,7 +26,7 @@ import numpy as np
 from edge_sparse.errors import UserError, check_number, check_threads
 from edge_sparse.util import atomic_write, check_output, json_text, latency_stats
 
-__all__ = ["SCHEMA", "bench", "combine", "format_table", "plot", "write_json"]
+__all__ = ["SCHEMA", "bench", "combine", "format_table", "plot", "run_ort", "write_json"]
 
 SCHEMA = "edge-sparse.bench/1"
 DEFAULT_WARMUP = 10
@@ -283,8 +283,10 @@ def _ort_child(spec_path: str) -> None:
     Path(spec["result"]).write_text(json.dumps(result))
 
 
-def _run_ort(model_path: str, inputs: dict[str, np.ndarray], threads: int, warmup: int, repeat: int | None,
+def run_ort(model_path: str, inputs: dict[str, np.ndarray], threads: int, warmup: int, repeat: int | None,
              min_seconds: float | None, energy_spec: str | None, idle_watts: float | None) -> dict:
+    """onnxruntime's latency (and outputs) for ``model_path`` on this machine, in a child process with its own
+    thread count (the ``--compare`` baseline; also the onnxruntime points of ``optimize``'s frontier)."""
     if not Path(model_path).is_file():
         raise UserError(f"--compare model not found: {model_path}")
     with tempfile.TemporaryDirectory(prefix="edge-sparse-ort-") as tmp:
@@ -503,7 +505,7 @@ def bench(artifact_dir: str | os.PathLike, *, rpc: str | None = None, tracker: s
         if energy_mode == "meter" and meter is not None and meter.name == "csv":
             ort_energy = f"csv:{meter.path}"
         with progress.step(f"onnxruntime baseline ({Path(compare).name}, separate process)"):
-            ort = _run_ort(str(compare), dict(zip([i["name"] for i in manifest["inputs"]], arrays)), threads, warmup,
+            ort = run_ort(str(compare), dict(zip([i["name"] for i in manifest["inputs"]], arrays)), threads, warmup,
                            repeat, run_min_seconds, ort_energy, idle_watts)
         ort_stats = latency_stats(ort["samples_s"])
         ort_energy_out = ort["energy"]

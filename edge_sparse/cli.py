@@ -721,6 +721,73 @@ def tune_cmd(model, target, target_file, output, trials, input_shapes, tracker, 
                    f"{summary['target']} in {summary['seconds']} s; compile with --tuning-db {summary['database']}")
 
 
+@cli.command("optimize")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--target", "-t", default="host", show_default=True, help="Preset name (see 'edge-sparse targets').")
+@click.option("--target-file", type=click.Path(dir_okay=False), help="A device preset in TOML (no code needed).")
+@click.option("--calib", required=True, type=click.Path(dir_okay=False),
+              help=".npz of calibration samples (tables, pruning statistics, int8 ranges).")
+@click.option("--eval", "eval_data", required=True, type=click.Path(dir_okay=False),
+              help=".npz of held-out samples, disjoint from --calib: the real metric is measured on them.")
+@click.option("--max-drop", help="Accuracy budget: largest metric loss versus the dense model, e.g. 1% or 0.01.")
+@click.option("--latency-ms", type=float, help="Latency budget (alone: the most accurate model under it).")
+@click.option("--metric", type=click.Choice(["cosine", "top1"]), default="cosine", show_default=True,
+              help="cosine: worst output's mean cosine with the dense model; top1: top-1 agreement on class scores.")
+@click.option("--rpc", metavar="HOST:PORT", help="Measure kernels and the model on a TVM RPC server.")
+@click.option("--tracker", metavar="HOST:PORT", help="Measure on a device registered with this TVM RPC tracker.")
+@click.option("--key", help="Device key at the tracker (with --tracker).")
+@click.option("--threads", type=int, help="Threads to measure with [default: 1].")
+@click.option("--no-measure", is_flag=True, help="Latency table from the cost model alone (no kernel timing).")
+@click.option("--ladder", default="0.5,0.6,0.7,0.8,0.9", show_default=True, help="Sparsities tried per layer.")
+@click.option("--patterns", default="16x1", show_default=True, help="Float block patterns tried (Rx1, comma list).")
+@click.option("--no-int8", is_flag=True, help="Leave int8 options out of the search.")
+@click.option("--method", help="Pruning method (see 'edge-sparse prune --help') [default: the calibrated one].")
+@click.option("--samples", default=16, show_default=True, type=int, help="Calibration samples per sensitivity run.")
+@click.option("--max-evals", default=12, show_default=True, type=int,
+              help="Configurations applied and measured on the held-out data.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False),
+              help="Latency cache directory [default: ~/.cache/edge-sparse/latency]; one file per target.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...", help="Fix an input's shape.")
+@click.option("--input-value", "input_values", multiple=True, metavar="NAME=V[,V...]", help="Freeze an input.")
+@click.option("--batch", type=int, help="Samples per onnxruntime call when the batch dim is dynamic.")
+@click.option("--bundle", is_flag=True, help="aarch64 targets: bundle the runtime and runner with the artifact.")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@quiet_option
+def optimize_cmd(model, target, target_file, calib, eval_data, max_drop, latency_ms, metric, rpc, tracker, key,
+                 threads, no_measure, ladder, patterns, no_int8, method, samples, max_evals, cache_dir, input_shapes,
+                 input_values, batch, bundle, output, force, quiet):
+    """The fastest version of MODEL on a target within an accuracy budget: per-layer latency and sensitivity
+    tables, a Pareto search over pruning pattern, sparsity and int8 per layer, held-out evaluation, the compiled
+    artifact, and frontier.json / frontier.png with onnxruntime fp32 and int8 measured side by side."""
+    from edge_sparse.optimize import optimize
+
+    _quiet(quiet)
+    if samples < 1:
+        raise UserError(f"--samples must be >= 1, got {samples}")
+    front = optimize(model, output, target=target if not target_file or target != "host" else None, calib=calib,
+                     eval_data=eval_data, max_drop=max_drop, latency_ms=latency_ms, metric=metric, rpc=rpc,
+                     tracker=tracker, key=key, threads=threads, measure=not no_measure,
+                     ladder=[_parse_fraction(x, "--ladder") for x in str(ladder).split(",") if x.strip()],
+                     patterns=[p.strip() for p in str(patterns).split(",") if p.strip()], int8=not no_int8,
+                     method=method, sensitivity_samples=samples, max_evals=max_evals, cache_dir=cache_dir,
+                     bundle=bundle, target_file=target_file, input_shapes=_parse_shapes(input_shapes),
+                     input_values=_parse_values(input_values), batch=batch, force=force, quiet=quiet)
+    if quiet:
+        return
+    ch = front["chosen"]
+    click.echo(f"chosen: {', '.join(f'{n} x {k}' for k, n in ch['summary'].items())}")
+    click.echo(f"  {ch['latency_ms']:.4g} ms ({front['threads']} thread(s), {front['where']}), {front['metric']} drop "
+               f"{100 * ch['drop']:.3f}% on {front['eval_samples']} held-out samples")
+    for name, b in front["baselines"].items():
+        click.echo(f"  {name}: {b['latency_ms']:.4g} ms, drop {100 * b['drop']:.3f}%")
+    if "speedup" in front:
+        sp = front["speedup"]
+        click.echo(f"  speedup: {sp['vs_onnxruntime_fp32']:.2f}x onnxruntime fp32, "
+                   f"{sp['vs_onnxruntime_int8']:.2f}x onnxruntime int8")
+    click.echo(f"wrote {output}/model.onnx, artifact/, frontier.json, frontier.png")
+
+
 def main(argv=None):
     """Console-script entry point."""
     cli.main(args=argv, prog_name="edge-sparse", standalone_mode=True)

@@ -23,7 +23,7 @@ from edge_sparse.intake import read_model
 from edge_sparse.progress import Progress
 from edge_sparse.util import atomic_write, check_output, json_text, sha256_bytes, sha256_file
 
-__all__ = ["prune", "analyze", "allocate", "PruneResult", "SENSITIVITY_LEVELS", "ALLOCATIONS"]
+__all__ = ["prune", "analyze", "allocate", "layer_errors", "method_statistics", "PruneResult", "SENSITIVITY_LEVELS", "ALLOCATIONS"]
 
 SENSITIVITY_LEVELS = (0.5, 0.7, 0.8, 0.9)
 ALLOCATIONS = ("uniform", "sensitivity")
@@ -141,28 +141,39 @@ def _first_samples(data: dict[str, np.ndarray], specs, count: int) -> dict[str, 
     return {k: v[:n] for k, v in data.items()}
 
 
-def _sensitivity(proto, layers, patterns, levels, method, stats, data, batch, progress) -> dict[str, dict]:
-    """``{layer: {level: {"rel_l2", "cosine"}}}`` with only that layer pruned (outputs vs dense)."""
+def layer_errors(proto, variants: dict[str, dict], data, batch, progress, label: str = "sensitivity runs"
+                 ) -> dict[str, dict]:
+    """``{layer: {key: {"rel_l2", "cosine"}}}``: the model's outputs versus dense with only that layer's weight
+    replaced by ``variants[layer][key](weight)`` (one weight transform per key: prune, quantize, both)."""
     from edge_sparse.passes import calibrate
-    from edge_sparse.passes.prune import LayerPlan, prune_weight
 
-    evaluator = calibrate.Evaluator(proto, [layer.name for layer in layers], batch=batch)
+    evaluator = calibrate.Evaluator(proto, list(variants), batch=batch)
     dense = evaluator.run(data)
     classifiers = calibrate.classifier_outputs(proto)
     result = {}
-    runs = sum(len(levels if patterns[layer.name].fixed_sparsity is None else [0]) for layer in layers)
+    runs = sum(len(v) for v in variants.values())
     done = 0
+    for name, todo in variants.items():
+        result[name] = {}
+        for key, transform in todo.items():
+            out = evaluator.run(data, {name: transform(evaluator.weights[name])})
+            result[name][key] = _summary(calibrate.compare(dense, out, classifiers))
+            done += 1
+            progress.count(done, runs, label)
+    return result
+
+
+def _sensitivity(proto, layers, patterns, levels, method, stats, data, batch, progress) -> dict[str, dict]:
+    """``{layer: {level: {"rel_l2", "cosine"}}}`` with only that layer pruned (outputs vs dense)."""
+    from edge_sparse.passes.prune import LayerPlan, prune_weight
+
+    variants = {}
     for layer in layers:
         pattern = patterns[layer.name]
         todo = levels if pattern.fixed_sparsity is None else [pattern.fixed_sparsity]
-        result[layer.name] = {}
-        for s in todo:
-            pruned = prune_weight(layer, evaluator.weights[layer.name], LayerPlan(pattern, s), method, stats)
-            out = evaluator.run(data, {layer.name: pruned})
-            result[layer.name][float(s)] = _summary(calibrate.compare(dense, out, classifiers))
-            done += 1
-            progress.count(done, runs, "sensitivity runs")
-    return result
+        variants[layer.name] = {float(s): (lambda w, layer=layer, plan=LayerPlan(pattern, s):
+                                           prune_weight(layer, w, plan, method, stats)) for s in todo}
+    return layer_errors(proto, variants, data, batch, progress)
 
 
 # ------------------------------------------------------------------------------------------------------ shared
@@ -230,7 +241,7 @@ def _setup(model, recipe, default_skips, skip, calib, calib_random, seed, batch)
     return _Setup(proto, irm, layers, rejected, settings, name, sha, path, data, desc, warnings, restore)
 
 
-def _statistics(method, setup: _Setup, layers, data, batch, progress) -> dict | None:
+def method_statistics(method, proto, layers, data, batch, progress) -> dict | None:
     """``{activation: statistic result}`` of ``method`` over ``data`` (None when it needs none)."""
     from edge_sparse.passes import calibrate
 
@@ -243,7 +254,7 @@ def _statistics(method, setup: _Setup, layers, data, batch, progress) -> dict | 
     if not wanted:
         return None
     with progress.step(f"{method.name} statistics over {calibrate.sample_count(data)} calibration samples"):
-        return calibrate.collect_statistics(setup.proto, wanted, data, batch)
+        return calibrate.collect_statistics(proto, wanted, data, batch)
 
 
 # ------------------------------------------------------------------------------------------------------- prune
@@ -330,7 +341,7 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
         if fixed is not None and wanted is not None and wanted not in (0.0, fixed):
             raise UserError(f"recipe sets sparsity {wanted:g} for {layer.name}, but its pattern "
                             f"{patterns[layer.name]} prunes exactly {fixed:g}; drop the sparsity or use 0")
-    stats = _statistics(method, setup, active, calib_part, batch, progress)
+    stats = method_statistics(method, setup.proto, active, calib_part, batch, progress)
 
     free = [layer for layer in active if setup.settings[layer.name].sparsity is None]
     targets = {layer.name: setup.settings[layer.name].sparsity for layer in active if layer not in free}
@@ -449,7 +460,7 @@ def analyze(model, *, calib=None, calib_random: int | None = None, method: str |
     specs = calibrate.input_specs(setup.proto)
     data = _first_samples(setup.data, specs, samples)
     patterns = {layer.name: setup.settings[layer.name].pattern or pattern_obj for layer in setup.layers}
-    stats = _statistics(method, setup, setup.layers, data, batch, progress)
+    stats = method_statistics(method, setup.proto, setup.layers, data, batch, progress)
     with progress.step(f"sensitivity of {len(setup.layers)} layers on {calibrate.sample_count(data)} samples"):
         sens = _sensitivity(setup.proto, setup.layers, patterns, levels, method, stats, data, batch, progress)
     active = [layer for layer in setup.layers if setup.settings[layer.name].skip is None]

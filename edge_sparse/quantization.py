@@ -170,14 +170,15 @@ def float_weight_view(proto: onnx.ModelProto, name: str = "model"):
     return view, restore
 
 
-def _float_zeros(model: onnx.ModelProto) -> tuple[int, int]:
-    """(zeros, elements) over the float weights of MatMul / Gemm / Conv in ``model``."""
+def _float_zeros(model: onnx.ModelProto, nodes=None) -> tuple[int, int]:
+    """(zeros, elements) over the float weights of MatMul / Gemm / Conv in ``model`` (only ``nodes`` when given)."""
     from onnx import numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
     z = n = 0
     for node in model.graph.node:
-        if node.op_type in ("MatMul", "Gemm", "Conv") and len(node.input) > 1 and node.input[1] in inits:
+        if node.op_type in ("MatMul", "Gemm", "Conv") and len(node.input) > 1 and node.input[1] in inits \
+                and (nodes is None or node.name in nodes):
             w = numpy_helper.to_array(inits[node.input[1]])
             if w.dtype.kind == "f":
                 z, n = z + int(np.count_nonzero(w == 0)), n + w.size
@@ -186,11 +187,12 @@ def _float_zeros(model: onnx.ModelProto) -> tuple[int, int]:
 
 def quantize(model, output=None, *, calib=None, scheme: str = "static", per_channel: bool = False,
              holdout: float = 0.25, report_path=None, force: bool = False, batch: int | None = None,
-             quiet: bool | None = None) -> QuantizeResult:
+             nodes=None, quiet: bool | None = None) -> QuantizeResult:
     """Quantize ``model`` (path or ModelProto) to int8 with onnxruntime and report the accuracy cost.
 
     calib: ``.npz`` path or ``{input: array}`` (samples on the first axis); required (static ranges come from it, and
     accuracy is always measured). The last ``holdout`` fraction is kept out of calibration and reported separately.
+    nodes: names of the nodes to quantize (default: every MatMul/Gemm[/Conv]); the others stay float.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
@@ -234,11 +236,13 @@ def quantize(model, output=None, *, calib=None, scheme: str = "static", per_chan
                     unit = calibrate._batch_size(specs, batch)
                     quantize_static(str(src), str(dst), _Reader(calib_part, unit), quant_format=QuantFormat.QDQ,
                                     op_types_to_quantize=STATIC_OPS, per_channel=per_channel,
+                                    nodes_to_quantize=list(nodes) if nodes is not None else None,
                                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                     calibrate_method=CalibrationMethod.MinMax,
                                     extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
                 else:
                     quantize_dynamic(str(src), str(dst), op_types_to_quantize=DYNAMIC_OPS, per_channel=per_channel,
+                                     nodes_to_quantize=list(nodes) if nodes is not None else None,
                                      weight_type=QuantType.QInt8, extra_options={"WeightSymmetric": True})
             except UserError:
                 raise
@@ -253,7 +257,7 @@ def quantize(model, output=None, *, calib=None, scheme: str = "static", per_chan
                         f"weight: nothing to quantize")
     qz = sum(int(np.count_nonzero(w == 0)) for w in weights.values())
     qn = sum(w.size for w in weights.values())
-    fz, fn = _float_zeros(proto)
+    fz, fn = _float_zeros(proto, set(nodes) if nodes is not None else None)
     record = {"scheme": scheme, "format": "QDQ" if scheme == "static" else "QOperator",
               "per_channel": per_channel, "weights": "int8 symmetric",
               "activations": "uint8 asymmetric per tensor" + (", dynamic range" if scheme == "dynamic" else ""),

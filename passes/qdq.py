@@ -26,7 +26,7 @@ import numpy as np
 
 from edge_sparse.passes.sparsify import _const_np, _Graph, _is_const, _match_epilogue, _ops, _shape
 
-__all__ = ["rewrite_qdq", "fuse_range_reductions", "int8_estimate_us", "INT8_CALIBRATION", "R_INT8"]
+__all__ = ["rewrite_qdq", "fuse_range_reductions", "int8_estimate_us", "int8_layer_time_us", "INT8_CALIBRATION", "R_INT8"]
 
 R_INT8 = 16
 # Relative cost of one stored 16x4 block in the sparse kernel against the dense kernel (index load, irregular X
@@ -200,6 +200,25 @@ def int8_estimate_us(M: int, K: int, N: int, blocks: int, sparse: bool, preset) 
     wbytes = blocks * (R_INT8 * 4 + (4 if sparse else 0))
     flops = 2.0 * M * blocks * R_INT8 * 4
     return max((wbytes + M * (K + 4 * N)) / bw, factor * flops / (peak * 0.5)) + 1.0
+
+
+def int8_layer_time_us(M: int, K: int, N: int, wq: np.ndarray, sparse: bool, preset, *, activation=None,
+                       bias: bool = False, session=None, repeats: int = 15) -> float:
+    """Measured time (us) of the family's int8 kernel for ``Y[M, N] = Xq[M, K] @ wq[K, N]`` (uint8 activations,
+    float output with the fused dequantize/bias/activation epilogue), dense or BSR over its blocks, on this machine
+    or on an RPC ``session``."""
+    from edge_sparse import targets
+    from edge_sparse.kernel_timing import time_kernel
+    from edge_sparse.targets.cpu.sparse import build_kernel
+
+    kernels = targets.family_module(preset).int8_kernels(preset)
+    packed = kernels.pack(wq, sparse)
+    pf = kernels.kernel(M, K, N, packed.nblocks, x_dtype="uint8", out="float32", activation=activation)
+    rng = np.random.default_rng(0)
+    args = [rng.integers(0, 255, (M, K), dtype=np.uint8), *packed.arrays(), np.array([128], np.int32),
+            np.array([0.02], np.float32), np.full(N, 0.01, np.float32), packed.wsum,
+            (rng.standard_normal(N) if bias else np.zeros(N)).astype(np.float32), np.zeros((M, N), np.float32)]
+    return time_kernel(build_kernel(pf, preset), args, preset, session=session, repeats=repeats)
 
 
 def _choose(plan: _Plan, preset, kernels, mode: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import numpy as np
 from edge_sparse import formats as F
 from edge_sparse.formats import KernelSpec
 
-__all__ = ["sparsify", "find_layers", "estimate_us", "Layer"]
+__all__ = ["sparsify", "find_layers", "estimate_us", "layer_estimate_us", "layer_time_us", "dense_layer_module", "Layer"]
 
 
 # A sparse layer must be estimated this much faster than dense to be chosen in auto mode (model error margin).
@@ -391,21 +391,15 @@ def _stored_macs(obj) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ measurement
-def _time_prim_func(pf, args_np, preset, repeats: int = 15) -> float:
-    import tvm
-
+def _time_prim_func(pf, args_np, preset, repeats: int = 15, session=None) -> float:
+    from edge_sparse.kernel_timing import time_kernel
     from edge_sparse.targets.cpu.sparse import build_kernel
 
-    ex = build_kernel(pf, preset)
-    dev = tvm.cpu()
-    args = [tvm.runtime.tensor(a, dev) for a in args_np]
-    f = ex.jit().time_evaluator("main", dev, number=5, repeat=repeats, min_repeat_ms=2)
-    return float(np.median(f(*args).results) * 1e6)
+    return time_kernel(build_kernel(pf, preset), args_np, preset, session=session, repeats=repeats)
 
 
-def _time_dense(layer: Layer, preset, family, repeats: int = 15) -> float:
-    """Time the layer's dense form through the family's normal build (its schedules)."""
-    import tvm
+def dense_layer_module(layer: Layer):
+    """A Relax module of the layer alone in its dense form (matmul or 1x1 conv, bias, activation)."""
     from tvm import relax
 
     bb = relax.BlockBuilder()
@@ -428,12 +422,16 @@ def _time_dense(layer: Layer, preset, family, repeats: int = 15) -> float:
                 y = bb.emit(relax.op.nn.gelu(y))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
-    ex = family.build(bb.get(), preset)
-    dev = tvm.cpu()
-    vm = relax.VirtualMachine(ex, dev)
-    xin = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(xs).astype(np.float32), dev)
-    f = vm.time_evaluator("main", dev, number=5, repeat=repeats, min_repeat_ms=2)
-    return float(np.median(f(xin).results) * 1e6)
+    return bb.get()
+
+
+def _time_dense(layer: Layer, preset, family, repeats: int = 15, session=None) -> float:
+    """Time the layer's dense form through the family's normal build (its schedules)."""
+    from edge_sparse.kernel_timing import time_kernel
+
+    ex = family.build(dense_layer_module(layer), preset)
+    x = np.random.default_rng(0).standard_normal(layer.x_shape).astype(np.float32)
+    return time_kernel(ex, [x], preset, session=session, relax=True, repeats=repeats)
 
 
 def _kernel_args(layer: Layer, spec: KernelSpec, obj) -> list[np.ndarray]:
@@ -446,6 +444,29 @@ def _kernel_args(layer: Layer, spec: KernelSpec, obj) -> list[np.ndarray]:
         y = np.zeros((spec.M, spec.N), np.float32)
     bias = layer.bias if layer.bias is not None else np.zeros(layer.N, np.float32)
     return [x, *obj.arrays(), bias, y]
+
+
+def layer_estimate_us(layer: Layer, fmt: str, obj, preset) -> float:
+    """Cost-model time (us) of ``layer`` with its weight stored as ``obj`` in ``fmt`` ("dense": obj unused)."""
+    if fmt == "dense":
+        return estimate_us(layer, "dense", F.dense_bytes(layer.K, layer.N), layer.K * layer.N, preset)
+    return estimate_us(layer, fmt, obj.nbytes, _stored_macs(obj), preset)
+
+
+def layer_time_us(layer: Layer, fmt: str, obj, preset, session=None, repeats: int = 15) -> float | None:
+    """Measured time (us) of ``layer`` in ``fmt`` with weight ``obj`` (dense: the family's schedules) on this machine
+    or on an RPC ``session``; None when the family has no kernel for it."""
+    from edge_sparse import targets
+
+    family = targets.family_module(preset)
+    if fmt == "dense":
+        return _time_dense(layer, preset, family, repeats=repeats, session=session)
+    make = getattr(family, "make_sparse_kernel", None)
+    spec = _format_spec(layer, fmt, obj)
+    pf = make(spec, preset) if make is not None else None
+    if pf is None:
+        return None
+    return _time_prim_func(pf, _kernel_args(layer, spec, obj), preset, repeats=repeats, session=session)
 
 
 # ------------------------------------------------------------------------------------------------ rewrite

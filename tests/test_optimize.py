@@ -1,0 +1,225 @@
+"""Issue 16: ``optimize`` -- the Pareto search against brute force, the accuracy budget checked independently on the
+held-out data, one-line exit 2 for budgets no configuration meets, cache resume, and the same choice over a TVM RPC
+server on 127.0.0.1 as locally with the same latency table."""
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from edge_sparse import optimize as O
+
+from conftest import invoke, ort_run
+
+FAST = {"repeat": 10, "min_seconds": 0.05}
+LADDER = (0.5, 0.9)
+
+
+# ------------------------------------------------------------------------------------------------------ search
+def _brute(costs, budget):
+    best = None
+    for choice in itertools.product(*[range(len(o)) for o in costs]):
+        lat = sum(costs[i][c][0] for i, c in enumerate(choice))
+        err = sum(costs[i][c][1] for i, c in enumerate(choice))
+        if err <= budget + 1e-12 and (best is None or lat < best[0] - 1e-12):
+            best = (lat, err, choice)
+    return best
+
+
+def _front_best(front, budget):
+    fits = [p for p in front if p[1] <= budget + 1e-12]
+    return min(fits, key=lambda p: p[0]) if fits else None
+
+
+def test_pareto_search_hand_table():
+    # layer 0: dense 10us/err 0, sparse 4us/err 3, int8 6us/err 1; layer 1: dense 8/0, sparse 2/5, int8 5/1
+    costs = [[(10, 0), (4, 3), (6, 1)], [(8, 0), (2, 5), (5, 1)]]
+    front = O.pareto_search(costs)
+    # by hand: budget 0 -> both dense (18); 2 -> int8+int8 (11); 4 -> sparse+int8 (9); 6 -> int8+sparse (8);
+    # 8 -> sparse+sparse (6)
+    for budget, (lat, choice) in {0: (18, (0, 0)), 2: (11, (2, 2)), 4: (9, (1, 2)), 6: (8, (2, 1)),
+                                  8: (6, (1, 1))}.items():
+        got = _front_best(front, budget)
+        assert (got[0], got[2]) == (lat, choice), budget
+    errs = [p[1] for p in front]
+    lats = [p[0] for p in front]
+    assert errs == sorted(errs) and lats == sorted(lats, reverse=True)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pareto_search_equals_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    costs = [[(float(rng.integers(1, 50)), float(rng.integers(0, 20))) for _ in range(rng.integers(2, 5))]
+             for _ in range(5)]
+    front = O.pareto_search(costs)
+    for budget in range(0, 100, 3):
+        want, got = _brute(costs, budget), _front_best(front, budget)
+        assert (want is None) == (got is None)
+        if want is not None:
+            assert got[0] == pytest.approx(want[0]), (budget, want, got)
+            lat = sum(costs[i][c][0] for i, c in enumerate(got[2]))
+            err = sum(costs[i][c][1] for i, c in enumerate(got[2]))
+            assert (lat, err) == pytest.approx((got[0], got[1]))
+
+
+def test_parse_drop():
+    assert O.parse_drop("1%") == pytest.approx(0.01) and O.parse_drop("0.02") == pytest.approx(0.02)
+    for bad in ("x", "150%", "-1", "nan"):
+        with pytest.raises(O.UserError):
+            O.parse_drop(bad)
+
+
+# -------------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 2-block MLP (int8 kernels need K % 4 == 0 and N % 16 == 0) with disjoint calibration and evaluation sets."""
+    from edge_sparse.models import synthetic
+
+    d = tmp_path_factory.mktemp("optimize")
+    synthetic.save(synthetic.mlp(seq=8, d_in=64, hidden=128, d_out=64, layers=2, seed=3), d / "mlp.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(d / "calib.npz", x=rng.standard_normal((24, 8, 64)).astype(np.float32))
+    np.savez(d / "eval.npz", x=rng.standard_normal((24, 8, 64)).astype(np.float32))
+    return d
+
+
+def _cosine_drop(model_path, dense_path, x):
+    worst = 1.0
+    dense = [ort_run(dense_path, {"x": x[i:i + 1]}) for i in range(len(x))]       # the model's batch is 1
+    got = [ort_run(model_path, {"x": x[i:i + 1]}) for i in range(len(x))]
+    for k in range(len(dense[0])):
+        a = np.concatenate([d[k] for d in dense])
+        b = np.concatenate([g[k] for g in got])
+        a, b = a.reshape(a.shape[0], -1).astype(np.float64), b.reshape(b.shape[0], -1).astype(np.float64)
+        cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        worst = min(worst, float(cos.mean()))
+    return 1.0 - worst
+
+
+def _run(tiny, out, **kw):
+    args = dict(calib=tiny / "calib.npz", eval_data=tiny / "eval.npz", ladder=LADDER, cache_dir=tiny / "cache",
+                quiet=True, **FAST)
+    args.update(kw)
+    return O.optimize(tiny / "mlp.onnx", out, **args)
+
+
+@pytest.mark.parametrize("budget", [0.002, 0.05])
+def test_budget_holds_on_held_out_data(tiny, tmp_path, budget):
+    from edge_sparse.runtime import load
+
+    out = tmp_path / "out"
+    front = _run(tiny, out, max_drop=budget)
+    x = np.load(tiny / "eval.npz")["x"]
+    # the budget holds when measured independently with onnxruntime on the held-out samples
+    drop = _cosine_drop(out / "model.onnx", tiny / "mlp.onnx", x)
+    assert drop <= budget
+    assert front["chosen"]["drop"] == pytest.approx(drop, abs=1e-6)
+    # the compiled artifact computes what the chosen ONNX computes
+    m = load(out / "artifact")
+    got = m.run({"x": x[:1]})
+    want = ort_run(out / "model.onnx", {"x": x[:1]})
+    np.testing.assert_allclose(next(iter(got.values())),
+                               want[0], rtol=2e-2, atol=2e-2)
+    data = json.loads((out / "frontier.json").read_text())
+    assert (out / "frontier.png").stat().st_size > 1000
+    assert set(data["baselines"]) == {"onnxruntime fp32", "onnxruntime int8"}
+    assert all(b["latency_ms"] > 0 for b in data["baselines"].values())
+    chosen = [p for p in data["points"] if p["chosen"]]
+    assert len(chosen) == 1 or data["chosen"]["summary"] == {"fp32": len(data["layers"])}
+    assert all(p["drop"] <= budget for p in data["points"] if p["pareto"] and p["chosen"])
+    assert any(p["pareto"] for p in data["points"])
+    # every evaluated point's drop is a real measurement: a looser budget can only pick a predicted-faster model
+    for p in data["points"]:
+        assert 0.0 <= p["drop"] <= 1.0
+
+
+def test_looser_budget_is_faster_in_the_table(tiny, tmp_path):
+    tight = _run(tiny, tmp_path / "a", max_drop=0.0005)
+    loose = _run(tiny, tmp_path / "b", max_drop=0.2)
+    assert loose["chosen"]["predicted_ms"] <= tight["chosen"]["predicted_ms"]
+    assert loose["chosen"]["drop"] <= 0.2 and tight["chosen"]["drop"] <= 0.0005
+
+
+def test_unreachable_budget_is_one_line_exit_2(tiny, tmp_path):
+    out = tmp_path / "out"
+    r = invoke(["optimize", tiny / "mlp.onnx", "--calib", tiny / "calib.npz", "--eval", tiny / "eval.npz",
+                "--max-drop", "1%", "--latency-ms", "0.00001", "--ladder", "0.5,0.9", "--cache", tiny / "cache",
+                "-o", out, "--quiet"])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: no configuration meets --max-drop 1% and --latency-ms")
+    assert " ms " in lines[0] and "drop" in lines[0] and "Traceback" not in r.output
+    assert not out.exists()
+
+
+def test_bad_inputs_are_one_line(tiny, tmp_path):
+    base = ["optimize", tiny / "mlp.onnx", "--calib", tiny / "calib.npz", "-o", tmp_path / "o", "--quiet"]
+    r = invoke(base + ["--eval", tiny / "calib.npz", "--max-drop", "1%"])
+    assert r.exit_code == 2 and "disjoint" in r.output
+    r = invoke(base + ["--eval", tiny / "eval.npz"])
+    assert r.exit_code == 2 and "budget" in r.output
+    r = invoke(base + ["--eval", tiny / "eval.npz", "--max-drop", "abc"])
+    assert r.exit_code == 2 and "--max-drop" in r.output
+
+
+def test_latency_table_resumes_from_cache(tiny, tmp_path, monkeypatch):
+    """An interrupted table keeps what it measured; the next run measures only the rest, then none."""
+    from edge_sparse import targets
+
+    proto = onnx.load(tiny / "mlp.onnx")
+    preset = targets.get("host")
+    _, layers = O._find_layers(tiny / "mlp.onnx", proto, preset, ("16x1",), LADDER, True, None, None)
+    total = sum(len(la.options) for la in layers)
+    real = O._measure
+    calls = []
+
+    def interrupted(*a, **k):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(a[1])
+        return real(*a, **k)
+
+    monkeypatch.setattr(O, "_measure", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        O.latency_table(layers, preset, measure=True, cache_dir=tmp_path)
+    cached = json.loads(next(tmp_path.glob("host-*.json")).read_text())["entries"]
+    assert len(cached) == 3
+
+    def counting(*a, **k):
+        calls.append(a[1])
+        return real(*a, **k)
+
+    calls.clear()
+    monkeypatch.setattr(O, "_measure", counting)
+    table = O.latency_table(layers, preset, measure=True, cache_dir=tmp_path)
+    distinct = {f"{O._signature(la.kernel, 1)}|{k}" for la in layers for k in la.options}
+    assert len(calls) == len(distinct) - 3 <= total
+    assert all(r["source"].startswith("measured") and r["us"] > 0 for t in table.values() for r in t.values())
+    calls.clear()
+    again = O.latency_table(layers, preset, measure=True, cache_dir=tmp_path)
+    assert calls == [] and again == table
+
+
+# --------------------------------------------------------------------------------------------------------- RPC
+def test_rpc_run_chooses_what_the_local_run_chooses(tiny, tmp_path):
+    from test_bench import HOST, _free_port, _start, _stop, _wait_listening
+
+    port = _free_port()
+    proc = _start(["tvm.exec.rpc_server", "--host", HOST, "--port", str(port), "--port-end", str(port + 1)])
+    try:
+        _wait_listening(port, proc)
+        remote = _run(tiny, tmp_path / "rpc", max_drop=0.01, rpc=f"{HOST}:{port}", cache_dir=tmp_path / "cache")
+    finally:
+        _stop(proc)
+    assert remote["where"] == f"rpc {HOST}:{port}" and remote["baselines"] == {}
+    sources = {r["source"] for la in remote["layers"] for r in la["latency_us"].values()}
+    assert sources == {f"measured (rpc {HOST}:{port})"}
+    local = _run(tiny, tmp_path / "local", max_drop=0.01, cache_dir=tmp_path / "cache")
+    assert local["where"] == "local"
+    assert local["chosen"]["config"] == remote["chosen"]["config"]
+    assert [la["latency_us"] for la in local["layers"]] == [la["latency_us"] for la in remote["layers"]]
