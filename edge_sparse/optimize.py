@@ -38,7 +38,7 @@ import onnx
 
 from edge_sparse.errors import UserError, check_number
 from edge_sparse.progress import Progress
-from edge_sparse.util import atomic_dir, atomic_write, sha256_bytes, sha256_file
+from edge_sparse.util import atomic_dir, atomic_write, check_output, json_text, sha256_bytes, sha256_file
 
 __all__ = ["optimize", "pareto_search", "latency_table", "sensitivity_table", "parse_drop", "option_key",
            "parse_option", "LADDER", "METRICS", "default_cache_dir"]
@@ -448,7 +448,6 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
     repeat / min_seconds: the model benchmarks' settings (:func:`edge_sparse.benchmark.bench`'s defaults when None).
     """
     from edge_sparse import targets
-    from edge_sparse.artifact import check_output_dir
     from edge_sparse.benchmark import bench, run_ort
     from edge_sparse.compiler import compile as compile_model
     from edge_sparse.errors import check_threads
@@ -481,7 +480,9 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
     remote = rpc is not None or tracker is not None
     check_threads(threads, preset.cores, where=f"the target {preset.name}")
     threads = int(threads or 1)
-    out = check_output_dir(out_dir, force, inputs=(model,))
+    out = check_output(out_dir, force=force, kind="dir", what="output directory",
+                       inputs=tuple(x for x in (model, calib, eval_data, target_file) if isinstance(x, (str, os.PathLike))),
+                       replaceable=lambda p: (p / "frontier.json").is_file())
     if bundle and preset.arch != "aarch64":
         raise UserError(f"--bundle packs the aarch64 runtime and runner; target '{preset.name}' is {preset.arch}")
     if not remote and not preset.is_native:
@@ -687,7 +688,7 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-        (stage / "frontier.json").write_text(json.dumps(frontier, indent=1, default=str) + "\n")
+        (stage / "frontier.json").write_text(json_text(frontier, indent=1) + "\n")
         try:
             _plot(frontier, stage / "frontier.png")
         except ImportError:
