@@ -35,20 +35,28 @@ def probe(host: str, port: int, timeout: float, what: str) -> None:
         raise UserError(f"{what} {host}:{port}: unknown host ({e.strerror})") from None
     except socket.timeout:
         raise UserError(f"{what} {host}:{port}: no answer within {timeout:g} s (host down, firewalled or wrong address)") from None
+    except (ConnectionResetError, BrokenPipeError):   # something listens and hung up at once: the handshake decides
+        return
     except OSError as e:
         raise UserError(f"{what} {host}:{port} is unreachable: {e.strerror or e}; is the server running "
                         f"('python -m tvm.exec.{'rpc_tracker' if 'tracker' in what else 'rpc_server'} --host {host} --port {port}')?") from None
 
 
-def describe_error(e: BaseException, where: str) -> str:
-    """One line for an exception raised by TVM's RPC layer."""
+# How a peer that is not a TVM RPC server shows up during the handshake: which one depends only on timing (whether
+# it closed the socket before or after TVM sent its magic), so all of them get the same message.
+_NOT_RPC = ("is not TVM RPC server", "Broken pipe", "Connection reset", "SendAll", "RecvAll", "Connection closed",
+            "connection closed", "EOF")
+
+
+def describe_error(e: BaseException, where: str, handshake: bool = False) -> str:
+    """One line for an exception raised by TVM's RPC layer (``handshake``: raised while connecting)."""
     text = str(e)
     if "version mismatch" in text.lower():
         import tvm
 
         return (f"{where}: the RPC server speaks another TVM RPC protocol version; install the same TVM on the device "
                 f"(apache-tvm=={tvm.__version__}, apache-tvm-ffi matching) and restart the server")
-    if "is not TVM RPC server" in text:
+    if "is not TVM RPC server" in text or handshake and any(s in text for s in _NOT_RPC):
         return f"{where}: the program listening there is not a TVM RPC server (or it closed the connection)"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(("File ", "^"))]
     return f"{where}: {lines[-1] if lines else type(e).__name__}"
@@ -102,7 +110,7 @@ def connect(rpc: str | None = None, *, tracker: str | None = None, key: str | No
         except UserError:
             raise
         except Exception as e:
-            raise UserError(describe_error(e, where)) from None
+            raise UserError(describe_error(e, where, handshake=True)) from None
         return sess, f"rpc {host}:{port}"
 
     if not key:
@@ -122,7 +130,7 @@ def connect(rpc: str | None = None, *, tracker: str | None = None, key: str | No
     except UserError:
         raise
     except Exception as e:
-        raise UserError(describe_error(e, where)) from None
+        raise UserError(describe_error(e, where, handshake=True)) from None
     if key not in keys:
         raise UserError(f"{where} has no server with key '{key}' (registered: {', '.join(sorted(keys)) or 'none'}); start one with "
                         f"'python -m tvm.exec.rpc_server --host 127.0.0.1 --tracker {host}:{port} --key {key}'")

@@ -53,3 +53,36 @@ def invoke(args, **kw):
     from edge_sparse.cli import cli
 
     return CliRunner().invoke(cli, [str(a) for a in args], **kw)
+
+
+def start_process_group(args: list[str]) -> "subprocess.Popen":
+    """``python -m ARGS`` in a new session: TVM's rpc_server/rpc_tracker serve from a child (tvm.exec.popen_worker)
+    that outlives a terminated parent; :func:`stop_process_group` ends the whole group."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TVM_BIND_THREADS="0")
+    return subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True)
+
+
+def stop_process_group(proc) -> None:
+    """SIGTERM to the process group this test started (then SIGKILL), and wait for the leader."""
+    import signal
+    import subprocess
+
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+        try:                                    # the leader is gone; the group may not be
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+    if proc.poll() is None:
+        proc.wait()

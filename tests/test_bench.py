@@ -20,6 +20,8 @@ from edge_sparse.errors import UserError
 from edge_sparse.util import latency_stats
 
 from conftest import invoke, ort_run
+from conftest import start_process_group as _start
+from conftest import stop_process_group as _stop
 
 HOST = "127.0.0.1"
 
@@ -52,19 +54,6 @@ def _wait_listening(port: int, proc, seconds: float = 60.0) -> None:
     raise RuntimeError(f"nothing listens on {HOST}:{port}")
 
 
-def _start(args: list[str]) -> subprocess.Popen:
-    env = dict(os.environ, TVM_BIND_THREADS="0")
-    return subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -564,3 +564,81 @@ def test_json_text_has_no_bare_nan():
 
     text = json_text({"a": float("nan"), "b": [np.float32("inf"), 1.5], "c": np.float64(-np.inf), "d": np.int64(3)})
     assert _strict_json(text) == {"a": None, "b": [None, 1.5], "c": None, "d": 3}
+
+
+# ------------------------------------------------------------------------------------ 15: RPC message not timing-dependent
+@pytest.mark.parametrize("behaviour", ["close-at-once", "reset", "garbage-then-close", "garbage-after-read"])
+def test_not_an_rpc_server_message_does_not_depend_on_timing(cnn_artifact, behaviour):
+    """Whatever the peer does and however the race goes (EPIPE, ECONNRESET, bad magic), the same one line."""
+    import socket
+    import struct
+    import threading
+
+    from edge_sparse import benchmark as B
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    port = srv.getsockname()[1]
+
+    def answer():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            try:
+                if behaviour == "reset":
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                elif behaviour == "garbage-then-close":
+                    conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+                elif behaviour == "garbage-after-read":
+                    conn.recv(64)
+                    conn.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+            except OSError:
+                pass
+            conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        for _ in range(3):
+            with pytest.raises(UserError, match="not a TVM RPC server"):
+                B.bench(cnn_artifact, rpc=f"127.0.0.1:{port}", rpc_timeout=5, quiet=True)
+    finally:
+        srv.close()
+
+
+# ------------------------------------------------------------------------------------ 16: no orphaned TVM workers
+def _group_members(pgid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                out.append(int(d.name))
+    return out
+
+
+def test_stopping_a_test_rpc_server_leaves_no_popen_worker():
+    """TVM's rpc_server serves from a tvm.exec.popen_worker child; terminating only the parent orphaned it (three
+    ~400 MB workers stayed alive after the suite). The fixtures stop the whole process group."""
+    import socket
+    import time
+
+    from conftest import start_process_group, stop_process_group
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = start_process_group(["tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port),
+                                "--port-end", str(port + 1)])
+    deadline = time.monotonic() + 60
+    while len(_group_members(proc.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(_group_members(proc.pid)) >= 2, "the server did not start its worker"
+    stop_process_group(proc)
+    time.sleep(0.5)
+    assert _group_members(proc.pid) == []
