@@ -223,3 +223,31 @@ def test_rpc_run_chooses_what_the_local_run_chooses(tiny, tmp_path):
     assert local["where"] == "local"
     assert local["chosen"]["config"] == remote["chosen"]["config"]
     assert [la["latency_us"] for la in local["layers"]] == [la["latency_us"] for la in remote["layers"]]
+
+
+# ---------------------------------------------------------------------------------------------------- progress
+class _Tty:
+    def __init__(self):
+        self.text = ""
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_progress_per_phase_and_quiet(tiny, tmp_path, monkeypatch, quiet):
+    tty = _Tty()
+    monkeypatch.setattr("sys.stderr", tty)
+    _run(tiny, tmp_path / "out", max_drop=0.01, quiet=quiet, measure=False, baselines=False)
+    if quiet:
+        assert tty.text == ""
+    else:
+        for phase in ("latency table", "sensitivity table", "searching", "evaluating candidates", "compiling model",
+                      "benchmarking model", "chosen"):
+            assert phase in tty.text, phase
