@@ -107,12 +107,9 @@ def _itemsize(model) -> dict[str, int]:
 def layer_estimates(intake, preset, sparse_mode: str) -> dict[str, dict]:
     """Per-layer choice and time (us) from the sparse pass's own cost model (passes/sparsify.py ``estimate_us``)
     for ``preset``: weight initializer name -> {format, us}. ``sparse_mode`` "off": every layer dense."""
-    from edge_sparse.compiler import import_relax
-    from edge_sparse.passes.sparsify import sparsify
+    from edge_sparse.compiler import lower
 
-    mod = import_relax(intake)
-    _, layers = sparsify(mod, preset, mode="auto" if sparse_mode == "off" else sparse_mode,
-                         weight_names=intake.weight_names)
+    _, layers = lower(intake, preset, "auto" if sparse_mode == "off" else sparse_mode)
     out = {}
     for e in layers:
         fmt = e["format"] if sparse_mode != "off" else "dense"
@@ -280,7 +277,7 @@ def _run_config(name: str, key: str, src: Path, work: Path, args, dense_outputs:
                 charset) -> dict:
     from edge_sparse import compiler, models, targets
     from edge_sparse.artifact import read_manifest
-    from edge_sparse.intake import load_model
+    from edge_sparse.compiler import intake as load_model
 
     recipe = models.recipes()[name]
     label, pattern, sparsity = CONFIGS[key]

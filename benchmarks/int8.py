@@ -4,7 +4,7 @@ Models (all-MiniLM-L6-v2, seq 128; optionally PP-OCR rec):
 - ``fp32``: the float model (onnxruntime fp32 is the reference and a baseline);
 - ``int8``: ``quantize --scheme dynamic --per-channel`` of it: onnxruntime's own int8 (DynamicQuantizeLinear +
   MatMulInteger) and our compile of that same file;
-- ``int8_sp16x4`` / ``int8_sp16x1``: ``prune`` (Wanda, 80%, 16x4 or 16x1 blocks) then the same quantization; timed in
+- ``int8_sp16x4`` / ``int8_sp16x1``: ``prune`` (default calibrated method, 80%, 16x4 or 16x1 blocks) then the same quantization; timed in
   onnxruntime int8 and our compile (BSR 16x4 int8 kernels where the cost model picks them).
 Accuracy: mean cosine of the sentence embeddings to fp32 dense on the 8 held-out zoo sentences (calibration uses the
 other 8), computed by onnxruntime on each int8 ONNX; our artifact must match onnxruntime on the timing input.

@@ -5,7 +5,7 @@ Two steps, so the timing machine needs only numpy + pyopencl (no TVM):
     python benchmarks/opencl_sparse.py prepare --out plans/          # here: compile every kernel, save launch plans
     python benchmarks/opencl_sparse.py run plans/ --json times.json  # on the OpenCL machine: check + time
 
-``prepare`` writes one LaunchPlan per case (edge_sparse.opencl_check): the sparse kernels of targets/opencl/kernels.py
+``prepare`` writes one LaunchPlan per case (edge_sparse.targets.opencl.check): the sparse kernels of targets/opencl/kernels.py
 (BSR 16x1, BSR 4x1, CSR at 50/80/90% block sparsity) and TVM's dense kernel for the same layer through the generic GPU
 pipeline (mali: dlight Matmul/GEMV rules) and the Adreno pipeline. Weights are not stored: ``run`` regenerates them
 from the seed, checks every kernel against numpy, then times it with OpenCL profiling events (median of --repeat runs
@@ -32,19 +32,25 @@ SHAPES = [("matmul", 1, 768, 3072), ("matmul", 1, 3072, 768), ("matmul", 128, 76
 COUT = 256
 
 
-def _to_bsr(w, R):
-    """edge_sparse.formats.to_bsr; loaded by path where edge_sparse is not installed (the timing machine)."""
+def _module(name: str, path: str):
+    """``edge_sparse.<name>``, or the file at ``path`` (repository-relative) where edge_sparse is not installed (the
+    timing machine: the repository copied, numpy and pyopencl only)."""
+    import importlib
+
     try:
-        from edge_sparse.formats import to_bsr
+        return importlib.import_module(f"edge_sparse.{name}")
     except ImportError:
         import importlib.util
 
-        spec = importlib.util.spec_from_file_location("_formats", ROOT / "edge_sparse" / "formats.py")
+        spec = importlib.util.spec_from_file_location(f"_{name.replace('.', '_')}", ROOT / path)
         mod = importlib.util.module_from_spec(spec)
-        sys.modules["_formats"] = mod
+        sys.modules[spec.name] = mod
         spec.loader.exec_module(mod)
-        to_bsr = mod.to_bsr
-    return to_bsr(w, R)
+        return mod
+
+
+def _to_bsr(w, R):
+    return _module("formats", "edge_sparse/formats.py").to_bsr(w, R)
 
 
 def case_name(op, M, K, N, kind, fmt=None, sp=None):
@@ -106,7 +112,7 @@ def _dense_module(op, M, K, N):
 
 def prepare(out: Path, quick: bool = False, extra_models=(), input_shapes=None):
     from edge_sparse import targets
-    from edge_sparse.opencl_check import capture, plan_primfunc
+    from edge_sparse.targets.opencl.check import capture, plan_primfunc
     from edge_sparse.formats import KernelSpec
     from edge_sparse.targets.opencl import kernels
 
@@ -165,7 +171,7 @@ def _pruned_mlp_intake():
     import onnx
     import onnx.numpy_helper
 
-    from edge_sparse.intake import load_model
+    from edge_sparse.compiler import intake as load_model
     from edge_sparse.models import synthetic
 
     model = synthetic.mlp(batch=1, seq=8, d_in=64, hidden=256, d_out=64)
@@ -186,13 +192,12 @@ def prepare_model(out: Path, target: str, onnx_path: Path | None = None, input_s
     Default: a small synthetic MLP with 80% of its 4x1 blocks pruned."""
     import onnxruntime as ort
 
-    from edge_sparse import targets
-    from edge_sparse.compiler import _sparsify, import_relax
-    from edge_sparse.intake import load_model
-    from edge_sparse.opencl_check import capture
+    from edge_sparse.compiler import intake as load_model
+    from edge_sparse.compiler import lower
+    from edge_sparse.targets.opencl.check import capture
 
     intake = load_model(onnx_path, input_shapes) if onnx_path is not None else _pruned_mlp_intake()
-    mod, layers = _sparsify(import_relax(intake), targets.get(target), intake, "auto", False)
+    mod, layers = lower(intake, target, "auto")
     _, plan = capture(mod, target, [(t.name, tuple(t.shape), t.dtype) for t in intake.inputs])
     plan.save(out)
     x = {t.name: np.random.default_rng(3).standard_normal(t.shape).astype(t.dtype) for t in intake.inputs}
@@ -204,7 +209,9 @@ def prepare_model(out: Path, target: str, onnx_path: Path | None = None, input_s
 
 # ----------------------------------------------------------------------------------------------------- run
 def run(plans: Path, json_path: Path | None, device: str | None, repeat: int, only: str | None):
-    from edge_sparse.opencl_check import LaunchPlan, Replayer, default_context
+    check = _module("targets.opencl.check", "targets/opencl/check.py")
+    LaunchPlan, Replayer, default_context = check.LaunchPlan, check.Replayer, check.default_context
+    from edge_sparse.util import atomic_write
 
     cases = json.loads((plans / "cases.json").read_text())
     if only:
@@ -257,8 +264,8 @@ def run(plans: Path, json_path: Path | None, device: str | None, repeat: int, on
               flush=True)
     _table([r for r in results if r["kind"] != "model"])
     if json_path:
-        json_path.write_text(json.dumps({"device": results[0]["device"] if results else None, "repeat": repeat,
-                                         "results": results}, indent=1))
+        atomic_write(json_path, json.dumps({"device": results[0]["device"] if results else None, "repeat": repeat,
+                                            "results": results}, indent=1))
 
 
 def _label(r):

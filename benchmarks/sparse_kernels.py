@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_sparse.util import atomic_write
+
 __all__ = ["main", "SHAPES", "SPARSITIES"]
 
 SHAPES = ((768, 768), (768, 3072), (3072, 768))
@@ -69,7 +71,7 @@ def _run_tvm(threads: int, repeat: int, quick: bool) -> list[dict]:
     from edge_sparse.targets.cpu import sparse as S
 
     preset = targets.get("host")
-    family = targets.family_module(preset)
+    family = targets.family_of(preset)
     dev = tvm.cpu()
     rows = []
     dense_us = {}
@@ -77,7 +79,7 @@ def _run_tvm(threads: int, repeat: int, quick: bool) -> list[dict]:
         for M in MS:
             layer = SP.Layer(0, "matmul", "MatMul", None, None, (M, K), (M, N), _weight(K, N, "dense", 0.0),
                              (K, N), "", None, None, M, K, N)
-            dense_us[(K, N, M)] = SP._time_dense(layer, preset, family, repeats=repeat)
+            dense_us[(K, N, M)] = SP.time_dense(layer, preset, family, repeats=repeat)
     for K, N, M, fmt, sp in _cases(quick):
         w = _weight(K, N, fmt, sp)
         obj = F.convert(w, fmt)
@@ -230,7 +232,7 @@ def main(argv=None) -> int:
         result = {"host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                   "repeat": args.repeat, "rows": rows, "targets": checks, "calibration": calibration}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        atomic_write(args.json, json.dumps(result, indent=2))
         print(f"wrote {args.json}")
     return 0
 

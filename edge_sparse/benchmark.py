@@ -104,32 +104,16 @@ class _Runner:
 
 
 def _load_local(artifact: Path, threads: int):
-    """(runner, model, load seconds, rss before load MB). CUDA artifacts are loaded here (runtime.load knows cpu and
-    opencl); everything else through edge_sparse.runtime."""
+    """(runner, model, load seconds, rss before load MB), through edge_sparse.runtime."""
     from edge_sparse import runtime
     from edge_sparse.artifact import read_manifest
 
-    manifest = read_manifest(artifact)
-    import tvm  # noqa: F401  (the import is not part of the model's load time)
+    read_manifest(artifact)      # the parse is not part of the model's load time
+    import tvm  # noqa: F401  (nor is the import)
 
     rss0 = _rss_reset()
     t0 = time.perf_counter()
-    if manifest.get("target", {}).get("family") == "cuda":
-        runtime.set_threads(threads)
-        import tvm
-        from tvm.runtime.vm import VirtualMachine
-
-        from edge_sparse.artifact import library_path
-
-        lib_file = library_path(artifact, manifest)
-        dev = tvm.cuda(0)
-        if not dev.exist:
-            raise UserError("artifact targets CUDA but this TVM runtime finds no CUDA GPU")
-        lib = tvm.runtime.load_module(str(lib_file))
-        vm = VirtualMachine(lib, [dev, tvm.cpu(0)])
-        model = runtime.Model(artifact, manifest, lib, vm, dev)
-    else:
-        model = runtime.load(artifact, threads=threads)
+    model = runtime.load(artifact, threads=threads)
     load_s = time.perf_counter() - t0
     return _Runner(model.vm, model.device, model.manifest), model, load_s, rss0
 
@@ -138,26 +122,17 @@ def _load_remote(sess, artifact: Path, manifest: dict[str, Any], threads: int, l
     """(runner, load seconds): upload the library, load it remotely, size the remote thread pool, make the VM."""
     from tvm.runtime.vm import VirtualMachine
 
-    from edge_sparse.rpc import describe_error
-
     from edge_sparse.artifact import library_path
+    from edge_sparse.rpc import describe_error
+    from edge_sparse.runtime import open_device
 
     lib_file = lib_file or library_path(artifact, manifest)   # only a file the manifest's hashes vouch for
     lib_name = lib_file.name
-    family = manifest.get("target", {}).get("family", "cpu")
     t0 = time.perf_counter()
     try:
         sess.upload(str(lib_file))
         lib = sess.load_module(lib_name)
-        if family == "opencl":
-            dev = sess.cl(0)
-            devices = [dev, sess.cpu(0)]
-        elif family == "cuda":
-            dev = sess.cuda(0)
-            devices = [dev, sess.cpu(0)]
-        else:
-            dev = sess.cpu(0)
-            devices = dev
+        dev, devices = open_device(manifest, sess)
         cfg = sess.get_function("runtime.config_threadpool")
         cfg(1, int(threads))
         vm = VirtualMachine(lib, devices)
@@ -204,7 +179,7 @@ def _timed_loop(chunk: Callable[[int], list[float]], est_latency: float, repeat:
     return work, state
 
 
-def _choose_energy(energy: str, sess, family: str):
+def _choose_energy(energy: str, sess, family):
     """(meter or None, mode, notes): mode is 'meter', 'estimate' or 'none'."""
     from edge_sparse import energy as E
 
@@ -213,7 +188,7 @@ def _choose_energy(energy: str, sess, family: str):
     if energy == "estimate":
         return None, "estimate", []
     if energy == "auto":
-        meter, skipped = E.auto_meter(remote=sess, family=family)
+        meter, skipped = E.auto_meter(remote=sess, order=family.energy_meters)
         if meter is None:
             return None, "estimate", ["no meter found (" + "; ".join(skipped) + ")"] if skipped else ["no meter found"]
         return meter, "meter", []
@@ -399,7 +374,9 @@ def bench(artifact_dir: str | os.PathLike, *, rpc: str | None = None, tracker: s
     if repeat is None and min_seconds is None:
         repeat, min_seconds = DEFAULT_REPEAT, DEFAULT_MIN_SECONDS
     threads = threads or _default_threads(manifest, remote)
-    family = manifest.get("target", {}).get("family", "cpu")
+    from edge_sparse import targets
+
+    family = targets.get_family(manifest.get("target", {}).get("family", ""))
     notes: list[str] = []
 
     os.environ.setdefault("TVM_BIND_THREADS", "0")   # pinned workers shared one core here (TVM_NOTES)
@@ -454,7 +431,7 @@ def bench(artifact_dir: str | os.PathLike, *, rpc: str | None = None, tracker: s
         samples = state["samples"]
         stats = latency_stats(samples)
         if energy_mode == "estimate":
-            energy_out = E.estimate(manifest.get("target", {}).get("device") or {}, family, threads,
+            energy_out = E.estimate(manifest.get("target", {}).get("device") or {}, family.offloads, threads,
                                     stats["mean_ms"] * 1e-3, manifest.get("target", {}).get("name", ""))
             energy_out["notes"] = energy_out.get("notes", []) + energy_notes
         peak = _proc_status_mb("VmHWM") if sess is None else None
@@ -510,7 +487,7 @@ def bench(artifact_dir: str | os.PathLike, *, rpc: str | None = None, tracker: s
         ort_stats = latency_stats(ort["samples_s"])
         ort_energy_out = ort["energy"]
         if energy_mode == "estimate":
-            ort_energy_out = E.estimate(manifest.get("target", {}).get("device") or {}, "cpu", threads,
+            ort_energy_out = E.estimate(manifest.get("target", {}).get("device") or {}, False, threads,
                                         ort_stats["mean_ms"] * 1e-3, manifest.get("target", {}).get("name", ""))
         runs.append({
             "name": f"onnxruntime {Path(compare).name}", "runtime": "onnxruntime", "version": ort["version"],
@@ -527,7 +504,7 @@ def bench(artifact_dir: str | os.PathLike, *, rpc: str | None = None, tracker: s
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": _host_info(),
         "device": {"where": where, "target": manifest.get("target", {}).get("name"),
-                   "arch": manifest.get("target", {}).get("arch"), "family": family},
+                   "arch": manifest.get("target", {}).get("arch"), "family": family.name},
         "settings": {"warmup": warmup, "repeat": repeat, "min_seconds": min_seconds, "threads": threads,
                      "energy": energy, "seed": seed, "timer": "tvm time_evaluator over invoke_stateful (number=1)",
                      "TVM_BIND_THREADS": os.environ.get("TVM_BIND_THREADS")},

@@ -42,6 +42,7 @@ RUNNER_DIR = Path(__file__).parent / "runner"
 RUNNER_SOURCES = ("main.cpp", "edge_sparse.hpp", "npy.hpp")
 # manylinux_2_28 is the tag of TVM's aarch64 wheels; pip also accepts older manylinux wheels under it.
 WHEEL_PLATFORM = "manylinux_2_28_aarch64"
+BUNDLE_ARCH = "aarch64"
 # The ffi wheel is per CPython version; its libtvm_ffi.so is the same C library for all of them. Fixing the tag
 # makes every machine ship the same bytes (and the same sha256 in manifests).
 WHEEL_PYTHON = "3.11"
@@ -383,6 +384,12 @@ def summary_lines(manifest: dict[str, Any], out_dir: str | os.PathLike, *, quiet
     return lines
 
 
+def check_bundle_target(preset) -> None:
+    """UserError unless ``preset`` runs on the platform of the runtime wheels a bundle packs."""
+    if preset.arch != BUNDLE_ARCH:
+        raise UserError(f"--bundle packs the {BUNDLE_ARCH} runtime and runner; target '{preset.name}' is {preset.arch}")
+
+
 def make_bundle(out_dir: str | os.PathLike, preset, manifest) -> dict[str, Any]:
     """Add the aarch64 runtime, runner, headers and RUN.md to the artifact in ``out_dir``; returns manifest["bundle"].
 
@@ -390,8 +397,7 @@ def make_bundle(out_dir: str | os.PathLike, preset, manifest) -> dict[str, Any]:
     being written, whose ``tvm`` versions choose the runtime.
     """
     out_dir = Path(out_dir)
-    if preset.arch != "aarch64":
-        raise UserError(f"--bundle packs the aarch64 runtime and runner; target '{preset.name}' is {preset.arch}")
+    check_bundle_target(preset)
     library = _get(manifest, "library")
     versions = _get(manifest, "tvm") or {}
     tvm_version, ffi_version = versions.get("version"), versions.get("ffi_version")

@@ -577,7 +577,7 @@ def check_opencl_cmd(source, model_path, target, input_shapes, sparse, device, i
     from pathlib import Path
 
     from edge_sparse.util import sha256_file
-    from edge_sparse.opencl_check import check_model
+    from edge_sparse.targets.opencl.check import check_model
     from edge_sparse.progress import Progress
 
     _quiet(quiet)

@@ -556,15 +556,15 @@ def open_meter(spec: str, *, remote=None, adb: str | None = None, roots: dict[st
     raise UserError(f"unknown --energy '{spec}'; choose auto, none, estimate, {', '.join(METERS)}")
 
 
-def auto_meter(*, remote=None, family: str = "cpu", roots: dict[str, str] | None = None):
-    """The first meter that reads the device the model runs on, or (None, [reasons it skipped])."""
+DEFAULT_METERS = ("jetson", "pi5-pmic", "android", "rapl")
+
+
+def auto_meter(*, remote=None, order=DEFAULT_METERS, roots: dict[str, str] | None = None):
+    """The first meter of ``order`` (the target family's ``energy_meters``) that reads the device the model runs on,
+    or (None, [reasons it skipped]). Over RPC only the Android battery meter reads the remote device."""
     skipped: list[str] = []
     if remote is not None:
         order = ["android"]
-    elif family == "cuda":
-        order = ["nvml"]
-    else:
-        order = ["jetson", "pi5-pmic", "android", "rapl"]
     for name in order:
         try:
             return open_meter(name, remote=remote, roots=roots), skipped
@@ -699,14 +699,15 @@ def measure(meter, work: Callable[[Callable[[], None]], int], *, idle_seconds: f
 
 
 # ---------------------------------------------------------------------------------------------- estimate
-def energy_model(device: dict[str, Any], family: str, threads: int) -> dict[str, Any]:
+def energy_model(device: dict[str, Any], offloads: bool, threads: int) -> dict[str, Any]:
     """The per-target energy model (documented in docs/bench-schema.md): watts above idle while a model runs.
 
-    CPU presets: ``active_watts_per_core x threads``. GPU presets (opencl, cuda): ``gpu_active_watts`` plus one
-    CPU core for the host thread that launches kernels. Idle: ``idle_watts`` (board at rest)."""
+    CPU presets: ``active_watts_per_core x threads``. Presets whose family offloads to a GPU
+    (``TargetFamily.offloads``): ``gpu_active_watts`` plus one CPU core for the host thread that launches kernels.
+    Idle: ``idle_watts`` (board at rest)."""
     idle = float(device.get("idle_watts", 0.0))
     per_core = float(device.get("active_watts_per_core", 0.0))
-    if family in ("opencl", "cuda"):
+    if offloads:
         active = float(device.get("gpu_active_watts", 0.0)) + per_core
         formula = "gpu_active_watts + active_watts_per_core (host thread)"
     else:
@@ -715,9 +716,10 @@ def energy_model(device: dict[str, Any], family: str, threads: int) -> dict[str,
     return {"idle_watts": idle, "active_watts": active, "formula": formula}
 
 
-def estimate(device: dict[str, Any], family: str, threads: int, mean_latency_s: float, target: str = "") -> dict[str, Any]:
+def estimate(device: dict[str, Any], offloads: bool, threads: int, mean_latency_s: float,
+             target: str = "") -> dict[str, Any]:
     """Energy per inference from the preset's energy model, labelled as an estimate."""
-    model = energy_model(device, family, threads)
+    model = energy_model(device, offloads, threads)
     if not model["active_watts"]:
         return {"source": "estimate", "estimate": True, "boundary": "none: the target preset has no energy model",
                 "joules_per_inference": None, "notes": ["add idle_watts and active_watts_per_core to the preset's [device]"]}

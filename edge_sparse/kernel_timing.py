@@ -25,7 +25,7 @@ def _load(ex, preset, session):
         return ex, tvm.cpu(0)
     from edge_sparse import targets
 
-    family = targets.family_module(preset)
+    family = targets.family_of(preset)
     with tempfile.TemporaryDirectory(prefix="edge-sparse-kernel-") as tmp:
         lib = Path(tmp) / family.export(ex, Path(tmp), preset)
         if lib.suffix != ".so":

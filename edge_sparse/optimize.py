@@ -123,15 +123,15 @@ def _layer_options(kl, preset, patterns, ladder, int8: bool) -> list[str]:
     layer (the QDQ pass routes MatMul/Gemm only), int8 dense and 16x4 sparse."""
     from edge_sparse import targets
 
-    family = targets.family_module(preset)
+    family = targets.family_of(preset)
     opts = ["fp32"]
-    if getattr(family, "make_sparse_kernel", None) is not None:
+    if family.has_sparse_kernels:
         for p in patterns:
             r, c = _pattern_shape(p)
             if kl.N % r == 0 and kl.K % c == 0:
                 opts += [option_key("fp32", p, s) for s in ladder]
-    make_int8 = getattr(family, "int8_kernels", None)
-    if int8 and make_int8 is not None and kl.op == "matmul" and make_int8(preset).fits(kl.K, kl.N):
+    int8_set = family.int8_kernels(preset) if int8 and kl.op == "matmul" else None
+    if int8_set is not None and int8_set.fits(kl.K, kl.N):
         opts.append("int8")
         opts += [option_key("int8", INT8_PATTERN, s) for s in ladder]
     return opts

@@ -16,7 +16,7 @@ from edge_sparse.artifact import library_path, read_manifest
 from edge_sparse.errors import UserError, check_threads
 from edge_sparse.util import host_arch
 
-__all__ = ["Model", "load", "set_threads", "read_arrays"]
+__all__ = ["Model", "load", "open_device", "set_threads", "read_arrays"]
 
 def set_threads(n: int | None) -> None:
     """Number of TVM worker threads for this process (None: TVM_NUM_THREADS or TVM's default)."""
@@ -188,6 +188,23 @@ def _to_numpy(t) -> np.ndarray:
         return t.numpy()
 
 
+def open_device(manifest: dict[str, Any], session=None):
+    """``(device, VM devices)`` for the manifest's TVM target: its device type (CPU, OpenCL, CUDA, ...), locally or
+    on an RPC ``session``. Accelerators get the CPU as the VM's second device (host-side shape functions)."""
+    import tvm
+
+    target = manifest.get("target", {})
+    kind = tvm.target.Target(target["target"]).get_target_device_type()
+    dev = session.device(kind, 0) if session is not None else tvm.device(kind, 0)
+    if session is None and not dev.exist:
+        name = tvm.runtime.Device._DEVICE_TYPE_TO_NAME.get(kind, str(kind))
+        raise UserError(f"artifact targets '{target.get('name')}' but this TVM runtime finds no {name} device; run it "
+                        f"on the device with a TVM runtime built for {name}, or benchmark it there with --rpc HOST:PORT")
+    if dev.dlpack_device_type() == tvm.cpu(0).dlpack_device_type():
+        return dev, dev
+    return dev, [dev, session.cpu(0) if session is not None else tvm.cpu(0)]
+
+
 def load(path: str | os.PathLike, *, threads: int | None = None) -> Model:
     """Load an artifact directory made by ``edge-sparse compile`` (hashes checked first; the library must be one of
     the artifact's hashed files)."""
@@ -200,14 +217,7 @@ def load(path: str | os.PathLike, *, threads: int | None = None) -> Model:
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
+    dev, devices = open_device(manifest)            # before the library: its loader needs the device's runtime
     lib = tvm.runtime.load_module(str(lib_file))
-    if manifest.get("target", {}).get("family") == "opencl":
-        dev = tvm.opencl(0)
-        if not dev.exist:
-            raise UserError("artifact targets an OpenCL GPU but this TVM runtime finds no OpenCL device; "
-                            "build the TVM runtime with USE_OPENCL=ON on the device")
-        vm = VirtualMachine(lib, [dev, tvm.cpu(0)])
-    else:
-        dev = tvm.cpu(0)
-        vm = VirtualMachine(lib, dev)
+    vm = VirtualMachine(lib, devices)
     return Model(root, manifest, lib, vm, dev)

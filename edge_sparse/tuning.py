@@ -17,22 +17,7 @@ from edge_sparse.errors import UserError
 from edge_sparse.progress import Progress
 from edge_sparse.util import atomic_dir, check_output, parse_host_port
 
-__all__ = ["tune", "prepare_for_tuning"]
-
-
-def prepare_for_tuning(mod, preset):
-    """The module as the compile pipeline has it where the tuning database is applied."""
-    import tvm
-
-    from edge_sparse.targets import cpu
-
-    passes = cpu.relax_passes(preset, lower=False)
-    stop = [p.info.name for p in passes].index("relax.AttachAttrLayoutFreeBuffers") \
-        if "relax.AttachAttrLayoutFreeBuffers" in [p.info.name for p in passes] else None
-    if stop is None:  # pass names differ between TVM builds: cut before our scheduler instead
-        stop = [p.info.name for p in passes].index("edge_sparse.ScheduleDense")
-    with preset.tvm_target():
-        return tvm.transform.Sequential(passes[:stop])(mod)
+__all__ = ["tune"]
 
 
 def tune(model: str | os.PathLike, target: str = "host", out_db: str | os.PathLike = "tuning_db", *,
@@ -45,8 +30,9 @@ def tune(model: str | os.PathLike, target: str = "host", out_db: str | os.PathLi
     from edge_sparse.intake import load_model
 
     preset = targets.get(target, target_file)
-    if preset.family != "cpu":
-        raise UserError(f"tune supports CPU presets; '{preset.name}' is {preset.family}")
+    family = targets.family_of(preset)
+    if not family.supports_tuning:
+        raise UserError(f"tune does not support '{preset.name}': its family ({family.name}) has no tuning support")
     if trials < 1:
         raise UserError(f"--trials must be >= 1, got {trials}")
     if rpc is not None:
@@ -67,7 +53,7 @@ def tune(model: str | os.PathLike, target: str = "host", out_db: str | os.PathLi
     t0 = time.perf_counter()
     with progress.step(f"loading {Path(model).name}"):
         intake = load_model(model, input_shapes)
-        mod = prepare_for_tuning(import_relax(intake), preset)
+        mod = family.prepare_for_tuning(import_relax(intake), preset)
     runner = "local"
     if tracker is not None:
         host, port = parse_host_port(tracker, None, "--tracker")

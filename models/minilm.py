@@ -12,15 +12,13 @@ returns and what cosine similarity is computed on).
 """
 from __future__ import annotations
 
-import json
 import unicodedata
 
 import numpy as np
 
-__all__ = ["build_module", "WordPiece", "SEQ_LEN", "HIDDEN"]
+__all__ = ["build_module", "WordPiece", "SEQ_LEN"]
 
 SEQ_LEN = 128
-HIDDEN = 384
 
 
 def build_module(weights: dict[str, np.ndarray], config: dict, seq_len: int = SEQ_LEN):
@@ -152,7 +150,3 @@ class WordPiece:
         mask = np.zeros((1, seq_len), np.int64)
         mask[0, :n] = 1
         return {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros((1, seq_len), np.int64)}
-
-
-def config_from_json(text: str) -> dict:
-    return json.loads(text)

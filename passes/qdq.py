@@ -208,17 +208,16 @@ def int8_layer_time_us(M: int, K: int, N: int, wq: np.ndarray, sparse: bool, pre
     float output with the fused dequantize/bias/activation epilogue), dense or BSR over its blocks, on this machine
     or on an RPC ``session``."""
     from edge_sparse import targets
-    from edge_sparse.kernel_timing import time_kernel
-    from edge_sparse.targets.cpu.sparse import build_kernel
 
-    kernels = targets.family_module(preset).int8_kernels(preset)
+    family = targets.family_of(preset)
+    kernels = family.int8_kernels(preset)
     packed = kernels.pack(wq, sparse)
     pf = kernels.kernel(M, K, N, packed.nblocks, x_dtype="uint8", out="float32", activation=activation)
     rng = np.random.default_rng(0)
     args = [rng.integers(0, 255, (M, K), dtype=np.uint8), *packed.arrays(), np.array([128], np.int32),
             np.array([0.02], np.float32), np.full(N, 0.01, np.float32), packed.wsum,
             (rng.standard_normal(N) if bias else np.zeros(N)).astype(np.float32), np.zeros((M, N), np.float32)]
-    return time_kernel(build_kernel(pf, preset), args, preset, session=session, repeats=repeats)
+    return family.time_kernel(pf, args, preset, repeats=repeats, session=session)
 
 
 def _choose(plan: _Plan, preset, kernels, mode: str) -> dict[str, Any]:
@@ -333,10 +332,9 @@ def rewrite_qdq(mod, preset, *, mode: str = "auto", log=None):
 
     from edge_sparse import targets
 
-    make = getattr(targets.family_module(preset), "int8_kernels", None)
-    if make is None:                       # the family has no int8 kernels: TVM lowers the imported ops
+    kernels = targets.family_of(preset).int8_kernels(preset)
+    if kernels is None:                    # the family has no int8 kernels: TVM lowers the imported ops
         return mod, []
-    kernels = make(preset)
     ops = _ops_int8()
     plans, report = [], []
     for gv, func in mod.functions_items():

@@ -7,10 +7,12 @@ For each layer ``act(x @ W + b)`` -- ``R.matmul(x, C)`` or ``R.matmul(x, R.permu
 time of dense and of each format (bytes and flops, calibrated per target family; ``measure=True`` times the
 candidates instead), and replaces the chosen layers by one ``call_tir`` to the family's kernel
 (``family.make_sparse_kernel(KernelSpec, preset)``). The fused bias and activation go into the kernel's epilogue;
-the bindings they replace become dead and are removed.
+the bindings they replace become dead and are removed. Everything family-specific (calibration, peak flops, kernels
+and their names, timing) comes from the preset's :class:`~edge_sparse.targets.family.TargetFamily`.
 
-``sparsify(mod, preset, mode=..., measure=..., weight_names=...) -> (mod, layers)``: ``layers`` is the per-layer
-report (one dict per candidate layer, dense ones included) that goes into manifest.json.
+:class:`Sparsify` is a Relax module pass (``Sparsify(preset, mode=..., measure=..., weight_names=...)(mod)``); after
+it ran, its ``layers`` attribute holds the per-layer report (one dict per candidate layer, dense ones included) that
+goes into manifest.json. :func:`sparsify` runs it and returns ``(mod, layers)``.
 """
 from __future__ import annotations
 
@@ -20,33 +22,17 @@ import math
 from typing import Any
 
 import numpy as np
+import tvm
 
 from edge_sparse import formats as F
 from edge_sparse.formats import KernelSpec
 
-__all__ = ["sparsify", "find_layers", "estimate_us", "layer_estimate_us", "layer_time_us", "dense_layer_module", "Layer"]
+__all__ = ["Sparsify", "sparsify", "time_dense", "find_layers", "estimate_us", "layer_estimate_us", "layer_time_us", "dense_layer_module", "Layer"]
 
 
 # A sparse layer must be estimated this much faster than dense to be chosen in auto mode (model error margin).
 _MARGIN = 1.15
 
-# Cost-model calibration per family: the fraction of the preset's memory bandwidth (M = 1, weight streaming) or peak
-# flops (M > 1) each kernel kind reaches. Only ratios to "dense" matter for the choice. The cpu numbers come from
-# benchmarks/sparse_kernels.py on the development host (x86-64 AVX-512, its "calibration" output: sparse efficiency
-# relative to the dense path; gemv 16x1 1.18, 8x1 1.22, 4x1 0.90, csr 0.57, 2:4 0.37; gemm 16x1/8x1/4x1 0.66-0.68
-# over 50-90%, about 0.9 at 50% where the choice is close, csr 0.38, 2:4 0.24), capped at 1.0 for gemv (sparse
-# weights that fit a cache level stream faster than the model's single bandwidth). AArch64 presets use the same
-# ratios with their own bandwidth and peak flops; the opencl entries are estimates until measured on a GPU.
-CALIBRATION: dict[str, dict[str, dict[str, float]]] = {
-    "cpu": {
-        "gemv": {"dense": 1.0, "bsr16x1": 1.0, "bsr8x1": 1.0, "bsr4x1": 0.9, "csr": 0.55, "2:4": 0.37},
-        "gemm": {"dense": 0.55, "bsr16x1": 0.45, "bsr8x1": 0.44, "bsr4x1": 0.42, "csr": 0.2, "2:4": 0.13},
-    },
-    "opencl": {
-        "gemv": {"dense": 1.0, "bsr16x1": 0.8, "bsr8x1": 0.7, "bsr4x1": 0.5, "csr": 0.2, "2:4": 0.4},
-        "gemm": {"dense": 0.5, "bsr16x1": 0.3, "bsr8x1": 0.25, "bsr4x1": 0.2, "csr": 0.05, "2:4": 0.1},
-    },
-}
 _CALL_OVERHEAD_US = 1.0
 
 
@@ -351,15 +337,16 @@ def estimate_us(layer: Layer, fmt: str, stored_bytes: int, stored_macs: int, pre
     """Roofline-style estimate (us) of one layer in ``fmt`` ("dense" or a format) on ``preset``.
 
     bytes: weights as stored plus activations in and out; flops: 2 x stored multiply-adds x rows. The
-    calibration table scales the preset's bandwidth (weight streaming) and peak flops per kernel kind.
+    calibration table of the preset's family scales the preset's bandwidth (weight streaming) and peak flops per
+    kernel kind.
     """
-    fam = CALIBRATION.get(preset.family, CALIBRATION["cpu"])
+    from edge_sparse import targets
+
+    family = targets.family_of(preset)
+    fam = family.calibration
     dev = preset.device
     rows = _rows(layer)
-    if preset.family == "opencl":
-        peak = float(dev.get("gpu_gflops", 100.0)) * 1e3
-    else:
-        peak = float(dev.get("peak_gflops_per_core", 20.0)) * max(1, int(dev.get("cores", 1))) * 1e3  # flops / us
+    peak = family.peak_flops_per_us(preset)
     bw = float(dev.get("mem_bw_gbps", 10.0)) * 1e3                                                   # bytes / us
     act_bytes = 4 * rows * (layer.K + layer.N)
     flops = 2.0 * stored_macs * rows
@@ -391,13 +378,6 @@ def _stored_macs(obj) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ measurement
-def _time_prim_func(pf, args_np, preset, repeats: int = 15, session=None) -> float:
-    from edge_sparse.kernel_timing import time_kernel
-    from edge_sparse.targets.cpu.sparse import build_kernel
-
-    return time_kernel(build_kernel(pf, preset), args_np, preset, session=session, repeats=repeats)
-
-
 def dense_layer_module(layer: Layer):
     """A Relax module of the layer alone in its dense form (matmul or 1x1 conv, bias, activation)."""
     from tvm import relax
@@ -425,13 +405,10 @@ def dense_layer_module(layer: Layer):
     return bb.get()
 
 
-def _time_dense(layer: Layer, preset, family, repeats: int = 15, session=None) -> float:
-    """Time the layer's dense form through the family's normal build (its schedules)."""
-    from edge_sparse.kernel_timing import time_kernel
-
-    ex = family.build(dense_layer_module(layer), preset)
+def time_dense(layer: Layer, preset, family, repeats: int = 15, session=None) -> float:
+    """Time (us) the layer's dense form through the family's normal build (its schedules)."""
     x = np.random.default_rng(0).standard_normal(layer.x_shape).astype(np.float32)
-    return time_kernel(ex, [x], preset, session=session, relax=True, repeats=repeats)
+    return family.time_module(dense_layer_module(layer), [x], preset, repeats=repeats, session=session)
 
 
 def _kernel_args(layer: Layer, spec: KernelSpec, obj) -> list[np.ndarray]:
@@ -458,22 +435,18 @@ def layer_time_us(layer: Layer, fmt: str, obj, preset, session=None, repeats: in
     or on an RPC ``session``; None when the family has no kernel for it."""
     from edge_sparse import targets
 
-    family = targets.family_module(preset)
+    family = targets.family_of(preset)
     if fmt == "dense":
-        return _time_dense(layer, preset, family, repeats=repeats, session=session)
-    make = getattr(family, "make_sparse_kernel", None)
+        return time_dense(layer, preset, family, repeats=repeats, session=session)
     spec = _format_spec(layer, fmt, obj)
-    pf = make(spec, preset) if make is not None else None
+    pf = family.make_sparse_kernel(spec, preset)
     if pf is None:
         return None
-    return _time_prim_func(pf, _kernel_args(layer, spec, obj), preset, repeats=repeats, session=session)
+    return family.time_kernel(pf, _kernel_args(layer, spec, obj), preset, repeats=repeats, session=session)
 
 
 # ------------------------------------------------------------------------------------------------ rewrite
-_DENSE_TIMES: dict[tuple, float] = {}     # per sparsify() call (cleared there)
-
-
-def _choose(layer: Layer, preset, family, mode: str, measure: bool, log) -> dict[str, Any]:
+def _choose(layer: Layer, preset, family, mode: str, measure: bool, log, dense_times: dict) -> dict[str, Any]:
     """Decide one layer's format; returns its report entry plus the private keys _obj/_spec/_pf."""
     dense_b = F.dense_bytes(layer.K, layer.N)
     desc = F.describe(layer.weight)
@@ -487,10 +460,7 @@ def _choose(layer: Layer, preset, family, mode: str, measure: bool, log) -> dict
         "est_us_dense": round(estimate_us(layer, "dense", dense_b, layer.K * layer.N, preset), 2),
         "est_us_sparse": None, "measured": False, "reason": "",
     }
-    make = getattr(family, "make_sparse_kernel", None)
-    if make is None:
-        entry["reason"] = f"family '{preset.family}' has no sparse kernels"
-        return entry
+    make = family.make_sparse_kernel
     if mode == "auto":
         cands = _candidates(layer)
     else:
@@ -510,15 +480,15 @@ def _choose(layer: Layer, preset, family, mode: str, measure: bool, log) -> dict
     chosen = None
     timings: dict[str, float] = {}
     if measure:
-        if not preset.is_native:
-            log(f"measure: target '{preset.name}' does not run on this machine; using the cost model")
+        if not family.can_time(preset):
+            log(f"measure: kernels for target '{preset.name}' cannot be timed on this machine; using the cost model")
         else:
             # the dense time depends on shapes and epilogue only: layers of one shape share one measurement
             key = (layer.op, layer.x_shape, layer.K, layer.N, layer.bias is not None, layer.activation)
             try:
-                if key not in _DENSE_TIMES:
-                    _DENSE_TIMES[key] = _time_dense(layer, preset, family)
-                timings["dense"] = _DENSE_TIMES[key]
+                if key not in dense_times:
+                    dense_times[key] = time_dense(layer, preset, family)
+                timings["dense"] = dense_times[key]
             except Exception as e:  # dense timing failed: compare sparse candidates against the model instead
                 from edge_sparse.errors import raise_if_interrupted
 
@@ -531,7 +501,7 @@ def _choose(layer: Layer, preset, family, mode: str, measure: bool, log) -> dict
                 pf = make(specs[fmt], preset)
                 if pf is None:
                     continue
-                timings[fmt] = _time_prim_func(pf, _kernel_args(layer, specs[fmt], cands[fmt]), preset)
+                timings[fmt] = family.time_kernel(pf, _kernel_args(layer, specs[fmt], cands[fmt]), preset)
             entry["measured"] = True
             entry["measured_us"] = {k: round(v, 2) for k, v in timings.items()}
     if timings and any(k != "dense" for k in timings):
@@ -556,23 +526,13 @@ def _choose(layer: Layer, preset, family, mode: str, measure: bool, log) -> dict
         return entry
     pf = make(specs[chosen], preset)
     if pf is None:
-        entry["reason"] = f"no {chosen} kernel for this layer shape on {preset.family}"
+        entry["reason"] = f"no {chosen} kernel for this layer shape on {preset.name} ({family.name} family)"
         return entry
     entry.update(format=chosen, bytes_sparse=int(cands[chosen].nbytes),
                  est_us_sparse=round(est[chosen], 2), reason="")
-    entry["kernel"] = _kernel_name(specs[chosen], preset, family)
+    entry["kernel"] = family.kernel_name(specs[chosen], preset)
     entry["_obj"], entry["_spec"], entry["_pf"] = cands[chosen], specs[chosen], pf
     return entry
-
-
-def _kernel_name(spec: KernelSpec, preset, family) -> str:
-    """The kernel's name for the report: the family's ``kernel_name(spec, preset)`` if it has one."""
-    if preset.family == "cpu":
-        from edge_sparse.targets.cpu.sparse import kernel_name
-
-        return kernel_name(spec, preset)
-    namer = getattr(family, "kernel_name", None)
-    return str(namer(spec, preset)) if namer is not None else f"{preset.family}_{spec.format}_{spec.op}"
 
 
 def _make_mutator():
@@ -619,42 +579,58 @@ def _make_mutator():
     return _Rewriter
 
 
-def sparsify(mod, preset, *, mode: str = "auto", measure: bool = False, weight_names: dict[str, str] | None = None,
-             log=None):
-    """Rewrite ``mod``'s pruned layers into sparse kernel calls for ``preset``; returns ``(mod, layers)``.
+@tvm.transform.module_pass(opt_level=0, name="edge_sparse.Sparsify")
+class Sparsify:
+    """Rewrite a module's pruned layers into sparse kernel calls for ``preset``; ``layers`` then holds the report.
 
     mode: ``auto`` (cost model or, with ``measure``, timing per layer), ``off``, or one format for every eligible
     layer (``bsr16x1``, ``bsr8x1``, ``bsr4x1``, ``csr``, ``2:4``; layers whose weight does not fit 2:4 stay dense).
+    weight_names: ``{sha1 of the weight bytes: ONNX initializer name}`` for the report (``intake.weight_names``).
     """
-    from tvm import relax
 
-    from edge_sparse import targets
-    from edge_sparse.errors import UserError
+    def __init__(self, preset, *, mode: str = "auto", measure: bool = False,
+                 weight_names: dict[str, str] | None = None, log=None):
+        from edge_sparse import targets
+        from edge_sparse.errors import UserError
 
-    if mode not in F.SPARSE_MODES:
-        raise UserError(f"unknown sparse mode '{mode}'; choose one of {', '.join(F.SPARSE_MODES)}")
-    if mode == "off":
-        return mod, []
-    preset = targets.get(preset) if isinstance(preset, str) else preset
-    family = targets.family_module(preset)
-    log = log or (lambda msg: None)
-    names = weight_names or {}
-    _DENSE_TIMES.clear()
-    layers_report: list[dict[str, Any]] = []
-    plans = []
-    for gv, func in mod.functions_items():
-        if not isinstance(func, relax.Function):
-            continue
-        for layer in find_layers(func):
-            entry = _choose(layer, preset, family, mode, measure, log)
-            entry["name"] = names.get(layer.weight_sha1) or f"{gv.name_hint}.{layer.source_op.lower()}_{layer.index}"
-            if entry["format"] != "dense":
-                plans.append((layer.root, layer, entry))
-            layers_report.append(entry)
-    if plans:
-        mod = _make_mutator()(mod, plans).transform()
-        mod = relax.transform.DeadCodeElimination()(mod)
-    for e in layers_report:
-        for k in ("_obj", "_spec", "_pf"):
-            e.pop(k, None)
-    return mod, layers_report
+        if mode not in F.SPARSE_MODES:
+            raise UserError(f"unknown sparse mode '{mode}'; choose one of {', '.join(F.SPARSE_MODES)}")
+        self.preset = targets.get(preset) if isinstance(preset, str) else preset
+        self.family = targets.family_of(self.preset)
+        self.mode, self.measure = mode, measure
+        self.weight_names = weight_names or {}
+        self.log = log or (lambda msg: None)
+        self.layers: list[dict[str, Any]] = []
+        self.dense_times: dict[tuple, float] = {}   # layers of one shape and epilogue share one dense timing
+
+    def transform_module(self, mod, _ctx):
+        from tvm import relax
+
+        self.layers = []
+        if self.mode == "off":
+            return mod
+        plans = []
+        for gv, func in mod.functions_items():
+            if not isinstance(func, relax.Function):
+                continue
+            for layer in find_layers(func):
+                entry = _choose(layer, self.preset, self.family, self.mode, self.measure, self.log, self.dense_times)
+                entry["name"] = self.weight_names.get(layer.weight_sha1) \
+                    or f"{gv.name_hint}.{layer.source_op.lower()}_{layer.index}"
+                if entry["format"] != "dense":
+                    plans.append((layer.root, layer, entry))
+                self.layers.append(entry)
+        if plans:
+            mod = _make_mutator()(mod, plans).transform()
+            mod = relax.transform.DeadCodeElimination()(mod)
+        for e in self.layers:
+            for k in ("_obj", "_spec", "_pf"):
+                e.pop(k, None)
+        return mod
+
+
+def sparsify(mod, preset, *, mode: str = "auto", measure: bool = False, weight_names: dict[str, str] | None = None,
+             log=None):
+    """Run :class:`Sparsify` on ``mod``; returns ``(mod, layers)``."""
+    p = Sparsify(preset, mode=mode, measure=measure, weight_names=weight_names, log=log)
+    return p(mod), p.layers

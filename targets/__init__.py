@@ -2,14 +2,14 @@
 
 Presets ship as TOML files in ``presets/``; a user adds a device with a TOML file of the same schema
 (``--target-file my_board.toml``), no code. ``host`` is built at run time from this machine's CPU.
-Each preset names a *family* (``cpu`` or ``opencl``); the family module (``targets.cpu``, ``targets.opencl``)
-owns the Relax/TIR pipeline, schedules, sparse kernels and linking for all presets of that family.
+Each preset names a *family*; the family (a :class:`~edge_sparse.targets.family.TargetFamily` in ``targets/<name>/``,
+found by :func:`family_of`) owns everything family-specific for all presets of that family: pipeline, schedules,
+sparse kernels and their names, linking, cost model, timing, tuning, default energy meter.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import os
 import shutil
 import sys
@@ -22,19 +22,19 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from edge_sparse.errors import UserError, closest
+from edge_sparse.targets.family import TargetFamily, family_names, get_family, register_family
 from edge_sparse.util import host_arch
 
-__all__ = ["Preset", "get", "names", "presets", "load_file", "family_module"]
+__all__ = ["Preset", "get", "names", "presets", "load_file", "family_of", "TargetFamily", "register_family"]
 
 PRESET_DIR = Path(__file__).parent / "presets"
-FAMILIES = ("cpu", "opencl")
 
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
     name: str
     description: str
-    family: str                      # "cpu" | "opencl"
+    family: str                      # a registered family's name (targets.family_names())
     arch: str                        # "x86_64" | "aarch64"
     target: dict[str, Any]           # TVM dict target
     host: dict[str, Any] | None      # TVM dict target of the host CPU (GPU families)
@@ -189,8 +189,9 @@ def _from_toml(data: dict[str, Any], source: str) -> Preset:
     missing = [k for k in _REQUIRED if k not in data]
     if missing:
         raise UserError(f"target file {source}: missing key(s) {', '.join(missing)}; see targets/presets/rpi4.toml for the schema")
-    if data["family"] not in FAMILIES:
-        raise UserError(f"target file {source}: family must be one of {', '.join(FAMILIES)}, got '{data['family']}'")
+    if data["family"] not in family_names():
+        raise UserError(f"target file {source}: family must be one of {', '.join(family_names())}, "
+                        f"got '{data['family']}'")
     if not isinstance(data["target"], dict) or "kind" not in data["target"]:
         raise UserError(f"target file {source}: [target] must be a TVM dict target with a 'kind' (e.g. kind = \"llvm\")")
     problem = _type_problem(data)
@@ -263,9 +264,9 @@ def get(name: str | Preset, target_file: str | os.PathLike | None = None) -> Pre
     return copy.deepcopy(all_[name])
 
 
-def family_module(preset: Preset):
-    """The module that compiles for this preset's family (``edge_sparse.targets.cpu`` or ``.opencl``)."""
-    return importlib.import_module(f"edge_sparse.targets.{preset.family}")
+def family_of(preset: Preset) -> TargetFamily:
+    """The :class:`TargetFamily` that compiles, times and measures for this preset."""
+    return get_family(preset.family)
 
 
 def cross_compiler_or_error(preset: Preset) -> str | None:

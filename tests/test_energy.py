@@ -346,9 +346,9 @@ def test_measure_counter_meter_with_wrap(tmp_path):
 
 def test_estimate_is_labelled():
     device = {"idle_watts": 2.9, "active_watts_per_core": 1.4}
-    est = E.estimate(device, "cpu", 4, 0.010, "rpi5")
+    est = E.estimate(device, False, 4, 0.010, "rpi5")
     assert est["estimate"] is True and est["source"] == "estimate"
     assert est["joules_per_inference"] == pytest.approx(1.4 * 4 * 0.010)
     assert "estimate" in est["boundary"] and "not a measurement" in est["boundary"]
-    gpu = E.estimate({"idle_watts": 0.5, "active_watts_per_core": 0.6, "gpu_active_watts": 2.5}, "opencl", 4, 0.02, "adreno")
+    gpu = E.estimate({"idle_watts": 0.5, "active_watts_per_core": 0.6, "gpu_active_watts": 2.5}, True, 4, 0.02, "adreno")
     assert gpu["joules_per_inference"] == pytest.approx((2.5 + 0.6) * 0.02)

@@ -1,7 +1,7 @@
 """OpenCL sparse kernels and the replay harness, run on a real OpenCL runtime (PoCL in CI) against numpy.
 
 Every kernel is compiled by TVM for the mali/adreno targets, its OpenCL C and launch geometry captured from the
-TIR (edge_sparse.opencl_check), and executed through pyopencl. Reference: numpy in float64. Tolerance:
+TIR (edge_sparse.targets.opencl.check), and executed through pyopencl. Reference: numpy in float64. Tolerance:
 atol = 2e-6 * K (fp32 sums of K products of N(0, 1) values, accumulated in a different order), rtol = 1e-5.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 
-from edge_sparse import opencl_check as oc
+from edge_sparse.targets.opencl import check as oc
 from edge_sparse import targets
 from edge_sparse.formats import KernelSpec, to_bsr
 from edge_sparse.targets.opencl import kernels

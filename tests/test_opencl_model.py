@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from edge_sparse import opencl_check as oc
+from edge_sparse.targets.opencl import check as oc
 from conftest import invoke
 
 REL_TOL = 1e-4

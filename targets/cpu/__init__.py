@@ -1,7 +1,5 @@
-"""LLVM CPU family (x86-64 and AArch64): Relax pipeline, TIR pipeline, schedules, sparse kernels, linking.
-
-Interface shared by every family module: ``build(mod, preset, *, tuning_db=None) -> Executable`` and
-``export(ex, out_dir, preset) -> file name``.
+"""LLVM CPU family (x86-64 and AArch64): Relax pipeline, TIR pipeline, schedules, sparse kernels, linking, cost
+model calibration, kernel timing and tuning. ``FAMILY`` is its :class:`~edge_sparse.targets.family.TargetFamily`.
 """
 from __future__ import annotations
 
@@ -10,8 +8,9 @@ from pathlib import Path
 
 from edge_sparse.errors import UserError
 from edge_sparse.formats import KERNEL_ATTR
+from edge_sparse.targets.family import TargetFamily
 
-__all__ = ["build", "export", "make_sparse_kernel", "int8_kernels", "TIR_PIPELINE"]
+__all__ = ["CPUFamily", "FAMILY", "build", "export", "make_sparse_kernel", "int8_kernels", "TIR_PIPELINE"]
 
 # PrimFuncs carrying this attribute are hand-scheduled kernels (sparse kernels): the TIR pipeline compiles them with
 # StorageRewrite disabled so that their small local accumulators stay in registers (TVM_NOTES: 5x in the prototype).
@@ -167,3 +166,67 @@ def _ndk_clang(ndk: Path, api: int) -> Path:
     if not cands:
         raise UserError(f"ANDROID_NDK_HOME={ndk} has no aarch64-linux-android{api}-clang++; point it at an NDK r23 or newer")
     return cands[0]
+
+
+class CPUFamily(TargetFamily):
+    """LLVM CPUs. Cost model calibration: the fraction of the preset's memory bandwidth (M = 1, weight streaming) or
+    peak flops (M > 1) each kernel kind reaches, from benchmarks/sparse_kernels.py on the development host (x86-64
+    AVX-512, its "calibration" output: sparse efficiency relative to the dense path; gemv 16x1 1.18, 8x1 1.22, 4x1
+    0.90, csr 0.57, 2:4 0.37; gemm 16x1/8x1/4x1 0.66-0.68 over 50-90%, about 0.9 at 50% where the choice is close,
+    csr 0.38, 2:4 0.24), capped at 1.0 for gemv (sparse weights that fit a cache level stream faster than the model's
+    single bandwidth). AArch64 presets use the same ratios with their own bandwidth and peak flops."""
+
+    name = "cpu"
+    description = "LLVM CPUs (x86-64, AArch64): our dense schedule rules and sparse kernels"
+    calibration = {
+        "gemv": {"dense": 1.0, "bsr16x1": 1.0, "bsr8x1": 1.0, "bsr4x1": 0.9, "csr": 0.55, "2:4": 0.37},
+        "gemm": {"dense": 0.55, "bsr16x1": 0.45, "bsr8x1": 0.44, "bsr4x1": 0.42, "csr": 0.2, "2:4": 0.13},
+    }
+    supports_tuning = True
+    has_sparse_kernels = True
+
+    def build(self, mod, preset, *, tuning_db=None):
+        return build(mod, preset, tuning_db=tuning_db)
+
+    def export(self, ex, out_dir, preset) -> str:
+        return export(ex, out_dir, preset)
+
+    def make_sparse_kernel(self, spec, preset):
+        return make_sparse_kernel(spec, preset)
+
+    def kernel_name(self, spec, preset) -> str:
+        from edge_sparse.targets.cpu.sparse import kernel_name
+
+        return kernel_name(spec, preset)
+
+    def can_time(self, preset) -> bool:
+        return preset.is_native
+
+    def time_kernel(self, prim_func, args, preset, repeats: int = 15, session=None) -> float:
+        from edge_sparse.kernel_timing import time_kernel
+        from edge_sparse.targets.cpu.sparse import build_kernel
+
+        return time_kernel(build_kernel(prim_func, preset), args, preset, session=session, repeats=repeats)
+
+    def time_module(self, mod, inputs, preset, repeats: int = 15, session=None) -> float:
+        from edge_sparse.kernel_timing import time_kernel
+
+        return time_kernel(self.build(mod, preset), inputs, preset, session=session, relax=True, repeats=repeats)
+
+    def int8_kernels(self, preset):
+        return int8_kernels(preset)
+
+    def prepare_for_tuning(self, mod, preset):
+        """The module as :func:`relax_pipeline` has it where the tuning database is applied."""
+        import tvm
+
+        passes = relax_passes(preset, lower=False)
+        names = [p.info.name for p in passes]
+        # pass names differ between TVM builds: cut before our scheduler when the layout pass is not found
+        stop = names.index("relax.AttachAttrLayoutFreeBuffers") if "relax.AttachAttrLayoutFreeBuffers" in names \
+            else names.index("edge_sparse.ScheduleDense")
+        with preset.tvm_target():
+            return tvm.transform.Sequential(passes[:stop])(mod)
+
+
+FAMILY = CPUFamily()

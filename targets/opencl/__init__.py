@@ -1,7 +1,6 @@
 """OpenCL family (Adreno and Mali mobile GPUs): Relax pipeline, sparse GPU kernels, linking of the aarch64 host code.
 
-Interface shared by every family module: ``build(mod, preset, *, tuning_db=None) -> Executable``,
-``export(ex, out_dir, preset) -> file name`` and ``make_sparse_kernel(spec, preset) -> PrimFunc | None``.
+``FAMILY`` is its :class:`~edge_sparse.targets.family.TargetFamily`.
 
 Dense operators go through TVM's own GPU pipelines: for ``device = "adreno"`` the Adreno pipeline (dlight adreno
 Conv2d/LayoutTransform/Pool2D rules, then dlight gpu rules; we add gpu Matmul to its Reduction/
@@ -10,18 +9,17 @@ Matmul/GEMV/Reduction/GeneralReduction/Fallback). The Adreno "texture" key varia
 pinned TVM (TVM_NOTES). Sparse kernels (``targets.opencl.kernels``) arrive already scheduled (thread bindings,
 ``tirx.is_scheduled``), so dlight leaves them alone, and ``AnnotateTIROpPattern`` marks them opaque so fusion does too.
 
-TVM's PyPI runtime has no OpenCL: the executables built here cannot run on this machine. ``edge_sparse.opencl_check``
-replays their OpenCL kernels on a real OpenCL runtime (PoCL, or a GPU's driver) through pyopencl.
+TVM's PyPI runtime has no OpenCL: the executables built here cannot run on this machine. ``edge_sparse.targets.opencl.check``
+replays their OpenCL kernels on a real OpenCL runtime (PoCL, or a GPU's driver) through pyopencl (``check``).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from edge_sparse.errors import UserError
+from edge_sparse.targets.family import TargetFamily
 
-__all__ = ["build", "export", "make_sparse_kernel", "relax_pipeline"]
-
-# The same marker as the CPU family: passes/sparsify.py tags every hand kernel with it.
+__all__ = ["OpenCLFamily", "FAMILY", "build", "export", "make_sparse_kernel", "relax_pipeline"]
 
 
 def relax_pipeline(preset, *, tuning_db=None):
@@ -47,7 +45,7 @@ def _adreno_pipeline(target):
     matmul took 2130 us that way and 240 us with the Matmul rule; 128x3072x768 2244 -> 713 us; a 256->256 1x1 conv on
     28x28 401 -> 151 us. Not yet measured on an Adreno GPU.
     The gpu GEMV rule is left out on purpose: on this pipeline it miscompiled PP-OCR cls's squeeze-excitation block
-    (the fused 1x1 conv * broadcast multiply wrote 576 of its 9216 outputs; found by edge_sparse.opencl_check).
+    (the fused 1x1 conv * broadcast multiply wrote 576 of its 9216 outputs; found by edge_sparse.targets.opencl.check).
     """
     import tvm
     from tvm import relax
@@ -81,7 +79,7 @@ def _adreno_pipeline(target):
 def build(mod, preset, *, tuning_db=None):
     """Compile a Relax module (after the sparsify pass) for an OpenCL preset.
 
-    Instruments of the surrounding ``PassContext`` are kept, so ``edge_sparse.opencl_check`` can watch the passes.
+    Instruments of the surrounding ``PassContext`` are kept, so ``edge_sparse.targets.opencl.check`` can watch the passes.
     ``tuning_db`` is accepted for interface parity; the GPU families use dlight's default schedules (no tuning).
     """
     import tvm
@@ -115,3 +113,32 @@ def export(ex, out_dir: Path, preset) -> str:
             "model.tar. Link them on a machine with the Android NDK (r23 or newer), in this directory:\n\n"
             f"    {link}\n\nthen set \"library\": \"model.so\" in manifest.json (or recompile with ANDROID_NDK_HOME set).\n")
     return name
+
+
+class OpenCLFamily(TargetFamily):
+    """Mobile GPUs through OpenCL. The cost model's efficiencies are estimates until measured on a mobile GPU; peak
+    flops come from the preset's ``gpu_gflops``. Kernels cannot be timed here (TVM's PyPI runtime has no OpenCL)."""
+
+    name = "opencl"
+    description = "OpenCL mobile GPUs (Adreno, Mali): TVM's GPU pipelines and our sparse GPU kernels"
+    calibration = {
+        "gemv": {"dense": 1.0, "bsr16x1": 0.8, "bsr8x1": 0.7, "bsr4x1": 0.5, "csr": 0.2, "2:4": 0.4},
+        "gemm": {"dense": 0.5, "bsr16x1": 0.3, "bsr8x1": 0.25, "bsr4x1": 0.2, "csr": 0.05, "2:4": 0.1},
+    }
+    offloads = True
+    has_sparse_kernels = True
+
+    def build(self, mod, preset, *, tuning_db=None):
+        return build(mod, preset, tuning_db=tuning_db)
+
+    def export(self, ex, out_dir, preset) -> str:
+        return export(ex, out_dir, preset)
+
+    def make_sparse_kernel(self, spec, preset):
+        return make_sparse_kernel(spec, preset)
+
+    def peak_flops_per_us(self, preset) -> float:
+        return float(preset.device.get("gpu_gflops", 100.0)) * 1e3
+
+
+FAMILY = OpenCLFamily()

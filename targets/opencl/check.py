@@ -62,14 +62,16 @@ class LaunchPlan:
         return sorted({ln.kernel for ln in self.launches})
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``plan.json``, ``kernels.cl`` and ``consts.npz`` into ``directory``."""
+        """Write ``plan.json``, ``kernels.cl`` and ``consts.npz`` into ``directory`` (each file all or nothing)."""
+        from edge_sparse.util import atomic_write
+
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        (d / "kernels.cl").write_text(self.source)
-        np.savez(d / "consts.npz", **{f"b{k}": v for k, v in self.consts.items()})
+        atomic_write(d / "kernels.cl", self.source)
+        atomic_write(d / "consts.npz", lambda f: np.savez(f, **{f"b{k}": v for k, v in self.consts.items()}))
         meta = {"target": self.target, "buffers": self.buffers, "inputs": self.inputs, "outputs": self.outputs,
                 "launches": [dataclasses.asdict(ln) for ln in self.launches]}
-        (d / "plan.json").write_text(json.dumps(meta, indent=1))
+        atomic_write(d / "plan.json", json.dumps(meta, indent=1))
         return d
 
     @classmethod
@@ -661,15 +663,15 @@ def check_model(model, target: str = "mali", *, input_shapes: dict[str, tuple[in
     import onnxruntime as ort
 
     from edge_sparse import targets
-    from edge_sparse.compiler import _sparsify, import_relax
-    from edge_sparse.intake import load_model
+    from edge_sparse.compiler import intake as load_model
+    from edge_sparse.compiler import lower
+    from edge_sparse.targets.opencl import FAMILY
 
     preset = targets.get(target)
-    if preset.family != "opencl":
+    if targets.family_of(preset) is not FAMILY:
         raise UserError(f"target '{preset.name}' is not an OpenCL target; use adreno, mali or an opencl TOML preset")
     intake = load_model(model, input_shapes)
-    mod = import_relax(intake)
-    mod, layers = _sparsify(mod, preset, intake, sparse, False)
+    mod, layers = lower(intake, preset, sparse)
     infos = [(t.name, tuple(t.shape), t.dtype) for t in intake.inputs]
     _, plan = capture(mod, preset, infos)
     if plan_dir is not None:
