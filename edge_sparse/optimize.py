@@ -483,8 +483,10 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
     out = check_output(out_dir, force=force, kind="dir", what="output directory",
                        inputs=tuple(x for x in (model, calib, eval_data, target_file) if isinstance(x, (str, os.PathLike))),
                        replaceable=lambda p: (p / "frontier.json").is_file())
-    if bundle and preset.arch != "aarch64":
-        raise UserError(f"--bundle packs the aarch64 runtime and runner; target '{preset.name}' is {preset.arch}")
+    if bundle:
+        from edge_sparse.bundle import check_bundle_target
+
+        check_bundle_target(preset)
     if not remote and not preset.is_native:
         raise UserError(f"target '{preset.name}' does not run on this machine; optimize measures the chosen model "
                         f"on it: pass --rpc HOST:PORT or --tracker HOST:PORT --key KEY")
