@@ -98,6 +98,18 @@ def _run_jobs(jobs: list[tuple[str, str]], work: Path, parallel: int, timeout: f
     return results
 
 
+def _import_pipeline() -> None:
+    """Import the compile pipeline's modules (targets, passes) before forking: every worker then runs the same code,
+    even if the files change while a long run is going."""
+    import importlib
+    import pkgutil
+
+    for pkg_name in ("edge_sparse.targets", "edge_sparse.passes"):
+        pkg = importlib.import_module(pkg_name)
+        for info in pkgutil.walk_packages(pkg.__path__, pkg_name + "."):
+            importlib.import_module(info.name)
+
+
 def _counts(cases: dict, kind: str) -> dict:
     out: dict[str, int] = {}
     for c in cases.values():
@@ -126,7 +138,9 @@ def main(argv=None) -> int:
     import tvm  # noqa: F401
     from tvm.relax.frontend import onnx as _frontend  # noqa: F401
 
-    from edge_sparse import compiler, conformance as conf, runtime  # noqa: F401
+    from edge_sparse import bundle, compiler, conformance as conf, intake, runtime  # noqa: F401
+
+    _import_pipeline()
 
     root = conf.node_tests_dir(quiet=args.quiet)
     names = conf.list_cases(root)
@@ -155,7 +169,6 @@ def main(argv=None) -> int:
     # interleave so that partial results of a long run cover both pipelines
     jobs.sort(key=lambda j: (eligible.index(j[1]), j[0]))
     done = [0]
-    tty = sys.stderr.isatty() and not args.quiet
 
     def progress(key, res):
         done[0] += 1
@@ -163,7 +176,7 @@ def main(argv=None) -> int:
             line = f"[{done[0]}/{len(jobs)}] {key[0]:4s} {key[1]}: {res['status']}"
             if res["status"] != "pass":
                 line += f" ({res.get('detail', '')[:120]})"
-            print(line, file=sys.stderr, flush=True) if tty or True else None
+            print(line, file=sys.stderr, flush=True)
 
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="edge-sparse-conformance-") as tmp:

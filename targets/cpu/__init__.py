@@ -79,11 +79,12 @@ def relax_passes(preset, *, tuning_db=None, lower: bool = True) -> list:
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    from edge_sparse.targets.cpu.layout import ConvertConvLayout, SplitWeightPrepack
     from edge_sparse.targets.cpu.schedules import ScheduleDense
 
     target = preset.tvm_target()
     passes = list(cpu.library_dispatch_passes(target))
-    passes += [relax.transform.ConvertLayout(CONV_LAYOUTS), relax.transform.Normalize()]
+    passes += [ConvertConvLayout(CONV_LAYOUTS), relax.transform.Normalize()]
     # exp/erf/tanh/softmax as polynomials that vectorise (LLVM turns vector exp into one libm call per lane)
     passes.append(relax.transform.FastMathTransform())
     passes += list(cpu.legalize_passes(target))
@@ -93,7 +94,7 @@ def relax_passes(preset, *, tuning_db=None, lower: bool = True) -> list:
     # constant weights may be repacked by the schedules (layout_free_buffers); the repacking is folded away
     passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
     passes.append(ScheduleDense(preset))
-    passes += [relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant(),
+    passes += [SplitWeightPrepack(), relax.transform.FoldConstant(),
                relax.transform.DeadCodeElimination()]
     if lower:
         passes += list(cpu.dataflow_lower_passes(target)) + list(cpu.finalize_passes(target))

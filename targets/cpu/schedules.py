@@ -497,14 +497,16 @@ def _row_reduction_dlight(func, target):
 
 
 def _fallback(sch, cfg: TileConfig) -> bool:
-    blocks = _root_blocks(sch)
-    for blk in blocks:
+    """Applies when some root block got a parallel or vector loop; extern-style functions (scatter, unique: one
+    opaque block of loops, no child blocks) are left to TVM's default lowering."""
+    before = sch.mod
+    for blk in _root_blocks(sch):
         try:
             _spatial_nest(sch, blk, cfg)
-        except Exception:
+        except Exception:  # this block's loops do not allow it: the others may
             raise_if_interrupted()
             continue
-    return True
+    return not sch.mod.same_as(before)
 
 
 # ------------------------------------------------------------------------------------------------- driver
@@ -512,27 +514,28 @@ def schedule_func(func, target, cfg: TileConfig):
     """The scheduled PrimFunc (with ``SCHEDULED_ATTR`` naming the rule), or None when no rule applied."""
     from tvm import s_tir
 
-    rules: list[tuple[str, Callable]] = [
-        ("contraction", lambda sch: _contraction(sch, cfg)),
-        ("row_reduction", lambda sch: _row_reduction(sch, cfg)),
-        ("row_reduction", None),
-        ("injective", lambda sch: _injective(sch, cfg)),
-        ("fallback", lambda sch: _fallback(sch, cfg)),
+    def on_schedule(rule: Callable) -> Callable:
+        """A rule that edits a fresh Schedule and says whether it applied, as ``apply(func) -> Schedule | None``."""
+        def apply(f):
+            sch = s_tir.Schedule(f)
+            return sch if rule(sch) else None
+        return apply
+
+    rules: list[tuple[str, Callable]] = [  # dlight-style: apply(func) -> Schedule, or None when it does not apply
+        ("contraction", on_schedule(lambda sch: _contraction(sch, cfg))),
+        ("row_reduction", on_schedule(lambda sch: _row_reduction(sch, cfg))),
+        ("row_reduction", lambda f: _row_reduction_dlight(f, target)),
+        ("injective", on_schedule(lambda sch: _injective(sch, cfg))),
+        ("fallback", on_schedule(lambda sch: _fallback(sch, cfg))),
     ]
-    for name, rule in rules:
+    for name, apply in rules:
         try:
-            if rule is None:
-                sch = _row_reduction_dlight(func, target)
-                if sch is None:
-                    continue
-            else:
-                sch = s_tir.Schedule(func)
-                if not rule(sch):
-                    continue
-            return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr(SCHEDULED_ATTR, name)
-        except Exception:  # a rule that does not fit this function: try the next one
+            sch = apply(func)
+        except Exception:  # a rule whose schedule primitives refuse this function does not apply either
             raise_if_interrupted()
             continue
+        if sch is not None:
+            return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr(SCHEDULED_ATTR, name)
     return None
 
 
