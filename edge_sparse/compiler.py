@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_sparse.artifact import Manifest, is_artifact, write_manifest
-from edge_sparse.errors import UserError, check_threads, raise_if_interrupted
+from edge_sparse.errors import UserError, check_threads, internal_errors, raise_if_interrupted
 from edge_sparse.formats import SPARSE_MODES
 from edge_sparse.intake import Intake
 from edge_sparse.intake import load_model as intake
@@ -27,17 +27,44 @@ __all__ = ["compile", "intake", "lower", "build", "write_artifact", "import_rela
 def import_relax(model: Intake):
     """Relax IRModule of an intake result, weights as inline constants (so passes can see and rewrite them), every
     gather bounded (an out-of-range index can not read out of bounds)."""
+    import contextlib
+    import io
+
     from tvm.relax.frontend.onnx import from_onnx
 
     from edge_sparse.passes.bounded_take import bound_takes
 
     try:
-        mod = from_onnx(model.model, shape_dict=model.shape_dict, keep_params_in_input=False)
+        with contextlib.redirect_stdout(io.StringIO()):  # (it prints its own "Error converting operator" line)
+            mod = from_onnx(model.model, shape_dict=model.shape_dict, keep_params_in_input=False)
     except Exception as e:  # converter errors are model problems the user must fix, not our bugs
         raise_if_interrupted()
         msg = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
-        raise UserError(f"TVM's ONNX importer rejected the model: {msg}") from None
-    return bound_takes(mod)
+        node = _failing_node(e)
+        where, hint = "", ""
+        if node is not None:
+            where = f" at {node.op_type}" + (f" (node '{node.name}')" if node.name else "")
+            graph_inputs = {t.name for t in model.inputs}
+            fed = [i for i in list(node.input)[1:] if i in graph_inputs]
+            if fed:  # shapes, axes, pads, k, scales given as graph inputs: TVM needs them as constants
+                hint = (f"; TVM needs {', '.join(fed)} to be constant: freeze "
+                        + " ".join(f"--input-value {n}=V" for n in fed) + " or make it an initializer of the model")
+        raise UserError(f"TVM's ONNX importer rejected the model{where}: {msg}{hint}") from None
+    with internal_errors("bounding gathers"):
+        return bound_takes(mod)
+
+
+def _failing_node(exc):
+    """The ONNX node TVM's importer was converting when it raised (its converter loop holds it as ``node``)."""
+    import onnx
+
+    tb, found = exc.__traceback__, None
+    while tb is not None:
+        node = tb.tb_frame.f_locals.get("node")
+        if isinstance(node, onnx.NodeProto):
+            found = node
+        tb = tb.tb_next
+    return found
 
 
 def _versions() -> tuple[dict[str, str], dict[str, str]]:
@@ -64,11 +91,13 @@ def lower(model: Intake, preset, sparse: str = "auto", *, measure: bool = False,
     if sparse not in SPARSE_MODES:
         raise UserError(f"unknown --sparse '{sparse}'; choose one of {', '.join(SPARSE_MODES)}")
     preset = _preset(preset)
-    mod, int8_layers = rewrite_qdq(import_relax(model), preset, mode=sparse)     # quantized layers -> int8 kernels
-    if sparse == "off":
-        return mod, int8_layers
-    sparsify = Sparsify(preset, mode=sparse, measure=measure, weight_names=model.weight_names, log=log)
-    mod = sparsify(mod)
+    mod = import_relax(model)
+    with internal_errors("choosing int8 and sparse kernels"):
+        mod, int8_layers = rewrite_qdq(mod, preset, mode=sparse)     # quantized layers -> int8 kernels
+        if sparse == "off":
+            return mod, int8_layers
+        sparsify = Sparsify(preset, mode=sparse, measure=measure, weight_names=model.weight_names, log=log)
+        mod = sparsify(mod)
     return mod, int8_layers + sparsify.layers
 
 
@@ -77,7 +106,8 @@ def build(mod, preset, *, tuning_db: str | os.PathLike | None = None):
     from edge_sparse import targets
 
     preset = _preset(preset)
-    return targets.family_of(preset).build(mod, preset, tuning_db=str(tuning_db) if tuning_db else None)
+    with internal_errors(f"compiling for {preset.name}"):
+        return targets.family_of(preset).build(mod, preset, tuning_db=str(tuning_db) if tuning_db else None)
 
 
 def write_artifact(ex, out_dir: str | os.PathLike, preset, model: Intake, layers: list[dict[str, Any]], *,
@@ -91,7 +121,7 @@ def write_artifact(ex, out_dir: str | os.PathLike, preset, model: Intake, layers
     out = check_output(out_dir, force=force, kind="dir", replaceable=is_artifact)
     progress = Progress(quiet)
     with atomic_dir(out, replace=force) as stage:
-        with progress.step("linking"):
+        with progress.step("linking"), internal_errors("linking"):
             library = targets.family_of(preset).export(ex, stage, preset)
         tool, tvm_versions = _versions()
         manifest = Manifest(

@@ -12,8 +12,10 @@ matches its data, and every graph output is a tensor. Each eligible case is comp
 public ``compile`` API, run, and compared with the expected outputs (``RTOL``/``ATOL``, NaNs in the same places,
 integer and bool outputs exactly); the same case through TVM's own importer and default pipeline is the baseline.
 
-Outcomes: ``pass``, ``mismatch`` (ran, wrong numbers or shapes), ``unsupported`` (one :class:`UserError` line: what
-the user sees from the CLI) and ``crash`` (any other exception; its traceback is kept for the report).
+Outcomes: ``pass``, ``mismatch`` (ran, wrong numbers or shapes), ``unsupported`` (intake refused the model: one
+:class:`UserError` line, what the user sees from the CLI), ``error`` (TVM failed after intake, reported as one
+:class:`CompileError` line by the compile boundary) and ``crash`` (any other exception: a traceback, kept for the
+report).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_sparse.errors import UserError
+from edge_sparse.errors import CompileError, UserError
 
 __all__ = ["ONNX_VERSION", "RTOL", "ATOL", "Case", "node_tests_dir", "list_cases", "load_case", "eligibility",
            "compare", "run_ours", "run_tvm", "run_qemu", "Outcome"]
@@ -214,8 +216,8 @@ def load_case(name: str, root: Path | None = None) -> Case:
 # ------------------------------------------------------------------------------------------------------ running
 @dataclasses.dataclass
 class Outcome:
-    status: str                      # pass | mismatch | unsupported | crash
-    detail: str = ""                 # mismatch: what differs; unsupported: the error line; crash: last line
+    status: str                      # pass | mismatch | unsupported | error | crash
+    detail: str = ""                 # mismatch: what differs; unsupported/error: the error line; crash: last line
     traceback: str | None = None     # crash only
     seconds: float = 0.0
 
@@ -253,6 +255,8 @@ def _outcome(fn, case: Case) -> Outcome:
     t0 = time.perf_counter()
     try:
         got = fn()
+    except CompileError as e:
+        return Outcome("error", str(e), seconds=time.perf_counter() - t0)
     except UserError as e:
         return Outcome("unsupported", str(e), seconds=time.perf_counter() - t0)
     except Exception as e:  # noqa: BLE001 - every other failure is a crash the report must show

@@ -2,7 +2,8 @@
 
 Anything the user can fix (a bad path, a wrong shape, an unknown target) raises :class:`UserError` with a
 message that says what is wrong and how to fix it. The CLI prints it as ``error: <message>`` and exits 2,
-without a traceback. Everything else is a bug and keeps its traceback.
+without a traceback. A failure inside TVM after intake becomes a :class:`CompileError` line at the compile boundary
+(:class:`internal_errors`). Everything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import math
 import os
 
 __all__ = ["UserError", "closest", "check_number", "check_threads", "THREADS_PER_CORE", "interrupts_as_exceptions",
-           "raise_if_interrupted"]
+           "raise_if_interrupted", "CompileError", "internal_errors"]
 
 THREADS_PER_CORE = 4   # more threads than this per core only thrash (and 10^5 threads abort the process)
 
@@ -93,3 +94,47 @@ class interrupts_as_exceptions:
         for sig, handler in self._saved.items():
             signal.signal(sig, handler)
         return False
+
+
+class CompileError(UserError):
+    """TVM failed on a model that passed intake: one line naming where (TVM's source file and function, or the
+    pass) and why, instead of an internal traceback. Not the user's input being malformed, but nothing they can fix
+    beyond changing the model; set ``EDGE_SPARSE_TRACEBACK=1`` to get the full trace for a bug report."""
+
+
+TRACEBACK_ENV = "EDGE_SPARSE_TRACEBACK"
+
+
+def _where(exc: BaseException) -> str:
+    """The innermost frame of the error (TVM's C++ frames appear as ``/project/src/...cc`` in its traces)."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return type(exc).__name__
+    last = frames[-1]
+    func = last.name.split("(")[0].replace("void ", "").strip()
+    return f"{os.path.basename(last.filename)}: {func}"
+
+
+class internal_errors:  # noqa: N801 - used as a context manager: ``with internal_errors("compiling for rpi4"):``
+    """Turn any exception except :class:`UserError` raised inside the block into one :class:`CompileError` line."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or isinstance(exc, (UserError, MemoryError)) or not isinstance(exc, Exception):
+            return False
+        raise_if_interrupted()  # (an interrupt that TVM turned into an ordinary error)
+        if os.environ.get(TRACEBACK_ENV):
+            return False
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        reason = next((ln for ln in reversed(lines) if "Check failed" in ln or "Error" in ln), lines[-1] if lines else "")
+        reason = reason[:240] or type(exc).__name__
+        raise CompileError(f"{self.stage} failed inside TVM ({_where(exc)}): {type(exc).__name__}: {reason}; this is an "
+                           f"edge-sparse/TVM limitation, not your model's fault: set {TRACEBACK_ENV}=1 for the trace "
+                           f"and report it") from None

@@ -79,14 +79,14 @@ def relax_passes(preset, *, tuning_db=None, lower: bool = True) -> list:
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    from edge_sparse.targets.cpu.layout import ConvertConvLayout, SplitWeightPrepack
+    from edge_sparse.targets.cpu.guarded import ConvertConvLayout, FastMath, SplitWeightPrepack
     from edge_sparse.targets.cpu.schedules import ScheduleDense
 
     target = preset.tvm_target()
     passes = list(cpu.library_dispatch_passes(target))
     passes += [ConvertConvLayout(CONV_LAYOUTS), relax.transform.Normalize()]
     # exp/erf/tanh/softmax as polynomials that vectorise (LLVM turns vector exp into one libm call per lane)
-    passes.append(relax.transform.FastMathTransform())
+    passes.append(FastMath())
     passes += list(cpu.legalize_passes(target))
     if tuning_db is not None:
         with target:  # the pass reads the current target when it is built

@@ -1,4 +1,4 @@
-"""Layout passes applied only where the layout means something.
+"""TVM passes of the CPU pipeline, applied only where their preconditions hold.
 
 TVM's ``ConvertLayout`` infers a layout for every op of a function, whether or not any op asks for one, and its
 inference fails on ops it does not model (``stack`` from a variadic Max/Min: "Invalid SLayout"; symbolic-shape
@@ -9,12 +9,15 @@ TVM's ``SplitLayoutRewritePreproc`` moves weight-repacking blocks (marked by our
 that they fold into constants; it requires every PrimFunc's root block to hold compute blocks, which extern-style
 functions (scatter, unique, top-k, cumsum: one opaque block of loops) do not have. :func:`SplitWeightPrepack`
 hands it only the PrimFuncs that hold a repacking block.
+
+TVM's ``FastMathTransform`` reads ``call.op.name`` of every call and fails on calls of packed functions (an Expand
+whose shape comes from a tensor calls ``vm.builtin.tensor_to_shape``): :func:`FastMath` rewrites only operator calls.
 """
 from __future__ import annotations
 
 import warnings
 
-__all__ = ["ConvertConvLayout", "SplitWeightPrepack", "PREPACK_ANNOTATION"]
+__all__ = ["ConvertConvLayout", "SplitWeightPrepack", "FastMath", "PREPACK_ANNOTATION"]
 
 PREPACK_ANNOTATION = "meta_schedule.layout_rewrite_preproc"
 
@@ -52,7 +55,7 @@ def ConvertConvLayout(desired_layouts: dict[str, list[str]]):
                                 if g.same_as(gv) or not isinstance(f, relax.Function)}, attrs=mod.attrs)
             try:
                 converted = relax.transform.ConvertLayout(desired_layouts)(sub)
-            except tvm.error.TVMError as e:  # TVM's layout inference does not model some op of this function
+            except Exception as e:  # noqa: BLE001 - (InternalError or ValueError) TVM cannot infer some op's layout
                 reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
                 warnings.warn(f"{gv.name_hint}: channels-last conversion skipped, TVM's ConvertLayout failed "
                               f"({reason}); its convolutions keep the model's layout", stacklevel=1)
@@ -84,5 +87,37 @@ def SplitWeightPrepack():
         for gv, f in untouched.items():
             out[gv] = f
         return out
+
+    return _pass
+
+
+def FastMath():
+    """exp / erf / tanh / softmax as TOPI's fast approximations (what ``relax.transform.FastMathTransform`` does),
+    for operator calls only."""
+    import tvm
+    from tvm import relax, topi
+    from tvm.ir import Op
+
+    fast = {
+        "relax.nn.softmax": lambda bb, call: bb.call_te(topi.nn.fast_softmax, call.args[0], call.attrs.axis),
+        "relax.exp": lambda bb, call: bb.call_te(topi.fast_exp, call.args[0]),
+        "relax.erf": lambda bb, call: bb.call_te(topi.fast_erf, call.args[0]),
+        "relax.tanh": lambda bb, call: bb.call_te(topi.fast_tanh, call.args[0]),
+    }
+
+    @relax.expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def visit_call_(self, call):
+            if isinstance(call.op, Op) and call.op.name in fast:
+                return fast[call.op.name](self.builder_, call)
+            return super().visit_call_(call)
+
+    @tvm.transform.module_pass(opt_level=0, name="edge_sparse.FastMath")
+    def _pass(mod, _ctx):
+        rewriter = _Rewriter(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        return rewriter.builder_.get()
 
     return _pass
