@@ -20,9 +20,7 @@ report).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -80,41 +78,32 @@ def node_tests_dir(*, quiet: bool | None = None) -> Path:
     root = _cache_root()
     if (root / ".complete").is_file():
         return root
+    from edge_sparse.util import atomic_dir, sha256_file
+
     progress = Progress(quiet)
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".node-tests-", dir=root.parent))
-    try:
+    with tempfile.TemporaryDirectory(prefix=".node-tests-wheel-", dir=root.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--platform", "manylinux2014_x86_64", "--python-version", "3.11", "--implementation", "cp",
-               "--abi", "cp311", "--dest", str(tmp / "wheel"), "--quiet", f"onnx=={ONNX_VERSION}"]
+               "--abi", "cp311", "--dest", tmp, "--quiet", f"onnx=={ONNX_VERSION}"]
         with progress.step(f"downloading onnx=={ONNX_VERSION} for its node tests (15 MB, once)"):
             proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheel = tmp / "wheel" / _WHEEL
+        wheel = Path(tmp) / _WHEEL
         if proc.returncode != 0 or not wheel.is_file():
             last = (proc.stderr.strip().splitlines() or ["pip found no such wheel"])[-1]
             raise UserError(f"could not download onnx=={ONNX_VERSION} for its node tests: {last}; check the network, "
                             f"or unpack {_PREFIX} of that wheel yourself and set EDGE_SPARSE_NODE_TESTS to it")
-        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        digest = sha256_file(wheel)
         if digest != _WHEEL_SHA256:
             raise UserError(f"{_WHEEL} has sha256 {digest}, expected {_WHEEL_SHA256}; refusing to unpack it")
-        data = tmp / "node"
-        with progress.step("unpacking the node tests"), zipfile.ZipFile(wheel) as z:
+        with progress.step("unpacking the node tests"), atomic_dir(root) as data, zipfile.ZipFile(wheel) as z:
             for info in z.infolist():
                 rel = _safe_member(info.filename)
-                if rel is None:
-                    continue
-                dest = data / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(z.read(info))
-        (data / ".complete").write_text(f"{_WHEEL} {_WHEEL_SHA256}\n")
-        if root.exists():  # an interrupted earlier run left a partial folder
-            shutil.rmtree(root, ignore_errors=True)
-        try:
-            os.replace(data, root)
-        except OSError:  # a concurrent run finished first: use its copy
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+                if rel is not None:
+                    dest = data / rel
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    dest.write_bytes(z.read(info))
+            (data / ".complete").write_text(f"{_WHEEL} {_WHEEL_SHA256}\n")
     return root
 
 

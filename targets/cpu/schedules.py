@@ -403,12 +403,31 @@ def _spatial_nest(sch, block_rv, cfg: TileConfig) -> None:
     if len(loops) != len(kinds) or not loops:
         return
     n_lead = len(kinds) - len("".join(kinds).lstrip("S"))
-    if n_lead == len(kinds):
+    if n_lead == len(kinds) and _vectorizable(sch.get(block_rv)):
         _vectorize_inner(sch, loops[-1], cfg.lanes)
         n_lead -= 1  # the innermost loop (or its vector part's outer loop) stays inside the task
     loops = sch.get_loops(block_rv)
     if n_lead > 0:
         _parallel_outer(sch, loops[:n_lead])
+
+
+# Element types LLVM has no vector form of here: TVM lowers them after scheduling, per element with if_then_else,
+# which refuses vector operands ("if_then_else can only take scalar").
+_SCALAR_ONLY_DTYPES = ("float8", "float6", "float4", "bfloat16")
+
+
+def _vectorizable(block) -> bool:
+    return not any(str(r.source.dtype).startswith(_SCALAR_ONLY_DTYPES) for r in [*block.reads, *block.writes])
+
+
+def _has_opaque_block(sch) -> bool:
+    """A root block that declares no writes (an extern-style body: argsort, NMS, scatter) reads and writes buffers
+    the schedule cannot see, so inlining or moving its neighbours would break it."""
+    try:
+        return any(not sch.get(b).writes for b in _root_blocks(sch))
+    except Exception:  # no root block of the usual form: nothing to inline either
+        raise_if_interrupted()
+        return True
 
 
 def _injective(sch, cfg: TileConfig) -> bool:
@@ -528,6 +547,8 @@ def schedule_func(func, target, cfg: TileConfig):
         ("injective", on_schedule(lambda sch: _injective(sch, cfg))),
         ("fallback", on_schedule(lambda sch: _fallback(sch, cfg))),
     ]
+    if _has_opaque_block(s_tir.Schedule(func)):  # only the fallback leaves every block in place
+        rules = [r for r in rules if r[0] == "fallback"]
     for name, apply in rules:
         try:
             sch = apply(func)
