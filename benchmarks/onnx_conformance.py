@@ -125,6 +125,9 @@ def main(argv=None) -> int:
     ap.add_argument("-j", "--jobs", type=int, default=1, help="workers at once (default 1; 2 at most on CI)")
     ap.add_argument("--timeout", type=float, default=180, help="seconds per case and pipeline (default 180)")
     ap.add_argument("--no-tvm", action="store_true", help="skip the plain-TVM baseline")
+    ap.add_argument("--baseline-from", type=Path,
+                    help="take the plain-TVM outcomes from an earlier report of the same TVM version instead of "
+                         "rerunning them (they do not depend on edge-sparse's code)")
     ap.add_argument("--qemu", default="0",
                     help=f"rpi4 + qemu-aarch64 for N cases (every k-th eligible case), 'all', or 0 (default 0; "
                          f"{DEFAULT_QEMU_CASES} is a good sample)")
@@ -162,8 +165,23 @@ def main(argv=None) -> int:
         k = int(args.qemu)
         qemu = eligible[:: max(1, len(eligible) // k)][:k] if k > 0 else []
 
+    baseline = {}
+    if args.baseline_from:
+        import tvm as _tvm
+
+        earlier = json.loads(args.baseline_from.read_text())
+        if earlier.get("tvm_version") != _tvm.__version__:
+            print(f"error: {args.baseline_from} was made with TVM {earlier.get('tvm_version')}, this is "
+                  f"{_tvm.__version__}", file=sys.stderr)
+            return 2
+        baseline = {n: c["tvm"] for n, c in earlier["cases"].items() if "tvm" in c}
+        missing = [n for n in eligible if n not in baseline]
+        if missing:
+            print(f"error: {args.baseline_from} lacks the TVM outcome of {len(missing)} case(s), e.g. {missing[0]}",
+                  file=sys.stderr)
+            return 2
     jobs = [("ours", n) for n in eligible]
-    if not args.no_tvm:
+    if not args.no_tvm and not baseline:
         jobs += [("tvm", n) for n in eligible]
     jobs += [("qemu", n) for n in qemu]
     # interleave so that partial results of a long run cover both pipelines
@@ -187,6 +205,8 @@ def main(argv=None) -> int:
         for kind in ("ours", "tvm", "qemu"):
             if (kind, n) in results:
                 c[kind] = results[(kind, n)]
+        if n in baseline:
+            c["tvm"] = dict(baseline[n], reused_from=str(args.baseline_from))
         cases[n] = c
 
     def failed(c, kind):
@@ -219,6 +239,8 @@ def main(argv=None) -> int:
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "jobs": args.jobs, "threads_per_job": 1,
                  "shared": "yes (other work ran on the same 2 cores)"},
         "seconds": round(time.time() - t0, 1),
+        "tvm_version": tvm.__version__,
+        "baseline_from": str(args.baseline_from) if args.baseline_from else None,
         "summary": summary,
         "ineligible": ineligible,
         "cases": cases,

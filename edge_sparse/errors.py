@@ -133,7 +133,10 @@ class internal_errors:  # noqa: N801 - used as a context manager: ``with interna
         if os.environ.get(TRACEBACK_ENV):
             return False
         lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-        reason = next((ln for ln in reversed(lines) if "Check failed" in ln or "Error" in ln), lines[-1] if lines else "")
+        # TVM's check, else a compiler's "error:" line (a failed link), else the last line
+        reason = next((ln for ln in lines if "Check failed" in ln), None) \
+            or next((ln for ln in lines if "error:" in ln.lower() and not ln.startswith("Command line")), None) \
+            or (lines[-1] if lines else "")
         reason = reason[:240] or type(exc).__name__
         raise CompileError(f"{self.stage} failed inside TVM ({_where(exc)}): {type(exc).__name__}: {reason}; this is an "
                            f"edge-sparse/TVM limitation, not your model's fault: set {TRACEBACK_ENV}=1 for the trace "

@@ -142,10 +142,8 @@ def export(ex, out_dir: Path, preset) -> str:
         ex.export_library(str(out_dir / "model.so"))
         return "model.so"
     if kind == "cross":
-        from tvm.support import cc
-
         cxx = cross_compiler_or_error(preset)
-        ex.export_library(str(out_dir / "model.so"), fcompile=cc.cross_compiler(cxx))
+        ex.export_library(str(out_dir / "model.so"), fcompile=_cross_compiler(cxx, preset))
         return "model.so"
     if kind == "ndk":
         ndk = os.environ.get("ANDROID_NDK_HOME")
@@ -153,13 +151,25 @@ def export(ex, out_dir: Path, preset) -> str:
             from tvm.support import ndk as ndk_mod  # noqa: F401  (TVM's NDK helper reads TVM_NDK_CC)
 
             clang = _ndk_clang(Path(ndk), int(preset.link.get("api_level", 28)))
-            from tvm.support import cc
-
-            ex.export_library(str(out_dir / "model.so"), fcompile=cc.cross_compiler(str(clang), options=["-shared", "-fPIC", "-lm"]))
+            ex.export_library(str(out_dir / "model.so"),
+                              fcompile=_cross_compiler(str(clang), preset, options=["-shared", "-fPIC", "-lm"]))
             return "model.so"
         ex.export_library(str(out_dir / "model.tar"))
         return "model.tar"
     raise UserError(f"target '{preset.name}': unknown link kind '{kind}' (use host, cross or ndk)")
+
+
+def _cross_compiler(cxx: str, preset, **kw):
+    """TVM's cross compiler, answering the preset's target triple. TVM's own answer is the host compiler's triple
+    (x86_64), which export_library uses for the packed-imports object of a module without compiled kernels (a model
+    of only control flow and constants): the link then fails with "incompatible with aarch64 output"."""
+    from tvm.support import cc
+
+    fcompile = cc.cross_compiler(cxx, **kw)
+    triple = preset.tvm_target().attrs.get("mtriple")
+    if triple:
+        fcompile.get_target_triple = lambda: str(triple)
+    return fcompile
 
 
 def _ndk_clang(ndk: Path, api: int) -> Path:
