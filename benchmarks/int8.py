@@ -226,6 +226,49 @@ def _instruction_mix() -> dict:
     return out
 
 
+def _arm_estimates(files: dict[str, Path], threads: int = 4) -> dict:
+    """Roofline *estimates* (ms) on rpi4 / rpi5 at ``threads``: fp32 dense through benchmarks/e2e.py's model, the
+    int8 models with each MatMulInteger layer timed by the int8 cost model (passes.qdq.int8_estimate_us) for the
+    preset's dot-product path, the rest of the graph by the same roofline. Not measurements (no ARM board here)."""
+    from onnx import numpy_helper
+
+    from e2e import _shapes, estimate, layer_estimates
+    from edge_sparse import targets
+    from edge_sparse.intake import load_model
+    from edge_sparse.passes.qdq import int8_estimate_us
+    from edge_sparse.targets.cpu.int8 import block_density, isa_for
+
+    out = {}
+    intakes = {name: load_model(str(path), None) for name, path in files.items()}
+    for dev in ("rpi4", "rpi5"):
+        preset = targets.get(dev)
+        isa = isa_for(preset)
+        row = {"isa": isa, "threads": threads}
+        fp = intakes["fp32"]
+        row["fp32_dense_ms"] = round(estimate(fp.model, preset.device, threads,
+                                              layer_estimates(fp, preset, "off"))["seconds"] * 1e3, 2)
+        for name, it in intakes.items():
+            if name == "fp32":
+                continue
+            model, shapes = it.model, _shapes(it.model)
+            inits = {t.name: t for t in model.graph.initializer}
+            layers = {}
+            for node in model.graph.node:
+                if node.op_type != "MatMulInteger" or node.input[1] not in inits or node.input[0] not in shapes:
+                    continue
+                wq = numpy_helper.to_array(inits[node.input[1]])
+                K, N = wq.shape
+                M = int(np.prod(shapes[node.input[0]])) // K
+                dens = block_density(wq, 16)
+                sparse = dens < 0.85
+                blocks = max(1, int(round((dens if sparse else 1.0) * (K // 4) * (N // 16))))
+                layers[node.input[1]] = {"format": "int8_bsr16x4" if sparse else "int8_dense",
+                                         "us": int8_estimate_us(M, K, N, blocks, sparse, preset, isa)}
+            row[f"{name}_ms"] = round(estimate(model, preset.device, threads, layers)["seconds"] * 1e3, 2)
+        out[dev] = row
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -249,6 +292,8 @@ def main(argv=None) -> int:
         result["minilm"] = {"seq": 128, "sparsity": args.sparsity, "quantization": "dynamic, per channel",
                             "accuracy_cosine_vs_fp32_heldout8": _accuracy(files, calib)}
         print("accuracy:", result["minilm"]["accuracy_cosine_vs_fp32_heldout8"], flush=True)
+        result["minilm"]["arm_estimates_ms"] = _arm_estimates(files)
+        print("ARM estimates (roofline, not measured):", result["minilm"]["arm_estimates_ms"], flush=True)
         info, runs = _model_runs(work, files, npz, args.threads, args.rounds, args.repeat)
         result["minilm"].update(compile=info, runs=runs)
     if not args.skip_kernels:

@@ -26,12 +26,14 @@ import numpy as np
 
 from edge_sparse.passes.sparsify import _const_np, _Graph, _is_const, _match_epilogue, _ops, _shape
 
-__all__ = ["rewrite_qdq", "fuse_range_reductions", "int8_estimate_us", "int8_layer_time_us", "INT8_CALIBRATION", "R_INT8"]
+__all__ = ["rewrite_qdq", "fuse_range_reductions", "int8_estimate_us", "int8_layer_time_us", "INT8_CALIBRATION",
+           "INT8_MACS_PER_FP32", "R_INT8"]
 
 R_INT8 = 16
 # Relative cost of one stored 16x4 block in the sparse kernel against the dense kernel (index load, irregular X
-# access); benchmarks/int8.py prints the measured ratio ("calibration" in its JSON).
-INT8_CALIBRATION = {"gemv": 1.15, "gemm": 1.2}
+# access), measured by benchmarks/int8.py ("calibration" in benchmarks/results/int8.json: MiniLM FFN shapes at
+# 50-90%, median over them, host x86 VNNI, 1 thread); AArch64 presets use the same ratios.
+INT8_CALIBRATION = {"gemv": 1.1, "gemm": 1.16}
 
 
 def _ops_int8():
@@ -190,10 +192,23 @@ def _find(func, ops) -> list[_Plan]:
     return plans
 
 
-def int8_estimate_us(M: int, K: int, N: int, blocks: int, sparse: bool, preset) -> float:
-    """Roofline estimate of one int8 layer: 4 int8 MACs per lane per dot instruction, weights streamed once."""
+# int8 multiply-adds per cycle relative to float32 FMA lanes, per dot-product path: vpdpbusd and sdot do 4 int8 MACs
+# per 32-bit lane; the Cortex-A72 NEON path (smull + saddlp + addp) needs 6 instructions per 4x4 block, about 2/3 of
+# fmla's MACs per instruction; the generic widening path about half.
+INT8_MACS_PER_FP32 = {"vnni": 4.0, "sdot": 4.0, "neon": 0.67, "generic": 0.5}
+
+
+def int8_estimate_us(M: int, K: int, N: int, blocks: int, sparse: bool, preset, isa: str | None = None) -> float:
+    """Roofline estimate (us) of one int8 layer on ``preset``: weights streamed once, the int8 MAC rate of the
+    preset's dot-product path (``isa``; default: the one the preset's family picks)."""
+    if isa is None:
+        from edge_sparse import targets
+
+        make = getattr(targets.family_module(preset), "int8_kernels", None)
+        isa = make(preset).isa if make is not None else "generic"
     dev = preset.device
-    peak = float(dev.get("peak_gflops_per_core", 20.0)) * max(1, int(dev.get("cores", 1))) * 1e3 * 4   # int8 ops/us
+    peak = float(dev.get("peak_gflops_per_core", 20.0)) * max(1, int(dev.get("cores", 1))) * 1e3      # flop/us
+    peak *= INT8_MACS_PER_FP32.get(isa, 0.5)
     bw = float(dev.get("mem_bw_gbps", 10.0)) * 1e3
     kind = "gemv" if M == 1 else "gemm"
     factor = INT8_CALIBRATION[kind] if sparse else 1.0
@@ -224,8 +239,8 @@ def _choose(plan: _Plan, preset, kernels, mode: str) -> dict[str, Any]:
     nbt = (plan.K // 4) * (plan.N // R_INT8)
     dens = kernels.block_density(plan.wq)
     sparse_blocks = max(1, int(round(dens * nbt)))
-    est_d = int8_estimate_us(plan.M, plan.K, plan.N, nbt, False, preset)
-    est_s = int8_estimate_us(plan.M, plan.K, plan.N, sparse_blocks, True, preset)
+    est_d = int8_estimate_us(plan.M, plan.K, plan.N, nbt, False, preset, kernels.isa)
+    est_s = int8_estimate_us(plan.M, plan.K, plan.N, sparse_blocks, True, preset, kernels.isa)
     sparse = mode != "off" and (est_s * 1.05 < est_d if mode == "auto" else dens < 1.0)
     return {"isa": kernels.isa, "sparse": sparse, "block_density": round(dens, 4),
             "est_us_dense": round(est_d, 2), "est_us_sparse": round(est_s, 2)}
@@ -364,7 +379,9 @@ def rewrite_qdq(mod, preset, *, mode: str = "auto", log=None):
             entry.update(format="int8_bsr16x4" if ch["sparse"] else "int8_dense", kernel=f"int8_{kname}",
                          block_sparsity=round(1 - ch["block_density"], 4), bytes_dense=p.K * p.N,
                          bytes_sparse=p.packed.nbytes if ch["sparse"] else None, est_us_dense=ch["est_us_dense"],
-                         est_us_sparse=ch["est_us_sparse"], reason="")
+                         est_us_sparse=ch["est_us_sparse"], reason="" if ch["sparse"] or mode == "off" else
+                         f"dense int8 estimated faster ({ch['est_us_dense']:.1f} us vs bsr16x4 "
+                         f"{ch['est_us_sparse']:.1f} us; {1 - ch['block_density']:.0%} of 16x4 blocks empty)")
             report.append(entry)
             plans.append(p)
     if plans:
