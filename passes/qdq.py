@@ -204,8 +204,8 @@ def int8_estimate_us(M: int, K: int, N: int, blocks: int, sparse: bool, preset, 
     if isa is None:
         from edge_sparse import targets
 
-        make = getattr(targets.family_module(preset), "int8_kernels", None)
-        isa = make(preset).isa if make is not None else "generic"
+        kernels = targets.family_of(preset).int8_kernels(preset)
+        isa = kernels.isa if kernels is not None else "generic"
     dev = preset.device
     peak = float(dev.get("peak_gflops_per_core", 20.0)) * max(1, int(dev.get("cores", 1))) * 1e3      # flop/us
     peak *= INT8_MACS_PER_FP32.get(isa, 0.5)
