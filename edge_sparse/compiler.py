@@ -93,7 +93,7 @@ def lower(model: Intake, preset, sparse: str = "auto", *, measure: bool = False,
     preset = _preset(preset)
     mod = import_relax(model)
     with internal_errors("choosing int8 and sparse kernels"):
-        mod, int8_layers = rewrite_qdq(mod, preset, mode=sparse)     # quantized layers -> int8 kernels
+        mod, int8_layers = rewrite_qdq(mod, preset, mode=sparse, measure=measure)   # quantized -> int8 kernels
         if sparse == "off":
             return mod, int8_layers
         sparsify = Sparsify(preset, mode=sparse, measure=measure, weight_names=model.weight_names, log=log)

@@ -235,15 +235,26 @@ def int8_layer_time_us(M: int, K: int, N: int, wq: np.ndarray, sparse: bool, pre
     return family.time_kernel(pf, args, preset, repeats=repeats, session=session)
 
 
-def _choose(plan: _Plan, preset, kernels, mode: str) -> dict[str, Any]:
+def _choose(plan: _Plan, preset, kernels, mode: str, measure: bool = False) -> dict[str, Any]:
     nbt = (plan.K // 4) * (plan.N // R_INT8)
     dens = kernels.block_density(plan.wq)
     sparse_blocks = max(1, int(round(dens * nbt)))
     est_d = int8_estimate_us(plan.M, plan.K, plan.N, nbt, False, preset, kernels.isa)
     est_s = int8_estimate_us(plan.M, plan.K, plan.N, sparse_blocks, True, preset, kernels.isa)
-    sparse = mode != "off" and (est_s * 1.05 < est_d if mode == "auto" else dens < 1.0)
-    return {"isa": kernels.isa, "sparse": sparse, "block_density": round(dens, 4),
-            "est_us_dense": round(est_d, 2), "est_us_sparse": round(est_s, 2)}
+    out = {"isa": kernels.isa, "block_density": round(dens, 4), "est_us_dense": round(est_d, 2),
+           "est_us_sparse": round(est_s, 2)}
+    if mode == "auto" and measure and dens < 1.0:
+        from edge_sparse import targets
+
+        if targets.family_of(preset).can_time(preset):     # time both kernels here instead of trusting the model
+            t = {sp: int8_layer_time_us(plan.M, plan.K, plan.N, plan.wq, sp, preset, activation=plan.act,
+                                        bias=plan.bias is not None) for sp in (False, True)}
+            out["measured_us"] = {"dense": round(t[False], 2), "int8_dense": round(t[False], 2),
+                                  "int8_bsr16x4": round(t[True], 2)}
+            out["sparse"] = t[True] * 1.05 < t[False]
+            return out
+    out["sparse"] = mode != "off" and (est_s * 1.05 < est_d if mode == "auto" else dens < 1.0)
+    return out
 
 
 def _make_mutator():
@@ -337,11 +348,12 @@ def fuse_range_reductions(mod, kernels):
     return _Fuse(mod).transform()
 
 
-def rewrite_qdq(mod, preset, *, mode: str = "auto", log=None):
+def rewrite_qdq(mod, preset, *, mode: str = "auto", measure: bool = False, log=None):
     """Rewrite the quantized matmuls of ``mod`` into int8 kernel calls for a CPU ``preset``; ``(mod, layers)``.
 
     mode: the ``--sparse`` mode; ``off`` keeps every int8 layer dense, ``auto`` picks BSR 16x4 per layer by the cost
-    model, any other mode uses BSR 16x4 wherever a weight has a zero block.
+    model (with ``measure``, by timing both kernels on this machine when the preset runs here), any other mode uses
+    BSR 16x4 wherever a weight has a zero block.
     """
     from tvm import relax
 
@@ -370,7 +382,7 @@ def rewrite_qdq(mod, preset, *, mode: str = "auto", log=None):
                              f"N % {R_INT8} == 0 (K={p.K}, N={p.N})")
                 report.append(entry)
                 continue
-            ch = _choose(p, preset, kernels, mode)
+            ch = _choose(p, preset, kernels, mode, measure)
             p.packed = kernels.pack(p.wq, ch["sparse"])
             kname = f"{'gemv' if p.M == 1 else 'gemm'}_{ch['isa']}"
             p.kernel = f"{'bsr16x4' if ch['sparse'] else 'dense'}_{kname}"
@@ -379,9 +391,16 @@ def rewrite_qdq(mod, preset, *, mode: str = "auto", log=None):
             entry.update(format="int8_bsr16x4" if ch["sparse"] else "int8_dense", kernel=f"int8_{kname}",
                          block_sparsity=round(1 - ch["block_density"], 4), bytes_dense=p.K * p.N,
                          bytes_sparse=p.packed.nbytes if ch["sparse"] else None, est_us_dense=ch["est_us_dense"],
-                         est_us_sparse=ch["est_us_sparse"], reason="" if ch["sparse"] or mode == "off" else
-                         f"dense int8 estimated faster ({ch['est_us_dense']:.1f} us vs bsr16x4 "
-                         f"{ch['est_us_sparse']:.1f} us; {1 - ch['block_density']:.0%} of 16x4 blocks empty)")
+                         est_us_sparse=ch["est_us_sparse"], measured="measured_us" in ch, reason="")
+            if "measured_us" in ch:
+                entry["measured_us"] = ch["measured_us"]
+            if not ch["sparse"] and mode != "off" and ch["block_density"] >= 1.0:
+                entry["reason"] = "no empty 16x4 block"
+            elif not ch["sparse"] and mode != "off":
+                how, (td, ts) = ("measured", (ch["measured_us"]["dense"], ch["measured_us"]["int8_bsr16x4"])) \
+                    if "measured_us" in ch else ("estimated", (ch["est_us_dense"], ch["est_us_sparse"]))
+                entry["reason"] = (f"dense int8 {how} faster ({td:.1f} us vs bsr16x4 {ts:.1f} us; "
+                                   f"{1 - ch['block_density']:.0%} of 16x4 blocks empty)")
             report.append(entry)
             plans.append(p)
     if plans:

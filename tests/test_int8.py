@@ -247,3 +247,18 @@ def test_quantize_then_prune_compiles_to_sparse_int8(quantized, tmp_path):
     x = np.random.default_rng(9).standard_normal((1, 8, 64)).astype(np.float32)
     np.testing.assert_allclose(load(tmp_path / "art").run({"x": x})["y"], ort_run(qp, {"x": x})[0],
                                rtol=1e-4, atol=2e-2)
+
+
+def test_measure_times_int8_candidates(quantized, tmp_path):
+    """compile --measure on a quantized model times the dense and BSR 16x4 int8 kernels of each layer here and
+    keeps the faster; the choice follows the recorded timings."""
+    _, files = quantized
+    man = compiler.compile(str(files[("pruned", "dynamic", True)]), "host", tmp_path / "art", sparse="auto",
+                           measure=True, quiet=True)
+    int8 = [lay for lay in man["layers"] if lay.get("dtype") == "int8"]
+    assert len(int8) == 4
+    for lay in int8:
+        assert lay["measured"] is True
+        t = lay["measured_us"]
+        assert t["int8_dense"] > 0 and t["int8_bsr16x4"] > 0
+        assert (lay["format"] == "int8_bsr16x4") == (t["int8_bsr16x4"] * 1.05 < t["int8_dense"])
