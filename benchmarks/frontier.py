@@ -12,6 +12,8 @@ timed again in ``--rounds`` alternating rounds (each round: our artifact with on
 shared with other jobs: only these side-by-side ratios are meaningful, not the absolute times.
 
     python benchmarks/frontier.py --max-drop 1% --threads 1 --out benchmarks/results/frontier-minilm
+    (the committed run, on a host shared by other jobs: --calib 16 --eval 48 --samples 2 --ladder 0.5,0.7,0.9
+    --max-evals 8 --rounds 5)
 """
 from __future__ import annotations
 
@@ -86,6 +88,9 @@ def main(argv=None) -> int:
     p.add_argument("--calib", type=int, default=64)
     p.add_argument("--eval", type=int, default=200)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--samples", type=int, default=16, help="calibration samples per sensitivity run")
+    p.add_argument("--ladder", default="0.5,0.6,0.7,0.8,0.9", help="sparsities tried per layer")
+    p.add_argument("--max-evals", type=int, default=12, help="configurations measured on the held-out data")
     p.add_argument("--cache", default=None, help="latency cache directory (default: the user cache)")
     p.add_argument("--out", default="benchmarks/results/frontier-minilm")
     args = p.parse_args(argv)
@@ -110,7 +115,9 @@ def main(argv=None) -> int:
         np.savez(tmp / "eval.npz", **_encode(sentences[args.calib:args.calib + args.eval], seq))
         t0 = time.perf_counter()
         front = optimize(src, tmp / "opt", calib=tmp / "calib.npz", eval_data=tmp / "eval.npz",
-                         max_drop=args.max_drop, threads=args.threads, cache_dir=args.cache, quiet=False)
+                         max_drop=args.max_drop, threads=args.threads, cache_dir=args.cache, quiet=False,
+                         sensitivity_samples=args.samples, max_evals=args.max_evals,
+                         ladder=[float(x) for x in args.ladder.split(",")])
         seconds = time.perf_counter() - t0
         art = tmp / "opt" / "artifact"
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -134,6 +141,8 @@ def main(argv=None) -> int:
             "data": {"source": "first lines of Python standard-library docstrings (real English sentences)",
                      "calib": args.calib, "eval": args.eval},
             "max_drop": args.max_drop, "optimize_seconds": round(seconds, 1),
+            "settings": {"sensitivity_samples": args.samples, "ladder": args.ladder, "max_evals": args.max_evals,
+                         "rounds": args.rounds},
             "chosen": {k: front["chosen"][k] for k in ("summary", "drop", "latency_ms", "predicted_ms")},
             "onnxruntime_int8_drop": front["baselines"].get("onnxruntime int8", {}).get("drop"),
             "rounds": rounds, "median_ms": med,

@@ -207,7 +207,9 @@ def test_latency_table_resumes_from_cache(tiny, tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------------------------------------- RPC
 def test_rpc_run_chooses_what_the_local_run_chooses(tiny, tmp_path):
-    from test_bench import HOST, _free_port, _start, _stop, _wait_listening
+    from conftest import start_process_group as _start
+    from conftest import stop_process_group as _stop
+    from test_bench import HOST, _free_port, _wait_listening
 
     port = _free_port()
     proc = _start(["tvm.exec.rpc_server", "--host", HOST, "--port", str(port), "--port-end", str(port + 1)])
