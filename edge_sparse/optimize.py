@@ -46,7 +46,7 @@ __all__ = ["optimize", "pareto_search", "latency_table", "sensitivity_table", "p
 LADDER = (0.5, 0.6, 0.7, 0.8, 0.9)
 FP32_PATTERNS = ("16x1",)
 INT8_PATTERN = "16x4"
-METRICS = ("cosine", "top1")
+METRICS = ("cosine", "pooled-cosine", "top1")
 FRONT_CAP = 4000                 # points kept per Pareto front (exact below this)
 MAX_EVALS = 12                   # configurations applied and measured on held-out data
 CACHE_VERSION = 1
@@ -329,10 +329,29 @@ def _apply(proto, layers: list[_Layer], config: dict[str, str], calib, method, b
     return model
 
 
-def _score(dense_out, out, classifiers, metric: str) -> float:
+def _pool(outputs: dict[str, np.ndarray], inputs: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """Float outputs of rank >= 3 averaged over axis 1 (the sequence), weighted by an ``attention_mask`` input of
+    shape ``[samples, sequence]`` when there is one: a sentence embedding's mean pooling."""
+    mask = (inputs or {}).get("attention_mask")
+    out = {}
+    for name, y in outputs.items():
+        if y.dtype.kind != "f" or y.ndim < 3:
+            out[name] = y
+            continue
+        if mask is not None and mask.shape == y.shape[:2]:
+            w = mask.astype(np.float64).reshape(*mask.shape, *([1] * (y.ndim - 2)))
+            out[name] = (y * w).sum(axis=1) / np.maximum(w.sum(axis=1), 1e-9)
+        else:
+            out[name] = y.mean(axis=1)
+    return out
+
+
+def _score(dense_out, out, classifiers, metric: str, inputs=None) -> float:
     """The metric of ``out`` against the dense model's outputs (1.0 = identical)."""
     from edge_sparse.passes import calibrate
 
+    if metric == "pooled-cosine":
+        dense_out, out = _pool(dense_out, inputs), _pool(out, inputs)
     m = calibrate.compare(dense_out, out, classifiers)
     if metric == "top1":
         vals = [v["top1_agreement"] for v in m.values() if "top1_agreement" in v]
@@ -460,7 +479,7 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
     t0 = time.perf_counter()
     progress = Progress(quiet)
     if metric not in METRICS:
-        raise UserError(f"unknown --metric '{metric}': use {' or '.join(METRICS)}")
+        raise UserError(f"unknown --metric '{metric}': use {', '.join(METRICS)}")
     if max_drop is None and latency_ms is None:
         raise UserError("give an accuracy budget (--max-drop 1%), a latency budget (--latency-ms X) or both")
     drop_budget = parse_drop(max_drop) if max_drop is not None else None
@@ -543,7 +562,7 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
         if choice not in evaluated:
             config = {la.name: la.options[i] for la, i in zip(layers, choice)}
             m = _apply(work, layers, config, calib_data, method_obj, batch)
-            score = _score(dense_eval, calibrate.run_model(m, eval_set, batch), classifiers, metric)
+            score = _score(dense_eval, calibrate.run_model(m, eval_set, batch), classifiers, metric, eval_set)
             evaluated[choice] = {"config": config, "model": m, "drop": max(0.0, 1.0 - score)}
             progress.info(f"evaluated {_summary(config)}: {metric} drop {100 * (1 - score):.3f}%")
         return evaluated[choice]
@@ -652,9 +671,11 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
             "tool": "edge-sparse optimize",
             "model": {"name": path.name, "sha256": sha256_file(path)},
             "target": preset.name, "where": where, "threads": threads,
-            "metric": metric, "metric_definition": (
-                "worst float output's mean per-sample cosine similarity with the dense model" if metric == "cosine"
-                else "top-1 agreement with the dense model on classifier outputs"),
+            "metric": metric, "metric_definition": {
+                "cosine": "worst float output's mean per-sample cosine similarity with the dense model",
+                "pooled-cosine": "the same after mean pooling over axis 1 (weighted by the attention_mask input when "
+                                 "there is one): a sentence embedding's cosine",
+                "top1": "top-1 agreement with the dense model on classifier outputs"}[metric],
             "max_drop": drop_budget, "latency_ms_budget": latency_ms,
             "calibration_samples": calibrate.sample_count(calib_data),
             "eval_samples": calibrate.sample_count(eval_set),
@@ -720,7 +741,8 @@ def _ort_baselines(path, proto, bench_result, eval_set, dense_eval, classifiers,
         with _quiet_ort_logging():
             quantize_dynamic(str(path), str(q), op_types_to_quantize=DYNAMIC_OPS, weight_type=QuantType.QInt8)
         qproto = onnx.load(str(q))
-        drop = max(0.0, 1.0 - _score(dense_eval, calibrate.run_model(qproto, eval_set), classifiers, metric))
+        drop = max(0.0, 1.0 - _score(dense_eval, calibrate.run_model(qproto, eval_set), classifiers, metric,
+                                            eval_set))
         inputs = _first_samples(eval_set, calibrate.input_specs(proto), 1)
         r = run_ort(str(q), inputs, threads, settings["warmup"], settings["repeat"], settings["min_seconds"], None,
                     None)

@@ -74,6 +74,19 @@ def test_parse_drop():
             O.parse_drop(bad)
 
 
+def test_pooled_cosine_weights_by_attention_mask():
+    rng = np.random.default_rng(1)
+    y = rng.standard_normal((3, 5, 4)).astype(np.float32)
+    mask = np.array([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], np.int64)
+    noisy = y.copy()
+    noisy[mask == 0] += 100.0                     # padding positions: ignored by the pooled metric
+    pooled = O._pool({"h": y}, {"attention_mask": mask})["h"]
+    np.testing.assert_allclose(pooled[0], y[0, :2].mean(axis=0), rtol=1e-6)
+    assert O._score({"h": y}, {"h": noisy}, set(), "pooled-cosine", {"attention_mask": mask}) == pytest.approx(1.0)
+    assert O._score({"h": y}, {"h": noisy}, set(), "cosine") < 0.9
+    assert O._pool({"h": y}, None)["h"] == pytest.approx(y.mean(axis=1))
+
+
 # -------------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
