@@ -112,9 +112,10 @@ def _manifest_problem(data: dict[str, Any]) -> str | None:
             if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
                 return f"{kind}[{i}] must be an object with a string 'name'"
             shape = spec.get("shape")
+            # (an output may be empty: a Slice starting past the end gives [20, 0, 5])
             lowest = 1 if kind == "inputs" else -1
             if not isinstance(shape, list) or len(shape) > 32 or \
-                    not all(type(d) is int and lowest <= d < 2 ** 31 and d != 0 for d in shape):
+                    not all(type(d) is int and lowest <= d < 2 ** 31 for d in shape):
                 return f"{kind}[{i}] ('{spec['name']}') has an invalid shape {str(shape)[:60]}"
             if spec.get("dtype") not in _DTYPES:
                 return f"{kind}[{i}] ('{spec['name']}') has an unknown dtype {str(spec.get('dtype'))[:30]!r}"
