@@ -3,6 +3,9 @@
 - :func:`mlp`: MatMul+Add+Relu stack (the shape of transformer FFNs).
 - :func:`cnn`: 3x3 conv, depthwise 3x3, 1x1 convs, BatchNorm folded as Conv bias, pooling, Gemm head.
 - :func:`transformer_block`: one encoder block: self-attention (4 heads), LayerNorm, GELU FFN, residuals.
+- :func:`mbconv`: one MobileNetV2 inverted residual (ReLU6) or EfficientNet MBConv block (swish, squeeze-excitation):
+  1x1 expand, 3x3 depthwise, 1x1 project, residual. ``mbv2_112`` / ``mbv2_56`` / ``effnet_112`` / ``effnet_56`` are
+  the benchmark shapes (expansion 6, at 112x112 and 56x56 as in the networks' early stages).
 """
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["mlp", "cnn", "transformer_block", "save", "OPSET"]
+__all__ = ["mlp", "cnn", "transformer_block", "mbconv", "mbv2_112", "mbv2_56", "effnet_112", "effnet_56", "save",
+           "OPSET"]
 
 OPSET = 17
 
@@ -158,6 +162,77 @@ def transformer_block(batch: int = 1, seq: int = 64, d_model: int = 128, heads: 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, seq, d_model])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, seq, d_model])
     return _model(nodes, [x], [y], inits, "transformer_block")
+
+
+def mbconv(size: int = 56, cin: int = 24, expand: int = 6, cout: int = 24, kind: str = "mbv2", stride: int = 1,
+           se_ratio: float = 0.25, seed: int = 0) -> onnx.ModelProto:
+    """x[1, cin, size, size] -> 1x1 expand + act -> 3x3 depthwise (stride) + act [-> SE] -> 1x1 project [+ x].
+
+    ``kind="mbv2"``: ReLU6 (Clip 0..6), no SE. ``kind="effnet"``: swish ``x * sigmoid(x)`` and squeeze-excitation
+    (global average pool, 1x1 reduce + swish, 1x1 expand + sigmoid, channel scale), as exporters emit them.
+    Batch norms are folded into conv biases (what inference exports contain)."""
+    if kind not in ("mbv2", "effnet"):
+        raise ValueError(f"kind must be 'mbv2' or 'effnet', got {kind!r}")
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], {}
+    mid = cin * expand
+    inits["relu6_min"] = np.array(0.0, np.float32)
+    inits["relu6_max"] = np.array(6.0, np.float32)
+
+    def act(name, inp):
+        if kind == "mbv2":
+            nodes.append(helper.make_node("Clip", [inp, "relu6_min", "relu6_max"], [f"{name}_a"], name=f"{name}/Relu6"))
+        else:
+            nodes.append(helper.make_node("Sigmoid", [inp], [f"{name}_s"], name=f"{name}/Sigmoid"))
+            nodes.append(helper.make_node("Mul", [inp, f"{name}_s"], [f"{name}_a"], name=f"{name}/Swish"))
+        return f"{name}_a"
+
+    def conv(name, inp, ci, co, k, stride=1, group=1):
+        inits[f"{name}.weight"] = _w(rng, co, ci // group, k, k)
+        inits[f"{name}.bias"] = _w(rng, co, scale=0.1)
+        nodes.append(helper.make_node("Conv", [inp, f"{name}.weight", f"{name}.bias"], [f"{name}_c"], name=name,
+                                      kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4, group=group))
+        return f"{name}_c"
+
+    h = act("expand", conv("expand", "x", cin, mid, 1))
+    h = act("dw", conv("dw", h, mid, mid, 3, stride=stride, group=mid))
+    if kind == "effnet":
+        red = max(1, int(cin * se_ratio))
+        nodes.append(helper.make_node("GlobalAveragePool", [h], ["se_pool"], name="se/Pool"))
+        r = act("se_reduce", conv("se_reduce", "se_pool", mid, red, 1))
+        e = conv("se_expand", r, red, mid, 1)
+        nodes.append(helper.make_node("Sigmoid", [e], ["se_gate"], name="se/Sigmoid"))
+        nodes.append(helper.make_node("Mul", [h, "se_gate"], ["se_out"], name="se/Scale"))
+        h = "se_out"
+    out = conv("project", h, mid, cout, 1)
+    out_size = (size + stride - 1) // stride
+    if stride == 1 and cin == cout:
+        nodes.append(helper.make_node("Add", [out, "x"], ["y"], name="residual"))
+    else:
+        nodes.append(helper.make_node("Identity", [out], ["y"], name="output"))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, size, size])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, out_size, out_size])
+    return _model(nodes, [x], [y], inits, f"{kind}_block")
+
+
+def mbv2_112() -> onnx.ModelProto:
+    """MobileNetV2's first expanding block: 16 -> 96 -> 24 channels at 112x112, depthwise stride 2."""
+    return mbconv(size=112, cin=16, expand=6, cout=24, kind="mbv2", stride=2)
+
+
+def mbv2_56() -> onnx.ModelProto:
+    """MobileNetV2's repeated 56x56 block: 24 -> 144 -> 24 channels with a residual."""
+    return mbconv(size=56, cin=24, expand=6, cout=24, kind="mbv2")
+
+
+def effnet_112() -> onnx.ModelProto:
+    """EfficientNet-B0's first expanding MBConv: 16 -> 96 -> 24 at 112x112, stride 2, swish, SE."""
+    return mbconv(size=112, cin=16, expand=6, cout=24, kind="effnet", stride=2)
+
+
+def effnet_56() -> onnx.ModelProto:
+    """EfficientNet-B0's repeated 56x56 MBConv: 24 -> 144 -> 24, swish, SE, residual."""
+    return mbconv(size=56, cin=24, expand=6, cout=24, kind="effnet")
 
 
 def save(model: onnx.ModelProto, path) -> str:

@@ -195,3 +195,54 @@ def test_conv_transpose_builds_for_rpi4(tmp_path):
     man = compiler.compile(_upsampler(tmp_path, "linear"), "rpi4", tmp_path / "art", sparse="off", quiet=True)
     elf = (tmp_path / "art" / man["library"]).read_bytes()[:20]
     assert elf[:4] == b"\x7fELF" and int.from_bytes(elf[18:20], "little") == 183   # EM_AARCH64
+
+
+# ------------------------------------------------------------------------------------------- mobile-CNN epilogues
+def test_fast_sigmoid_error_bound(tmp_path):
+    """Sigmoid and swish go through topi.fast_exp (vectorised polynomial): error against float64 numpy over the
+    whole float range that matters, including saturation (|x| > 88 is clamped)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4096])
+    nodes = [helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Mul", ["x", "s"], ["swish"])]
+    g = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("s", TensorProto.FLOAT, [1, 4096]),
+                                            helper.make_tensor_value_info("swish", TensorProto.FLOAT, [1, 4096])])
+    src = _save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "sig.onnx")
+    compiler.compile(src, "host", tmp_path / "art", sparse="off", quiet=True)
+    xs = np.linspace(-100, 100, 4096, dtype=np.float32)[None]
+    got = runtime.load(tmp_path / "art").run({"x": xs})
+    want = 1.0 / (1.0 + np.exp(-xs.astype(np.float64)))
+    assert np.abs(got["s"] - want).max() < 3e-7
+    rel = np.abs(got["s"] - want) / want
+    assert rel[xs > -87].max() < 1e-6, rel[xs > -87].max()
+    np.testing.assert_allclose(got["swish"], xs * want, rtol=1e-6, atol=1e-30)
+
+
+def test_relu6_stays_channels_last(tmp_path):
+    """Clip(0, 6) after a conv is a Relax maximum/minimum (fused into the conv's epilogue), not an opaque call_tir
+    that the layout conversion wraps in transposes back to NCHW."""
+    import tvm
+    from tvm import relax
+
+    from edge_sparse import targets
+    from edge_sparse.compiler import import_relax
+    from edge_sparse.models import synthetic
+    from edge_sparse.targets.cpu import relax_passes
+
+    path = synthetic.save(synthetic.mbv2_56(), tmp_path / "mbv2.onnx")
+    preset = targets.get("host")
+    mod = import_relax(load_model(path))
+    with preset.tvm_target():
+        mod = tvm.transform.Sequential(relax_passes(preset, lower=False))(mod)
+    names = [gv.name_hint for gv, f in mod.functions_items() if not isinstance(f, relax.Function)]
+    assert not [n for n in names if "maximum" in n and "transpose" in n], names
+    assert [n for n in names if n.startswith("fused_conv2d") and "maximum_minimum" in n], names
+
+
+@pytest.mark.parametrize("name", ["mbv2_56", "effnet_56"])
+def test_mobile_blocks_match_onnxruntime(tmp_path, name):
+    from edge_sparse.models import synthetic
+
+    src = synthetic.save(getattr(synthetic, name)(), tmp_path / f"{name}.onnx")
+    compiler.compile(src, "host", tmp_path / "art", sparse="off", quiet=True)
+    x = np.random.default_rng(6).standard_normal((1, 24, 56, 56)).astype(np.float32)
+    np.testing.assert_allclose(runtime.load(tmp_path / "art").run({"x": x})["y"], ort_run(src, {"x": x})[0],
+                               rtol=1e-4, atol=1e-4)
