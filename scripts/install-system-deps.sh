@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # System packages the tests need: an aarch64 cross compiler (ARM artifacts), qemu-user (runs them), PoCL
-# (a real OpenCL runtime for the GPU kernels), cmake (C++ example). Installs only what is missing.
+# (a real OpenCL runtime for the GPU kernels), cmake (C++ example), wordnet-base (WordNet glosses: MiniLM
+# calibration and distillation text, models/data.py). Installs only what is missing.
 # With arguments, only those packages (make demo: just the cross compiler for the Raspberry Pi artifact).
 set -euo pipefail
-pkgs=(g++-aarch64-linux-gnu qemu-user pocl-opencl-icd ocl-icd-libopencl1 ocl-icd-opencl-dev clinfo cmake)
+pkgs=(g++-aarch64-linux-gnu qemu-user pocl-opencl-icd ocl-icd-libopencl1 ocl-icd-opencl-dev clinfo cmake wordnet-base)
 [ $# -gt 0 ] && pkgs=("$@")
 missing=()
 for p in "${pkgs[@]}"; do
