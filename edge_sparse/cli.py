@@ -539,6 +539,56 @@ def quantize_cmd(model, output, calib, scheme, per_channel, holdout, report, bat
     click.echo(f"report: {report}")
 
 
+@cli.command("recover")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--teacher", required=True, type=click.Path(dir_okay=False), help="The dense ONNX model MODEL was pruned from.")
+@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False),
+              help=".npz of unlabeled inputs by name, samples on the first axis (e.g. 'models get NAME --train N').")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Recovered ONNX file to write.")
+@click.option("--steps", default=1000, show_default=True, type=int, help="Optimizer steps.")
+@click.option("--batch-size", default=32, show_default=True, type=int, help="Samples per step.")
+@click.option("--lr", default=1e-4, show_default=True, type=float, help="Peak AdamW learning rate (warm-up, cosine).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--match-layers", is_flag=True, help="Also match the output of every pruned layer to the teacher's.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False),
+              help="Resumable checkpoint (safetensors) [default: OUTPUT.ckpt.safetensors]; a rerun resumes from it.")
+@click.option("--checkpoint-every", default=200, show_default=True, type=int, help="Steps between checkpoints.")
+@click.option("--threads", type=int, help="CPU threads for PyTorch (default: torch's; 1 on a busy host).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--report", type=click.Path(dir_okay=False), help="JSON report path [default: OUTPUT.report.json].")
+@click.option("--force", is_flag=True, help="Overwrite existing output and report files.")
+@quiet_option
+def recover_cmd(model, teacher, data_path, output, steps, batch_size, lr, device, match_layers, checkpoint,
+                checkpoint_every, threads, seed, report, force, quiet):
+    """Recover a pruned MODEL's accuracy by label-free distillation from its dense teacher (masks frozen).
+
+    Needs the 'recover' extra (PyTorch). Every pruned weight stays exactly zero; the graph is unchanged."""
+    from pathlib import Path
+
+    from edge_sparse.recover import recover
+
+    _quiet(quiet)
+    report = Path(report or Path(output).with_suffix(".report.json"))
+    if report.exists() and not force:
+        raise UserError(f"report {report} already exists; pass --force to overwrite it")
+    if checkpoint_every < 1:
+        raise UserError(f"--checkpoint-every must be >= 1, got {checkpoint_every}")
+    result = recover(model, teacher, data_path, output, steps=steps, batch_size=batch_size, lr=lr, device=device,
+                     match_layers=match_layers, seed=seed, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                     threads=threads, force=force, quiet=quiet)
+    from edge_sparse.pruning import _atomic_write
+
+    _atomic_write(report, lambda tmp: tmp.write_text(json.dumps(result.report, indent=2) + "\n"))
+    if quiet:
+        return
+    loss = result.report["loss"]
+    before = "resumed" if loss["before"] is None else f"{loss['before']:.4g}"
+    click.echo(f"{output}: {steps} steps on {result.report['data']['samples']} samples ({device}, "
+               f"{result.report['train_seconds']} s); distillation loss {before} -> {loss['after']:.4g} "
+               f"on {loss['probe_samples']} samples; {result.report['masked_tensors']} pruned tensors kept their zeros")
+    click.echo(f"report: {report}")
+
+
 @cli.command("analyze")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--pattern", "-p", default="unstructured", show_default=True, help="Pattern to measure.")
