@@ -469,9 +469,15 @@ def _print_accuracy(accuracy: dict) -> None:
 @_prune_options
 @click.option("--force", is_flag=True, help="Overwrite existing output and report files.")
 @click.option("--verbose", "-v", is_flag=True, help="Print the per-layer table.")
+@click.option("--recover-steps", type=int, default=0, metavar="N",
+              help="Then distil N steps against the dense model (as 'edge-sparse recover'; needs the recover extra).")
+@click.option("--recover-data", type=click.Path(dir_okay=False),
+              help="Unlabeled .npz for --recover-steps [default: the calibration part of --calib].")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where --recover-steps trains.")
 @quiet_option
 def prune_cmd(model, output, sparsity, pattern, allocate, holdout, report, calib, calib_random, method, recipe, skip,
-              no_default_skips, batch, seed, force, verbose, quiet):
+              no_default_skips, batch, seed, force, verbose, recover_steps, recover_data, device, quiet):
     """Prune an ONNX MODEL one-shot (see --method) and report the accuracy cost."""
     from pathlib import Path
 
@@ -481,10 +487,22 @@ def prune_cmd(model, output, sparsity, pattern, allocate, holdout, report, calib
     if sparsity is not None:
         sparsity = _parse_fraction(sparsity, "--sparsity")
     report = report or str(Path(output).with_suffix(".report.json"))
+    if recover_steps < 0:
+        raise UserError(f"--recover-steps must be >= 0, got {recover_steps}")
+    if recover_steps and recover_data is None and calib is None:
+        raise UserError("--recover-steps trains on unlabeled inputs: pass --calib FILE.npz or --recover-data FILE.npz")
+    if recover_steps:
+        from edge_sparse.onnx_torch import require_torch
+
+        require_torch()                               # fail before pruning, not after
     result = prune(model, output, sparsity=sparsity, pattern=pattern, method=method, recipe=recipe, calib=calib,
                    calib_random=calib_random, holdout=holdout, allocate_by=allocate,
                    default_skips=not no_default_skips, skip=skip, report_path=report, force=force, seed=seed,
                    batch=batch, quiet=quiet)
+    if recover_steps:
+        result.report["recover"] = _recover_after_prune(model, output, result, recover_steps, recover_data, calib,
+                                                        holdout, device, seed, batch, quiet)
+        atomic_write(report, json.dumps(result.report, indent=2) + "\n")
     rep = result.report
     _warn(rep["warnings"], quiet)
     if quiet:
@@ -500,7 +518,36 @@ def prune_cmd(model, output, sparsity, pattern, allocate, holdout, report, calib
                f"{sp['skipped_layers']} skipped; {sp['overall']:.1%} of {sp['prunable_params']:,d} prunable weights "
                f"are zero")
     _print_accuracy(rep["accuracy"])
+    if "recover" in rep:
+        r = rep["recover"]
+        click.echo(f"recovered: {r['steps']} steps, distillation loss {r['loss']['before']:.4g} -> "
+                   f"{r['loss']['after']:.4g}; accuracy after:")
+        _print_accuracy(r["accuracy"])
     click.echo(f"report: {report}")
+
+
+def _recover_after_prune(model, output, result, steps, data_path, calib, holdout, device, seed, batch, quiet) -> dict:
+    """``prune --recover-steps``: distil the pruned model written to ``output`` (replaced in place, atomically)
+    against ``model``; trains on ``data_path`` or on the calibration part of ``calib`` (never the held-out part)."""
+    import onnx
+
+    from edge_sparse.passes import calibrate
+    from edge_sparse.recover import recover
+
+    dense = onnx.load(str(model))
+    specs = calibrate.input_specs(dense)
+    cal = calibrate.load_calibration(calib, specs) if calib is not None else None
+    train = data_path if data_path is not None else calibrate.split_holdout(cal, specs, holdout)[0]
+    rec = recover(result.model, dense, train, output, steps=steps, device=device, seed=seed, force=True, quiet=quiet)
+    accuracy = {}
+    if cal is not None:
+        classifiers = calibrate.classifier_outputs(dense)
+        for split, part in zip(("calibration", "holdout"), calibrate.split_holdout(cal, specs, holdout)):
+            if part:
+                accuracy[split] = {"samples": calibrate.sample_count(part), "outputs": calibrate.compare(
+                    calibrate.run_model(dense, part, batch), calibrate.run_model(rec.model, part, batch),
+                    classifiers)}
+    return {**rec.report, "accuracy": accuracy}
 
 
 @cli.command("quantize")
@@ -576,9 +623,7 @@ def recover_cmd(model, teacher, data_path, output, steps, batch_size, lr, device
     result = recover(model, teacher, data_path, output, steps=steps, batch_size=batch_size, lr=lr, device=device,
                      match_layers=match_layers, seed=seed, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
                      threads=threads, force=force, quiet=quiet)
-    from edge_sparse.pruning import _atomic_write
-
-    _atomic_write(report, lambda tmp: tmp.write_text(json.dumps(result.report, indent=2) + "\n"))
+    atomic_write(report, json.dumps(result.report, indent=2) + "\n")
     if quiet:
         return
     loss = result.report["loss"]

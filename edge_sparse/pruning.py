@@ -277,7 +277,7 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
 
     from edge_sparse.passes import calibrate
     from edge_sparse.passes import methods as M
-    from edge_sparse.passes.prune import AnnotateSparsity, LayerPlan, PruneWeights
+    from edge_sparse.passes.prune import AnnotateSparsity, AssignConstants, LayerPlan, PruneWeights
     from edge_sparse.passes.prune_masks import parse_pattern
     from edge_sparse.passes.prune_recipe import Recipe, check_sparsity, load_recipe
 
@@ -341,7 +341,11 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
         if fixed is not None and wanted is not None and wanted not in (0.0, fixed):
             raise UserError(f"recipe sets sparsity {wanted:g} for {layer.name}, but its pattern "
                             f"{patterns[layer.name]} prunes exactly {fixed:g}; drop the sparsity or use 0")
-    stats = method_statistics(method, setup.proto, active, calib_part, batch, progress)
+    sequential = getattr(method, "sequential", False)
+    free_any = any(setup.settings[layer.name].sparsity is None for layer in active)
+    # a sequential method collects its statistics layer by layer below; the dense ones only serve sensitivity
+    stats = None if sequential and not (allocate_by == "sensitivity" and free_any) else \
+        method_statistics(method, setup.proto, active, calib_part, batch, progress)
 
     free = [layer for layer in active if setup.settings[layer.name].sparsity is None]
     targets = {layer.name: setup.settings[layer.name].sparsity for layer in active if layer not in free}
@@ -364,9 +368,19 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
             targets[layer.name] = fixed
 
     plan = {name: LayerPlan(patterns[name], s) for name, s in targets.items() if s > 0}
+    recon_facts = None
+    if sequential:
+        from edge_sparse.passes.reconstruct import reconstruct
+
+        with progress.step(f"{method.name}: reconstructing {len(plan)} layers in order on "
+                           f"{calibrate.sample_count(calib_part)} calibration samples"):
+            values, recon_facts = reconstruct(setup.proto, setup.layers, plan, method, calib_part, batch, progress)
+        prune_pass = AssignConstants(values)
+    else:
+        prune_pass = PruneWeights(setup.layers, plan, method, stats)
     with progress.step(f"pruning {len(plan)} layers ({method.name}, {pattern_obj})"):
         irm = ir.passes.Sequential(
-            PruneWeights(setup.layers, plan, method, stats),
+            prune_pass,
             AnnotateSparsity(setup.layers, {n: str(p.pattern) for n, p in plan.items()}, method.name,
                              str(pattern_obj), sparsity),
         )(setup.irm).model
@@ -406,6 +420,8 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
                "skipped": st.skip}
         if sensitivity and layer.name in sensitivity:
             row["sensitivity"] = {f"{lv:g}": v for lv, v in sensitivity[layer.name].items()}
+        if recon_facts and layer.name in recon_facts:
+            row["reconstruction"] = recon_facts[layer.name]
         layer_rows.append(row)
 
     from edge_sparse import __version__

@@ -9,7 +9,7 @@ the pruned ONNX by initializer (or Constant) name, the graph unchanged.
 Loss per output: class scores (an output produced by Softmax) use KL(teacher || student) on the logits; every
 other float output uses the squared error normalised by the teacher's mean square (scale-free, so outputs of
 different magnitude weigh the same). ``match_layers`` adds the same normalised error on the output of every
-pruned MatMul/Gemm/Conv (intermediate matching).
+pruned MatMul/Gemm/Conv (intermediate matching), averaged over those layers and scaled by ``layer_weight``.
 
 A checkpoint (safetensors: weights and AdamW moments; JSON metadata) is written every ``checkpoint_every`` steps;
 a rerun with the same arguments resumes from it. The step's batch is a function of (seed, step), so a resumed run
@@ -18,10 +18,8 @@ draws the batches an uninterrupted run would have.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -31,7 +29,7 @@ from onnx import numpy_helper
 
 from edge_sparse.errors import UserError
 from edge_sparse.progress import Progress
-from edge_sparse.pruning import _atomic_write
+from edge_sparse.util import atomic_path, atomic_write, sha256_bytes, sha256_file
 
 __all__ = ["recover", "RecoverResult", "METADATA_KEY"]
 
@@ -47,7 +45,7 @@ class RecoverResult:
 
 def _load(model, what: str) -> tuple[onnx.ModelProto, Path | None, str]:
     if isinstance(model, onnx.ModelProto):
-        return model, None, hashlib.sha256(model.SerializeToString()).hexdigest()
+        return model, None, sha256_bytes(model.SerializeToString())
     path = Path(model)
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
@@ -55,7 +53,7 @@ def _load(model, what: str) -> tuple[onnx.ModelProto, Path | None, str]:
         proto = onnx.load(str(path))
     except Exception as e:                                    # noqa: BLE001 (any decode failure is the user's file)
         raise UserError(f"{what} {path} is not a readable ONNX file ({type(e).__name__})") from None
-    return proto, path, hashlib.sha256(path.read_bytes()).hexdigest()
+    return proto, path, sha256_file(path)
 
 
 def _softmax_logits(model: onnx.ModelProto) -> dict[str, tuple[str, int]]:
@@ -113,13 +111,8 @@ def _save_checkpoint(path: Path, student, opt, names: list[str], step: int, conf
         if "step" in state:
             tensors[f"step{i}"] = state["step"].detach().cpu().reshape(1).float()
     meta = dict(_checkpoint_meta(config), step=str(step), losses=json.dumps(losses[-1000:]))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _load_checkpoint(path: Path, student, opt, names: list[str], config: dict) -> tuple[int, list]:
@@ -249,9 +242,9 @@ def recover(student, teacher, data, output=None, *, steps: int = 1000, batch_siz
                                           dim=ax).mean()
             else:
                 total = total + ((s - t) ** 2).mean() / (t * t).mean().clamp_min(1e-12)
-        for name in layer_outs:
+        for name in layer_outs:                   # averaged: all layers together weigh like one output
             s, t = s_out[name], t_out[name]
-            total = total + layer_weight * ((s - t) ** 2).mean() / (t * t).mean().clamp_min(1e-12)
+            total = total + layer_weight / len(layer_outs) * ((s - t) ** 2).mean() / (t * t).mean().clamp_min(1e-12)
         return total
 
     probe = np.arange(min(n, PROBE_SAMPLES))
@@ -266,10 +259,10 @@ def recover(student, teacher, data, output=None, *, steps: int = 1000, batch_siz
         student_m.train()
         return sum(vals) / len(probe)
 
-    config = {"student": s_sha, "teacher": t_sha, "data": hashlib.sha256(
-        b"".join(np.ascontiguousarray(feeds[k]).tobytes() for k in sorted(feeds))).hexdigest(),
-        "steps": steps, "batch_size": batch_size, "lr": lr, "match_layers": match_layers, "layer_weight": layer_weight,
-        "seed": seed}
+    config = {"student": s_sha, "teacher": t_sha,
+              "data": sha256_bytes(b"".join(np.ascontiguousarray(feeds[k]).tobytes() for k in sorted(feeds))),
+              "steps": steps, "batch_size": batch_size, "lr": lr, "match_layers": match_layers,
+              "layer_weight": layer_weight, "seed": seed}
     ckpt = Path(checkpoint) if checkpoint is not None else (
         out_path.with_name(out_path.name + ".ckpt.safetensors") if out_path is not None else None)
     start, losses = 0, []
@@ -345,7 +338,7 @@ def recover(student, teacher, data, output=None, *, steps: int = 1000, batch_siz
     except onnx.checker.ValidationError as e:       # a bug, not a user error
         raise RuntimeError(f"recover produced an invalid model: {e}") from None
     if out_path is not None:
-        _atomic_write(out_path, lambda tmp: onnx.save(result, str(tmp)))
+        atomic_write(out_path, lambda f: onnx.save(result, f))
         if ckpt is not None and ckpt.exists():
             ckpt.unlink()                           # finished: the output holds everything the checkpoint did
     return RecoverResult(result, report)

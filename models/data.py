@@ -38,7 +38,8 @@ from edge_sparse.errors import UserError
 from edge_sparse.models.zoo import Wheel, cache_root, ctc_decode, ocr_charset, recipes
 from edge_sparse.progress import Progress
 
-__all__ = ["Dataset", "SPLITS", "dataset", "lee_pairs", "minilm_texts", "ocr_lines", "score", "WORDNET_DIR"]
+__all__ = ["Dataset", "SPLITS", "dataset", "read_written", "lee_pairs", "minilm_texts", "ocr_lines", "score",
+           "WORDNET_DIR"]
 
 SPLITS = ("calib", "train", "eval", "pairs")
 GENSIM = Wheel("gensim", "4.4.0")
@@ -81,7 +82,7 @@ class Dataset:
     source: str = ""
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return int(next(iter(self.inputs.values())).shape[0])
 
     def describe(self) -> dict:
         d = {"model": self.model, "split": self.split, "samples": len(self), "source": self.source}
@@ -295,6 +296,27 @@ def dataset(model: str, split: str, count: int | None = None, cache_dir=None) ->
            f"rendered with Pillow" + (", every other line rotated 180 degrees" if task == "ocr-cls" else ""))
     return Dataset(model, split, _ocr_inputs(model, specs, cache_dir), [s["text"] for s in specs], labels=labels,
                    source=src)
+
+
+def read_written(directory, model: str) -> dict[str, Dataset]:
+    """The splits ``edge-sparse models get MODEL --calib/--train/--eval`` wrote into ``directory``, by split name."""
+    import json
+
+    directory = Path(directory)
+    stem = Path(recipes()[model].filename).stem
+    info_path = directory / f"{stem}.data.json"
+    if not info_path.is_file():
+        raise UserError(f"{info_path} not found: write it with 'edge-sparse models get {model} -o {directory} "
+                        f"--calib N --eval N'")
+    info = json.loads(info_path.read_text())
+    out = {}
+    for split, e in info["splits"].items():
+        with np.load(directory / e["file"], allow_pickle=False) as z:
+            inputs = {k: z[k] for k in z.files}
+        out[split] = Dataset(model, split, inputs, e["texts"], labels=e.get("labels"),
+                             pairs=np.array(e["pairs"]) if "pairs" in e else None,
+                             human=np.array(e["human"]) if "human" in e else None, source=e["source"])
+    return out
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:

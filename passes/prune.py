@@ -24,7 +24,8 @@ from onnx_ir.passes import InPlacePass, PassResult
 from edge_sparse.passes import methods as M
 from edge_sparse.passes.prune_masks import Pattern, from_canonical, to_canonical
 
-__all__ = ["PrunableLayer", "LayerPlan", "find_prunable_layers", "default_skips", "PruneWeights", "AnnotateSparsity",
+__all__ = ["PrunableLayer", "LayerPlan", "find_prunable_layers", "default_skips", "PruneWeights", "AssignConstants",
+           "AnnotateSparsity",
            "prune_weight", "get_weight", "set_weight",
            "METADATA_KEY", "HEAD_OPS"]
 
@@ -51,6 +52,7 @@ class PrunableLayer:
     activation: str
     feature_axis: int
     repeat: int = 1
+    conv: dict | None = None           # Conv only: strides, pads, dilations (reconstruction unfolds the input)
 
     @property
     def size(self) -> int:
@@ -173,7 +175,14 @@ def find_prunable_layers(model: ir.Model) -> tuple[list[PrunableLayer], list[dic
                 reject(f"conv weight has rank {len(shape)}")
                 continue
             axis, repeat = 1, int(np.prod(shape[2:]))
-        layers.append(PrunableLayer(weight.name, name, node.op_type, shape, trans_b, node.inputs[0].name, axis, repeat))
+        conv = None
+        if node.op_type == "Conv":
+            conv = {k: list(node.attributes[k].value) for k in ("strides", "pads", "dilations") if k in node.attributes}
+            auto = node.attributes.get("auto_pad")
+            if auto is not None and auto.value not in ("NOTSET", b"NOTSET"):
+                conv["auto_pad"] = str(auto.value)
+        layers.append(PrunableLayer(weight.name, name, node.op_type, shape, trans_b, node.inputs[0].name, axis, repeat,
+                                    conv))
     return layers, rejected
 
 
@@ -266,6 +275,29 @@ class PruneWeights(InPlacePass):
                 modified = True
             self.reached[name] = float(np.count_nonzero(pruned == 0) / pruned.size)
         return PassResult(model, modified)
+
+
+class AssignConstants(InPlacePass):
+    """Set constant tensors (initializers or Constant nodes) to new values by name: the weights and biases a
+    reconstructing method computed (:func:`edge_sparse.passes.reconstruct.reconstruct`)."""
+
+    def __init__(self, values: dict[str, np.ndarray]):
+        super().__init__()
+        self.values = values
+
+    def call(self, model: ir.Model) -> PassResult:
+        todo = dict(self.values)
+        for name in list(todo):
+            value = model.graph.initializers.get(name)
+            if value is not None and value.const_value is not None:
+                value.const_value = ir.tensor(todo.pop(name), name=name)
+        for node in model.graph:
+            if node.op_type == "Constant" and node.outputs[0].name in todo:
+                name = node.outputs[0].name
+                node.attributes["value"] = ir.AttrTensor("value", ir.tensor(todo.pop(name), name=name))
+        if todo:
+            raise KeyError(f"no constant named {next(iter(todo))}")
+        return PassResult(model, bool(self.values))
 
 
 class AnnotateSparsity(InPlacePass):

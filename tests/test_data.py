@@ -1,0 +1,102 @@
+"""Real evaluation data from packages (models/data.py): deterministic, held-out disjoint from calibration and
+training data, the scores computed as documented, and ``models get --calib/--train/--eval`` writing them."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edge_sparse.models import data, zoo
+
+from conftest import invoke
+
+
+def test_minilm_text_splits_are_deterministic_and_disjoint():
+    ev, src = data.minilm_texts("eval", 600)
+    assert "lee_background" in src and len(set(ev)) == 600
+    cal, _ = data.minilm_texts("calib", 256)
+    tr, tsrc = data.minilm_texts("train", 5000)
+    assert "wordnet" in tsrc
+    assert data.minilm_texts("eval", 600)[0] == ev and data.minilm_texts("train", 5000)[0] == tr
+    assert not set(ev) & (set(cal) | set(tr)) and not set(cal) & set(tr)
+    docs, pairs, human = data.lee_pairs()
+    assert len(docs) == 50 and pairs.shape == (1225, 2) and human.shape == (1225,)
+    assert (pairs[:, 0] < pairs[:, 1]).all() and 0 <= human.min() and human.max() <= 1
+    assert not any(s in d for s in ev + cal + tr for d in docs)          # held-out documents never used elsewhere
+    with pytest.raises(data.UserError, match="available"):
+        data.minilm_texts("eval", 10 ** 6)
+
+
+def test_minilm_dataset_tokenizes_like_the_zoo_sample():
+    ds = data.dataset("minilm-l6", "eval", 3)
+    assert set(ds.inputs) == {"input_ids", "attention_mask", "token_type_ids"} and len(ds) == 3
+    from edge_sparse.models.minilm import WordPiece
+
+    vocab = zoo._MINILM.read(zoo._MINILM_DIR + "vocab.txt", None, zoo.cache_root(), zoo.Progress(True)).decode()
+    ref = WordPiece(vocab).encode(ds.texts[1])
+    np.testing.assert_array_equal(ds.inputs["input_ids"][1:2], ref["input_ids"])
+
+
+@pytest.mark.parametrize("model", ["ppocr-rec", "ppocr-cls"])
+def test_ocr_lines_are_deterministic_and_disjoint(model):
+    ev = data.ocr_lines(model, "eval", 300)
+    assert ev == data.ocr_lines(model, "eval", 300)
+    held = {s["text"] for s in ev}
+    for split in ("calib", "train"):
+        lines = data.ocr_lines(model, split, 300)
+        assert not held & {s["text"] for s in lines}
+    assert all(len(s["text"]) <= data.MAX_CHARS or not s["text"].isascii() for s in ev)
+    if model == "ppocr-cls":
+        assert [s["rotate"] for s in ev[:4]] == [False, True, False, True]
+    else:
+        assert any(not s["text"].isascii() for s in ev)                   # Chinese lines are in the rec set
+
+
+def test_ocr_rendering_is_deterministic_and_the_dense_models_read_it():
+    a = data.dataset("ppocr-rec", "eval", 24)
+    b = data.dataset("ppocr-rec", "eval", 24)
+    np.testing.assert_array_equal(a.inputs["x"], b.inputs["x"])
+    from edge_sparse.passes import calibrate
+    import onnx
+
+    path = zoo.get("ppocr-rec")
+    out = calibrate.run_model(onnx.load(str(path)), a.inputs)
+    s = data.score(a, out, dense=out, charset=zoo.ocr_charset(path))
+    assert s["line_accuracy"] >= 0.75 and s["cer"] < 0.1 and s["agreement"] == 1.0
+    cls = data.dataset("ppocr-cls", "eval", 24)
+    out = calibrate.run_model(onnx.load(str(zoo.get("ppocr-cls"))), cls.inputs)
+    assert data.score(cls, out)["accuracy"] >= 0.9
+
+
+def test_scores_against_hand_computed_values():
+    ds = data.Dataset("ppocr-cls", "eval", {"x": np.zeros((4, 1))}, ["a"] * 4, labels=[0, 1, 1, 0])
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.6, 0.4]])
+    assert data.score(ds, {"p": probs})["accuracy"] == 0.75
+    charset = ["<blank>", "a", "b", " "]
+    # "ab" read as "abb" (one insertion); "ba" exact
+    seqs = [[1, 0, 2, 2, 0, 2], [2, 2, 1, 0, 0, 0]]
+    onehot = np.eye(4)[np.array(seqs)]
+    ds = data.Dataset("ppocr-rec", "eval", {"x": np.zeros((2, 1))}, ["ab", "ba"], labels=["ab", "ba"])
+    s = data.score(ds, {"p": onehot}, charset=charset)
+    assert s["line_accuracy"] == 0.5 and s["cer"] == pytest.approx(1 / 4)
+    # spearman with ties equals the rank correlation computed by hand
+    a, b = np.array([1.0, 2.0, 2.0, 3.0]), np.array([0.1, 0.3, 0.2, 0.4])
+    ra, rb = np.array([0, 1.5, 1.5, 3]), np.array([0, 2, 1, 3])
+    assert data._spearman(a, b) == pytest.approx(np.corrcoef(ra, rb)[0, 1])
+
+
+def test_models_get_writes_data_files(tmp_path):
+    r = invoke(["models", "get", "ppocr-cls", "-o", tmp_path, "--calib", "6", "--eval", "8", "--train", "4", "-q"])
+    assert r.exit_code == 0, r.output
+    info = json.loads((tmp_path / "ch_ppocr_mobile_v2.0_cls_infer.data.json").read_text())
+    assert {k: v["samples"] for k, v in info["splits"].items()} == {"calib": 6, "train": 4, "eval": 8}
+    assert info["splits"]["eval"]["labels"] == [0, 1] * 4 and "trdg==1.8.0" in info["splits"]["eval"]["source"]
+    back = data.read_written(tmp_path, "ppocr-cls")
+    np.testing.assert_array_equal(back["eval"].inputs["x"], data.dataset("ppocr-cls", "eval", 8).inputs["x"])
+    with np.load(tmp_path / "ch_ppocr_mobile_v2.0_cls_infer.calib.npz", allow_pickle=False) as z:
+        assert list(z.files) == ["x"] and z["x"].shape == (6, 3, 48, 192)
+    r = invoke(["models", "get", "ppocr-cls", "-o", tmp_path, "--eval", "8"])
+    assert r.exit_code == 2 and "exists" in r.output
+    r = invoke(["models", "get", "ppocr-cls", "-o", tmp_path / "x", "--eval", "0"])
+    assert r.exit_code == 2 and "at least 1" in r.output
