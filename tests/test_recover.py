@@ -145,3 +145,18 @@ def test_unsupported_operator_is_one_line(tmp_path):
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])])
     with pytest.raises(UserError, match="operator Einsum .* not supported"):
         OnnxModule(helper.make_model(g))
+
+
+def test_prune_then_recover_in_one_command(pruned, tmp_path):
+    dense, _, data = pruned
+    out = tmp_path / "pr.onnx"
+    r = invoke(["prune", dense, "-o", out, "-s", "0.75", "-p", "4x1", "-m", "magnitude", "--calib", data,
+                "--recover-steps", "20", "-q"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(out.with_suffix(".report.json").read_text())["recover"]
+    assert rep["steps"] == 20 and rep["data"]["samples"] == 72            # the calibration part, not the held-out 24
+    assert rep["loss"]["after"] < rep["loss"]["before"] and rep["accuracy"]["holdout"]["samples"] == 24
+    plain = pruning.prune(dense, sparsity=0.75, pattern="4x1", method="magnitude", calib=data, quiet=True).model
+    a, b = _constants(plain), _constants(onnx.load(str(out)))
+    for name in masked_constants(plain):                                   # the same zeros as pruning alone
+        assert np.array_equal(a[name] == 0, b[name] == 0), name
