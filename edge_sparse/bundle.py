@@ -524,6 +524,16 @@ Before loading, the runner checks `model.so` against its sha256 in `manifest.jso
 mismatch stops with an error instead of crashing later). Keep `lib/` next to `bin/` and do not set
 `LD_LIBRARY_PATH` to another TVM.
 
+## Without a board: under qemu on an x86 machine
+
+```sh
+sudo apt-get install qemu-user g++-aarch64-linux-gnu     # qemu-aarch64 and an aarch64 glibc in /usr/aarch64-linux-gnu
+cd {name} && qemu-aarch64 ./run --info && qemu-aarch64 ./run --bench 20       # self-contained (next section)
+qemu-aarch64 -L /usr/aarch64-linux-gnu {name}/bin/edge-sparse-run --bench 20   # the glibc runner
+```
+
+Emulated timings say nothing about the board's speed; use them to check that the bundle runs and matches.
+
 ## Any aarch64 Linux or Android phone, nothing installed, no NDK
 
 `./run` is the same runner with its own C library: it starts through the glibc loader in `lib/sysroot/` (from the
@@ -550,8 +560,10 @@ python3 -c "import edge_sparse.runtime as r; m = r.load('{name}'); print(m.run(m
 
 ## In a C++ app
 
-Copy `include/edge_sparse.hpp`; compile with `-std=c++17 -Iinclude`, link `-Llib -ltvm_runtime -ltvm_ffi -ldl`
-and ship `lib/` with the app (see examples/cpp in the edge-sparse repository):
+Copy `include/edge_sparse.hpp`; compile with `-std=c++17 -Iinclude`, link
+`-Llib -Wl,--no-as-needed -ltvm_runtime -ltvm_ffi -Wl,--as-needed -ldl` (`--no-as-needed`: the app calls nothing in
+libtvm_runtime itself, but the Relax VM that `model.so` needs lives there) and ship `lib/` with the app (see
+examples/cpp in the edge-sparse repository):
 
 ```cpp
 edge_sparse::Model model("{name}");

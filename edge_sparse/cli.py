@@ -146,9 +146,9 @@ def compile_cmd(model, target, target_file, output, input_shapes, input_values, 
                              quiet=quiet, input_values=_parse_values(input_values))
     if verbose:
         _print_layers(manifest.get("layers", []))
-    size = sum(f["bytes"] for f in manifest["files"].values())
+    lib_mb = manifest["files"][manifest["library"]]["bytes"] / 1e6     # the library alone; a bundle's total below
     if not quiet:
-        click.echo(f"{output}: {manifest['library']} for {manifest['target']['name']}, {size / 1e6:.2f} MB, "
+        click.echo(f"{output}: {manifest['library']} for {manifest['target']['name']}, {lib_mb:.2f} MB, "
                    f"compiled in {manifest['compile']['seconds']:.1f} s")
     from edge_sparse.bundle import summary_lines
 
@@ -757,7 +757,7 @@ def check_opencl_cmd(source, model_path, target, input_shapes, sparse, device, i
 # ---------------------------------------------------------------------------------------------- bench
 @cli.command("bench")
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path(file_okay=False))
-@click.option("--rpc", metavar="HOST:PORT", help="Run on a TVM RPC server (python -m tvm.exec.rpc_server --host ...).")
+@click.option("--rpc", metavar="HOST:PORT", help="Run on a TVM RPC server (python -m tvm.exec.rpc_server --host 127.0.0.1, reached over SSH).")
 @click.option("--tracker", metavar="HOST:PORT", help="Request a server from a TVM RPC tracker (with --key).")
 @click.option("--key", help="Device key registered at the tracker.")
 @click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs before timing.")
@@ -847,7 +847,8 @@ def tune_cmd(model, target, target_file, output, trials, input_shapes, tracker, 
                    input_shapes=_parse_shapes(input_shapes), target_file=target_file, tracker=tracker, key=key,
                    rpc=rpc, force=force, quiet=quiet)
     if not quiet:
-        click.echo(f"{summary['database']}: {summary['records']} records from {summary['trials']} trials on "
+        failed = f" ({summary['failed']} failed candidates not counted)" if summary.get("failed") else ""
+        click.echo(f"{summary['database']}: {summary['records']} usable records{failed} from {summary['trials']} trials on "
                    f"{summary['target']} in {summary['seconds']} s; compile with --tuning-db {summary['database']}")
 
 

@@ -1,14 +1,15 @@
 """TVM RPC sessions for ``edge-sparse bench --rpc/--tracker``, with timeouts and one-line errors.
 
-On the device (bind the address you connect to; never 0.0.0.0 by default)::
+On the device, bound to 127.0.0.1 (never leave out ``--host``)::
 
     TVM_BIND_THREADS=0 python -m tvm.exec.rpc_server --host 127.0.0.1 --port 9090
     # through a tracker on the host:
     python -m tvm.exec.rpc_tracker --host 127.0.0.1 --port 9190
     python -m tvm.exec.rpc_server --host 127.0.0.1 --port 9090 --tracker 127.0.0.1:9190 --key rpi5
 
-For a board on the network, bind the board's own LAN address (``--host 192.168.1.42``) or keep 127.0.0.1 and
-forward the port over SSH (``ssh -L 9090:127.0.0.1:9090 pi@board``).
+For a board on the network keep 127.0.0.1 and forward the ports over SSH (``ssh -L 9090:127.0.0.1:9090
+-R 9190:127.0.0.1:9190 pi@board``): a TVM RPC server runs whatever code a client sends, without authentication, so
+it must never listen on a network interface (without ``--host`` it listens on all of them).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Any, Callable
 from edge_sparse.errors import UserError
 from edge_sparse.util import parse_host_port
 
-__all__ = ["connect", "probe", "describe_error"]
+__all__ = ["connect", "check_tracker", "probe", "describe_error"]
 
 DEFAULT_SERVER_PORT = 9090
 DEFAULT_TRACKER_PORT = 9190
@@ -113,6 +114,23 @@ def connect(rpc: str | None = None, *, tracker: str | None = None, key: str | No
             raise UserError(describe_error(e, where, handshake=True)) from None
         return sess, f"rpc {host}:{port}"
 
+    client, host, port = check_tracker(tracker, key, timeout)
+    where = f"RPC tracker {host}:{port}"
+    try:
+        sess = _with_timeout(lambda: client.request(key, session_timeout=session_timeout, max_retry=1), timeout,
+                             f"{where}: no free '{key}' server within {timeout:g} s (all busy?)")
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(describe_error(e, f"{where} key '{key}'")) from None
+    return sess, f"tracker {host}:{port} key {key}"
+
+
+def check_tracker(tracker: str, key: str | None, timeout: float = 10.0) -> tuple[Any, str, int]:
+    """(tracker client, host, port) once the tracker answers and a server has registered ``key``; else one
+    UserError line (unreachable, not a tracker, key unknown)."""
+    from tvm import rpc as tvm_rpc
+
     if not key:
         raise UserError("--tracker needs --key KEY (the key the RPC server registered with)")
     host, port = parse_host_port(tracker, DEFAULT_TRACKER_PORT, "--tracker")
@@ -134,11 +152,4 @@ def connect(rpc: str | None = None, *, tracker: str | None = None, key: str | No
     if key not in keys:
         raise UserError(f"{where} has no server with key '{key}' (registered: {', '.join(sorted(keys)) or 'none'}); start one with "
                         f"'python -m tvm.exec.rpc_server --host 127.0.0.1 --tracker {host}:{port} --key {key}'")
-    try:
-        sess = _with_timeout(lambda: client.request(key, session_timeout=session_timeout, max_retry=1), timeout,
-                             f"{where}: no free '{key}' server within {timeout:g} s (all busy?)")
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(describe_error(e, f"{where} key '{key}'")) from None
-    return sess, f"tracker {host}:{port} key {key}"
+    return client, host, port

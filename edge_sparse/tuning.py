@@ -17,7 +17,30 @@ from edge_sparse.errors import UserError
 from edge_sparse.progress import Progress
 from edge_sparse.util import atomic_dir, check_output, parse_host_port
 
-__all__ = ["tune"]
+__all__ = ["tune", "count_records"]
+
+
+FAILED_RUN_SECS = 1e9   # meta_schedule records a failed build or run as 1e10 s
+
+
+def count_records(path: Path) -> tuple[int, int]:
+    """(usable, failed) tuning records in a meta_schedule JSON database file."""
+    import json
+
+    good = bad = 0
+    if not path.is_file():
+        return 0, 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        body = rec[1] if isinstance(rec, list) and len(rec) > 1 else rec
+        secs = body.get("run_secs") if isinstance(body, dict) else None
+        if secs and all(float(s) < FAILED_RUN_SECS for s in secs):
+            good += 1
+        else:
+            bad += 1
+    return good, bad
 
 
 def tune(model: str | os.PathLike, target: str = "host", out_db: str | os.PathLike = "tuning_db", *,
@@ -37,8 +60,11 @@ def tune(model: str | os.PathLike, target: str = "host", out_db: str | os.PathLi
         raise UserError(f"--trials must be >= 1, got {trials}")
     if rpc is not None:
         raise UserError("meta_schedule measures through an RPC tracker, not a bare server: start "
-                        "'python -m tvm.exec.rpc_tracker --port 9190', register the device with "
-                        "'python -m tvm.exec.rpc_server --tracker HOST:9190 --key KEY', then pass --tracker HOST:9190 --key KEY")
+                        "'python -m tvm.exec.rpc_tracker --host 127.0.0.1 --port 9190', tunnel with "
+                        "'ssh -L 9090:127.0.0.1:9090 -R 9190:127.0.0.1:9190 USER@DEVICE', on the device run "
+                        "'python -m tvm.exec.rpc_server --host 127.0.0.1 --port 9090 --tracker 127.0.0.1:9190 --key KEY', "
+                        "then pass --tracker 127.0.0.1:9190 --key KEY (never omit --host: an RPC server runs any "
+                        "code it is sent, without authentication; docs/dense-cpu.md)")
     if tracker is not None and not key:
         raise UserError("--tracker needs --key (the device key the RPC server registered with)")
     if tracker is None and not preset.is_native:
@@ -56,6 +82,9 @@ def tune(model: str | os.PathLike, target: str = "host", out_db: str | os.PathLi
         mod = family.prepare_for_tuning(import_relax(intake), preset)
     runner = "local"
     if tracker is not None:
+        from edge_sparse.rpc import check_tracker
+
+        check_tracker(tracker, key)               # before minutes of search whose every measurement would fail
         host, port = parse_host_port(tracker, None, "--tracker")
         runner = ms.runner.RPCRunner(rpc_config=ms.runner.RPCConfig(tracker_host=host, tracker_port=port,
                                                                     tracker_key=key, session_timeout_sec=120))
@@ -63,11 +92,12 @@ def tune(model: str | os.PathLike, target: str = "host", out_db: str | os.PathLi
         ms.relax_integration.tune_relax(
             mod=mod, params={}, target=preset.tvm_target(), work_dir=str(stage), max_trials_global=trials,
             runner=runner, num_trials_per_iter=min(64, max(4, trials // 4)))
-    records = 0
-    rec_file = out / "database_tuning_record.json"
-    if rec_file.exists():
-        records = sum(1 for line in rec_file.read_text().splitlines() if line.strip())
-    summary = {"database": str(out), "target": preset.name, "trials": trials, "records": records,
+        records, failed = count_records(stage / "database_tuning_record.json")
+        if records == 0:                          # raising here removes the staging directory: nothing is written
+            how = f"all {failed} measured candidates failed" if failed else "no candidate was measured"
+            raise UserError(f"tuning found nothing: {how} (build timeouts or errors, or the device/runner failed"
+                            f"{'; check the RPC server of key ' + repr(key) if tracker else ''}); nothing was written")
+    summary = {"database": str(out), "target": preset.name, "trials": trials, "records": records, "failed": failed,
                "seconds": round(time.perf_counter() - t0, 1)}
     progress.info(f"wrote {out}: {records} tuning records in {summary['seconds']} s")
     return summary

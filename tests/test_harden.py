@@ -642,3 +642,142 @@ def test_stopping_a_test_rpc_server_leaves_no_popen_worker():
     stop_process_group(proc)
     time.sleep(0.5)
     assert _group_members(proc.pid) == []
+
+
+# ------------------------------------------------------------------------------------ 9: tune with every trial failed
+def test_tune_with_every_trial_failed_is_an_error(synthetic_models, tmp_path, monkeypatch):
+    """Every candidate's build fails (real meta_schedule search and database; the builder function raises as a timed
+    out build does): tune used to exit 0 and report the failed records; now one line, exit 2, no database."""
+    from tvm.s_tir import meta_schedule as ms
+
+    real = ms.relax_integration.tune_relax
+
+    def _build_times_out(*args, **kwargs):          # a local function: cloudpickle ships it to the build worker
+        raise TimeoutError("builder timeout")       # what a build that exceeds LocalBuilder's timeout_sec reports
+
+    def with_failing_builder(**kw):
+        return real(builder=ms.builder.LocalBuilder(f_build=_build_times_out, max_workers=1), **kw)
+
+    monkeypatch.setattr(ms.relax_integration, "tune_relax", with_failing_builder)
+    out = tmp_path / "db"
+    assert_bad_input(["tune", synthetic_models["mlp"], "-o", out, "--trials", "4"], "tuning found nothing",
+                     "failed", inputs=[synthetic_models["mlp"]], outputs=[out])
+
+
+def test_tune_with_unreachable_tracker_fails_before_the_search(synthetic_models, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]                     # closed again: nothing listens there
+    out = tmp_path / "db"
+    assert_bad_input(["tune", synthetic_models["mlp"], "-o", out, "--trials", "4", "--target", "rpi4",
+                      "--tracker", f"127.0.0.1:{port}", "--key", "pi"], "unreachable",
+                     inputs=[synthetic_models["mlp"]], outputs=[out], timeout=120)
+
+
+def test_count_records_separates_failed_runs(tmp_path):
+    from edge_sparse.tuning import count_records
+
+    f = tmp_path / "database_tuning_record.json"
+    f.write_text('[0, {"trace": [], "run_secs": [1e10]}]\n[1, {"trace": [], "run_secs": [0.0012, 0.0011]}]\n'
+                 '[1, {"trace": [], "run_secs": []}]\n')
+    assert count_records(f) == (1, 2)
+
+
+# ------------------------------------------------------------------------------------ 8: RPC commands bind 127.0.0.1
+def test_every_documented_rpc_command_binds_loopback():
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    files = [*root.glob("docs/*.md"), root / "README.md", *root.glob("edge_sparse/*.py"), *root.glob("examples/**/*.md")]
+    found = []
+    for f in files:
+        for line in f.read_text().splitlines():
+            for m in re.finditer(r"tvm\.exec\.(rpc_server|rpc_tracker)\b[^'\"`\n]*", line):
+                cmd = m.group(0)
+                if cmd.rstrip().endswith(("rpc_server", "rpc_tracker")) and "--" not in cmd:
+                    continue                          # prose naming the module, not a command line
+                found.append((f.name, cmd))
+                assert "--host 127.0.0.1" in cmd, f"{f.name}: {cmd!r} does not bind 127.0.0.1"
+    assert any(name == "dense-cpu.md" for name, _ in found)
+
+
+def test_tune_rpc_error_shows_loopback_and_tunnel(synthetic_models, tmp_path):
+    r = assert_bad_input(["tune", synthetic_models["mlp"], "-o", tmp_path / "db", "--rpc", "127.0.0.1:9090"],
+                         "--host 127.0.0.1", "ssh -L", inputs=[synthetic_models["mlp"]], outputs=[tmp_path / "db"])
+    assert "--tracker HOST" not in r.error
+
+
+# ------------------------------------------------------------------------------------ 17: docs that work as written
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _table(text: str) -> list[str]:
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("| model | config |"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
+def test_e2e_table_has_one_source_the_benchmark_json():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("e2e_bench", _ROOT / "benchmarks" / "e2e.py")
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+    result = json.loads((_ROOT / "docs" / "e2e" / "e2e.json").read_text())
+    generated = _table(e2e.markdown(result))
+    assert _table((_ROOT / "docs" / "e2e" / "e2e.md").read_text()) == generated
+    assert _table((_ROOT / "README.md").read_text()) == generated
+    assert "| model | config |" not in (_ROOT / "docs" / "models.md").read_text()     # no second, stale copy
+
+
+def test_documented_cross_build_finds_its_toolchain(tmp_path):
+    """docs/deploy.md's cmake line, run as written from the repository root: the toolchain file is found (a
+    relative path was resolved against the build directory and failed)."""
+    import re
+    import shutil
+
+    if shutil.which("cmake") is None or shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.fail("cmake and g++-aarch64-linux-gnu are installed by scripts/install-system-deps.sh")
+    text = (_ROOT / "docs" / "deploy.md").read_text()
+    m = re.search(r"^cmake -S examples/cpp -B build-arm (.*?)\\\n\s*(-DEDGE_SPARSE_BUNDLE=\S+)", text, re.M)
+    assert m, "deploy.md lost its cross-build command"
+    args = (m.group(1) + " " + m.group(2)).replace("$PWD", str(_ROOT)).split()
+    args = [a for a in args if not a.startswith("-DEDGE_SPARSE_BUNDLE")] + [f"-DEDGE_SPARSE_BUNDLE={tmp_path / 'b'}"]
+    p = subprocess.run(["cmake", "-S", "examples/cpp", "-B", str(tmp_path / "build-arm"), *args], cwd=_ROOT,
+                       capture_output=True, text=True, timeout=300)
+    out = p.stdout + p.stderr
+    assert "Could not find toolchain file" not in out, out[-2000:]
+    assert "has no include/edge_sparse.hpp" in out, out[-2000:]     # got as far as checking the (missing) bundle
+
+
+def test_run_md_documents_qemu_and_no_as_needed():
+    from edge_sparse import bundle
+
+    src = Path(bundle.__file__).read_text()
+    assert "qemu-aarch64 -L /usr/aarch64-linux-gnu" in src and "qemu-aarch64 ./run" in src
+    c_app = src[src.index("## In a C++ app"):src.index("## Rebuilding the runner")]
+    assert "-Wl,--no-as-needed -ltvm_runtime" in c_app
+    deploy = (_ROOT / "docs" / "deploy.md").read_text()
+    assert "qemu-aarch64 -L /usr/aarch64-linux-gnu" in deploy
+
+
+def test_compile_prints_the_library_size_not_the_bundle_total(synthetic_models, tmp_path, monkeypatch):
+    """A bundle's manifest lists model.so plus the runtime and runner: the artifact line gives model.so's size (it
+    printed the bundle's total, 7.90 MB, as the size of a 1.3 MB model.so); the bundle line gives the total."""
+    from conftest import invoke
+
+    files = {"model.so": 1_300_000, "lib/libtvm_runtime.so": 3_100_000, "lib/libtvm_ffi.so": 1_000_000,
+             "bin/edge-sparse-run": 500_000, "lib/sysroot/libc.so.6": 2_000_000}
+    manifest = {"library": "model.so", "target": {"name": "rpi5"}, "compile": {"seconds": 1.0},
+                "files": {k: {"bytes": v, "sha256": "0" * 64} for k, v in files.items()},
+                "bundle": {"sizes": {"model": 1_300_000, "runtime": 4_100_000, "runner": 2_500_000,
+                                     "device": 7_900_000, "sdk": 1_000_000}}}
+    monkeypatch.setattr(compiler, "compile", lambda *a, **k: manifest)
+    r = invoke(["compile", synthetic_models["cnn"], "-o", tmp_path / "art", "--target", "rpi5"])
+    assert r.exit_code == 0, r.output
+    first, bundle_line = r.output.splitlines()[:2]
+    assert "model.so for rpi5, 1.30 MB" in first, first
+    assert bundle_line.startswith("bundle: model 1.3") and "7.9" in bundle_line, bundle_line
