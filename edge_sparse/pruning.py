@@ -233,6 +233,10 @@ def _setup(model, recipe, default_skips, skip, calib, calib_random, seed, batch)
     proto, restore = float_weight_view(proto, name)       # a QDQ model is pruned on its exact float weights
     data, desc, warnings = _calibration(proto, calib, calib_random, seed)
     warnings = warnings + _non_finite_warnings(proto, data)
+    if data is not None and calib_random is None:
+        from edge_sparse.passes import calibrate
+
+        warnings += calibrate.sample_warnings(data, calibrate.input_specs(proto))
     irm = ir.serde.deserialize_model(proto)
     layers, rejected = find_prunable_layers(irm)
     if not layers:
@@ -403,7 +407,8 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
             accuracy[split] = {"samples": calibrate.sample_count(part),
                                "outputs": calibrate.compare(dense_out, pruned_out, classifiers)}
     if not held_part:
-        warnings.append("no held-out split (too few samples or --holdout 0): accuracy is on calibration data only")
+        warnings.append("no held-out split (too few samples, --holdout 0, or every held-out sample repeats a calibration "
+                        "sample): accuracy is on calibration data only")
 
     from edge_sparse.passes.prune import get_weight
 

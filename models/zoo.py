@@ -255,9 +255,18 @@ def ctc_decode(probs: np.ndarray, charset: list[str]) -> list[str]:
     return texts
 
 
+def nth_text(texts: tuple[str, ...], index: int) -> str:
+    """The index-th of an endless sequence of distinct texts: ``texts`` first, then each text numbered again
+    ("... 2", "... 3"): sample inputs never repeat (a 64-sample file used to hold 16 distinct ones)."""
+    if index < 0:
+        raise UserError(f"sample index must be >= 0, got {index}")
+    base, round_ = texts[index % len(texts)], index // len(texts)
+    return base if round_ == 0 else f"{base} {round_ + 1}"
+
+
 def _ocr_sample(recipe: Recipe, index: int, cache_dir: Path | None) -> dict[str, np.ndarray]:
     (name, shape), = recipe.input_shapes.items()
-    img = _render_line(OCR_TEXTS[index % len(OCR_TEXTS)])
+    img = _render_line(nth_text(OCR_TEXTS, index))
     if recipe.task == "ocr-cls" and index % 2 == 1:
         img = img[::-1, ::-1].copy()                 # upside-down lines: the classifier's other class
     return {name: _ocr_tensor(img, shape[2], shape[3])}
@@ -335,7 +344,7 @@ def _minilm_sample(recipe: Recipe, index: int, cache_dir: Path | None) -> dict[s
 
     root = cache_root(cache_dir)
     vocab = _MINILM.read(_MINILM_DIR + "vocab.txt", None, root, Progress(True)).decode("utf-8")
-    return WordPiece(vocab).encode(SENTENCES[index % len(SENTENCES)], recipe.input_shapes["input_ids"][1])
+    return WordPiece(vocab).encode(nth_text(SENTENCES, index), recipe.input_shapes["input_ids"][1])
 
 
 # ---- PP-OCR det (same rapidocr wheel): DBNet on a PP-LCNet backbone, ConvTranspose + Resize in the neck/head
@@ -347,7 +356,7 @@ def _det_sample(recipe: Recipe, index: int, cache_dir: Path | None) -> dict[str,
     page = np.full((height, width, 3), 245, np.uint8)
     y = 12
     for k in range(4):
-        line = _render_line(OCR_TEXTS[(4 * index + k) % len(OCR_TEXTS)], height=40, font_px=26)
+        line = _render_line(nth_text(OCR_TEXTS, 4 * index + k), height=40, font_px=26)
         w = min(line.shape[1], width - 16)
         page[y:y + line.shape[0], 8:8 + w] = line[:, :w]
         y += line.shape[0] + 24
@@ -435,9 +444,11 @@ def _effnet_sample(recipe: Recipe, index: int, cache_dir: Path | None) -> dict[s
     (name, shape), = recipe.input_shapes.items()
     img = photo()
     h, w = img.shape[:2]
-    side = int(min(h, w) * (1.0 - 0.08 * (index % 4)))
-    top = (h - side) // 2 + (index % 3 - 1) * (h - side) // 4
-    left = (w - side) // 2
+    # crop size and position from low-discrepancy sequences: every index its own crop (index % 4 etc. repeated)
+    frac = [(index * g) % 1.0 for g in (0.6180339887, 0.4142135624, 0.7320508076)]
+    side = int(min(h, w) * (1.0 - 0.3 * frac[0]))
+    top = (h - side) // 2 + (int((frac[1] - 0.5) * (h - side)) if index else -((h - side) // 4))
+    left = (w - side) // 2 + (int((frac[2] - 0.5) * (w - side)) if index else 0)
     crop = img[top:top + side, left:left + side]
     if index % 2 == 1:
         crop = crop[:, ::-1]

@@ -20,6 +20,7 @@ from onnx import helper
 from edge_sparse.errors import UserError
 
 __all__ = ["InputSpec", "input_specs", "load_calibration", "check_calibration", "random_calibration", "split_holdout",
+           "sample_hashes", "sample_warnings",
            "sample_count",
            "collect_statistics", "run_model", "Evaluator", "compare", "classifier_outputs", "DEFAULT_BATCH"]
 
@@ -128,16 +129,59 @@ def _batch_size(specs: list[InputSpec], batch: int | None) -> int:
     return batch or DEFAULT_BATCH
 
 
+def sample_hashes(data: dict[str, np.ndarray], unit: int = 1) -> list[str]:
+    """A content hash per sample (``unit`` rows of every input, inputs in name order): equal samples, equal hashes."""
+    import hashlib
+
+    n = sample_count(data) // unit
+    out = []
+    for i in range(n):
+        h = hashlib.sha256()
+        for name in sorted(data):
+            part = np.ascontiguousarray(data[name][i * unit:(i + 1) * unit])
+            h.update(name.encode() + str(part.dtype).encode() + str(part.shape).encode() + part.tobytes())
+        out.append(h.hexdigest())
+    return out
+
+
+MIN_DISTINCT_SAMPLES = 8   # below this, per-channel statistics and error estimates are mostly noise
+
+
+def sample_warnings(data: dict[str, np.ndarray], specs: list[InputSpec]) -> list[str]:
+    """Warnings for calibration data with repeated samples or too few distinct ones."""
+    hashes = sample_hashes(data, _batch_size(specs, 1))
+    distinct = len(set(hashes))
+    out = []
+    if distinct < len(hashes):
+        out.append(f"calibration data holds {len(hashes)} samples but only {distinct} distinct ones (the rest are "
+                   f"repeats): repeats add no information and make held-out figures optimistic")
+    if distinct < MIN_DISTINCT_SAMPLES:
+        out.append(f"only {distinct} distinct calibration sample{'s' if distinct != 1 else ''}: statistics and error "
+                   f"estimates from so few are noisy; use at least {MIN_DISTINCT_SAMPLES}, better 64+ "
+                   f"('edge-sparse models get NAME --calib N' for zoo models)")
+    return out
+
+
 def split_holdout(data: dict[str, np.ndarray], specs: list[InputSpec], fraction: float
                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(calibration, held-out): the last ``fraction`` of the samples (whole batches, at least one left to calibrate)."""
+    """(calibration, held-out): the last ``fraction`` of the samples (whole batches, at least one left to calibrate).
+    A held-out sample whose content equals a calibration sample (by hash) is dropped from the held-out part: the two
+    never share a sample."""
     if not 0.0 <= fraction < 1.0:
         raise UserError(f"--holdout must be in [0, 1), got {fraction}")
     unit = _batch_size(specs, 1)
     units = sample_count(data) // unit
     held = min(int(round(units * fraction)), units - 1)
     cut = (units - held) * unit
-    return ({k: v[:cut] for k, v in data.items()}, {k: v[cut:] for k, v in data.items()} if held else {})
+    calib = {k: v[:cut] for k, v in data.items()}
+    if not held:
+        return calib, {}
+    seen = set(sample_hashes(calib, unit))
+    keep = [i for i, h in enumerate(sample_hashes({k: v[cut:] for k, v in data.items()}, unit)) if h not in seen]
+    if not keep:
+        return calib, {}
+    rows = np.concatenate([np.arange(cut + i * unit, cut + (i + 1) * unit) for i in keep])
+    return calib, {k: v[rows] for k, v in data.items()}
 
 
 def _batches(data: dict[str, np.ndarray], size: int):

@@ -781,3 +781,64 @@ def test_compile_prints_the_library_size_not_the_bundle_total(synthetic_models, 
     first, bundle_line = r.output.splitlines()[:2]
     assert "model.so for rpi5, 1.30 MB" in first, first
     assert bundle_line.startswith("bundle: model 1.3") and "7.9" in bundle_line, bundle_line
+
+
+# ------------------------------------------------------------------------------------ 18: calibration samples
+def _digest(feeds: dict) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(feeds):
+        h.update(np.ascontiguousarray(feeds[k]).tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("name", ["ppocr-cls", "ppocr-det", "efficientnet-lite0", "silero-vad"])
+def test_zoo_sample_inputs_do_not_repeat(name):
+    """64 samples, 64 distinct inputs (they repeated every 16: a 64-sample file held 16 distinct samples)."""
+    from edge_sparse import models
+
+    recipe = models.recipes()[name]
+    digests = [_digest(recipe.sample_input(i)) for i in range(64 if name != "ppocr-det" else 20)]
+    assert len(set(digests)) == len(digests)
+
+
+def test_nth_text_is_distinct_and_starts_with_the_originals():
+    from edge_sparse.models.zoo import OCR_TEXTS, SENTENCES, nth_text
+
+    for texts in (OCR_TEXTS, SENTENCES):
+        seq = [nth_text(texts, i) for i in range(200)]
+        assert len(set(seq)) == 200 and tuple(seq[:len(texts)]) == texts
+
+
+def test_held_out_split_never_shares_a_sample_with_calibration():
+    from edge_sparse.passes import calibrate
+
+    specs = [calibrate.InputSpec("x", (None, 4), np.dtype("float32"))]
+    rng = np.random.default_rng(0)
+    distinct = rng.standard_normal((6, 4)).astype(np.float32)
+    data = {"x": np.concatenate([distinct, distinct[:2]])}          # the last two repeat calibration samples
+    calib, held = calibrate.split_holdout(data, specs, 0.25)
+    assert calibrate.sample_count(calib) == 6 and held == {}
+    data = {"x": np.concatenate([distinct, distinct[:1], rng.standard_normal((1, 4)).astype(np.float32)])}
+    calib, held = calibrate.split_holdout(data, specs, 0.25)
+    assert calibrate.sample_count(held) == 1
+    assert not set(calibrate.sample_hashes(held)) & set(calibrate.sample_hashes(calib))
+
+
+@pytest.mark.parametrize("cmd", ["prune", "analyze"])
+@pytest.mark.parametrize("case", ["one-sample", "duplicates"])
+def test_few_or_duplicate_calibration_samples_warn(synthetic_models, tmp_path, cmd, case):
+    from contract import _run
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1 if case == "one-sample" else 4, 32, 128)).astype(np.float32)
+    if case == "duplicates":
+        x = np.concatenate([x, x, x, x])                           # 16 samples, 4 distinct
+    np.savez(tmp_path / "c.npz", x=x)
+    args = (["prune", synthetic_models["mlp"], "-o", tmp_path / "p.onnx", "-s", "0.5"] if cmd == "prune" else
+            ["analyze", synthetic_models["mlp"], "--levels", "0.5"]) + ["--calib", tmp_path / "c.npz"]
+    r = _run([str(a) for a in args], tmp_path, True, None, 600, None)
+    assert r.exit_code == 0, r.stderr
+    want = "only 1 distinct calibration sample" if case == "one-sample" else "16 samples but only 4 distinct"
+    assert any(ln.startswith("warning: ") and want in ln for ln in r.stderr.splitlines()), r.stderr
