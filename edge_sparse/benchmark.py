@@ -32,6 +32,9 @@ SCHEMA = "edge-sparse.bench/1"
 DEFAULT_WARMUP = 10
 DEFAULT_REPEAT = 50            # LiteRT benchmark_model: --num_runs=50 ...
 DEFAULT_MIN_SECONDS = 1.0      # ... and --min_secs=1
+# both runtimes' peak memory is taken the same way, each in its own process: the runtime imported, the peak mark
+# reset, then load + run; the "+N" figure is what loading and running the model added
+MEMORY_BOUNDARY = "peak RSS (VmHWM) of the process, mark reset after importing the runtime and before loading the model"
 MAX_WARMUP, MAX_REPEAT, MAX_SECONDS = 100_000, 10_000_000, 24 * 3600.0   # bounds of the options (a typo, not a plan)
 ENERGY_MIN_SECONDS = 2.0       # a meter needs a window long enough to see the model above its noise
 MAX_SAMPLES_KEPT = 10000
@@ -189,8 +192,10 @@ def _choose_energy(energy: str, sess, family):
         return None, "estimate", []
     if energy == "auto":
         meter, skipped = E.auto_meter(remote=sess, order=family.energy_meters)
-        if meter is None:
-            return None, "estimate", ["no meter found (" + "; ".join(skipped) + ")"] if skipped else ["no meter found"]
+        if meter is None:           # one short line; each source's reason is in docs/bench-schema.md's list
+            tried = [s.split(":", 1)[0].replace("--energy ", "") for s in skipped]
+            return None, "estimate", [f"no meter found (tried {', '.join(tried)}; --energy SOURCE names one and "
+                                      f"says why it is unavailable)" if tried else "no meter found"]
         return meter, "meter", []
     return E.open_meter(energy, remote=sess), "meter", []
 
@@ -199,8 +204,9 @@ def _choose_energy(energy: str, sess, family):
 def _ort_child(spec_path: str) -> None:
     """Runs in a fresh process: onnxruntime timing with the parent's inputs and threads; writes JSON + outputs."""
     spec = json.loads(Path(spec_path).read_text())
+    import onnxruntime as ort            # imported before the mark, as the TVM side imports tvm first: same boundary
+
     rss0 = _rss_reset()
-    import onnxruntime as ort
 
     with np.load(spec["inputs"], allow_pickle=False) as z:
         inputs = {k: z[k] for k in z.files}
@@ -344,7 +350,8 @@ def bench(artifact_dir: str | os.PathLike, *, rpc: str | None = None, tracker: s
           key: str | None = None, warmup: int = DEFAULT_WARMUP, repeat: int | None = None,
           min_seconds: float | None = None, threads: int | None = None, compare: str | os.PathLike | None = None,
           energy: str = "auto", profile: bool = False, quiet: bool | None = None, inputs: dict | None = None,
-          seed: int = 0, idle_seconds: float = 2.0, rpc_timeout: float = 10.0) -> dict[str, Any]:
+          seed: int = 0, idle_seconds: float = 2.0, rpc_timeout: float = 10.0,
+          keep_outputs: dict | None = None) -> dict[str, Any]:
     """Benchmark an artifact directory; returns the result dict described in docs/bench-schema.md.
 
     ``rpc='HOST:PORT'`` or ``tracker='HOST:PORT', key=KEY`` runs on a remote TVM RPC server. With neither
@@ -411,6 +418,8 @@ def bench(artifact_dir: str | os.PathLike, *, rpc: str | None = None, tracker: s
         runner.set_inputs(tensors)
         first_s = runner.first()
         tvm_outputs = runner.outputs()
+        if keep_outputs is not None:           # for combine(): compare every artifact with one onnxruntime run
+            keep_outputs["tvm"] = dict(zip([o["name"] for o in manifest["outputs"]], tvm_outputs))
         with progress.step(f"warm-up ({warmup} runs)"):
             warm = runner.chunk(warmup) if warmup else []
         est = float(np.mean(warm)) if warm else first_s
@@ -470,7 +479,7 @@ def bench(artifact_dir: str | os.PathLike, *, rpc: str | None = None, tracker: s
         "latency": stats,
         "peak_memory_mb": peak,
         "rss_before_load_mb": rss0,
-        "memory_boundary": "peak RSS (VmHWM) of the benchmarking process since just before loading" if peak else None,
+        "memory_boundary": MEMORY_BOUNDARY if peak else None,
         "energy": energy_out,
         "profile": prof,
         "samples_ms": [s * 1e3 for s in samples[:MAX_SAMPLES_KEPT]],
@@ -494,11 +503,13 @@ def bench(artifact_dir: str | os.PathLike, *, rpc: str | None = None, tracker: s
             "model": str(compare), "where": "local", "threads": threads,
             "load_ms": ort["load_ms"], "first_inference_ms": ort["first_inference_ms"], "warmup": ort["warmup"],
             "latency": ort_stats, "peak_memory_mb": ort["peak_rss_mb"], "rss_before_load_mb": ort["rss_before_load_mb"],
-            "memory_boundary": "peak RSS (VmHWM) of the onnxruntime process since just before loading",
+            "memory_boundary": MEMORY_BOUNDARY,
             "energy": ort_energy_out, "profile": None,
             "samples_ms": [s * 1e3 for s in ort["samples_s"][:MAX_SAMPLES_KEPT]],
         })
         comparison = _compare(run, runs[-1], manifest, tvm_outputs, ort["outputs"])
+        if keep_outputs is not None:
+            keep_outputs["onnxruntime"] = ort["outputs"]
     result = {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -515,20 +526,23 @@ def bench(artifact_dir: str | os.PathLike, *, rpc: str | None = None, tracker: s
     return result
 
 
-def _compare(run: dict, base: dict, manifest: dict, tvm_outputs: list[np.ndarray], ort_outputs: dict) -> dict:
+def _max_abs_diffs(names: list[str], tvm_outputs: list[np.ndarray], ort_outputs: dict) -> dict:
     diffs = {}
-    names = [o["name"] for o in manifest["outputs"]]
     ort_list = [ort_outputs[n] for n in names] if all(n in ort_outputs for n in names) else list(ort_outputs.values())
     for name, a, b in zip(names, tvm_outputs, ort_list):
         if a.shape == b.shape and a.dtype.kind == b.dtype.kind:
             diffs[name] = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
         else:
             diffs[name] = None
+    return diffs
+
+
+def _compare(run: dict, base: dict, manifest: dict, tvm_outputs: list[np.ndarray], ort_outputs: dict) -> dict:
     return {
         "run": run["name"], "baseline": base["name"],
         "speedup_median": base["latency"]["median_ms"] / run["latency"]["median_ms"],
         "speedup_mean": base["latency"]["mean_ms"] / run["latency"]["mean_ms"],
-        "max_abs_diff": diffs,
+        "max_abs_diff": _max_abs_diffs([o["name"] for o in manifest["outputs"]], tvm_outputs, ort_outputs),
     }
 
 
@@ -539,11 +553,14 @@ def _host_info() -> dict[str, Any]:
             "python": platform.python_version(), "tvm": tvm.__version__, "cpus": os.cpu_count()}
 
 
-def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
+def combine(results: list[dict[str, Any]], outputs: list[dict] | None = None) -> dict[str, Any]:
     """Several bench() results (e.g. sparse and dense artifacts, one with --compare) as one: runs side by side,
-    every TVM run compared with the onnxruntime run."""
+    every TVM run compared with the onnxruntime run. ``outputs``: per result, the ``keep_outputs`` dict bench()
+    filled, so every artifact's outputs are compared with onnxruntime's (not only the first one's)."""
     if len(results) == 1:
         return results[0]
+    outputs = outputs or [{} for _ in results]
+    ort_outputs = next((o["onnxruntime"] for o in outputs if o.get("onnxruntime") is not None), None)
     out = dict(results[0])
     out["runs"] = [r for res in results for r in res["runs"] if r["runtime"] == "tvm"]
     seen: dict[str, int] = {}
@@ -564,10 +581,14 @@ def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
         base = bases[0]
         for r in out["runs"]:
             if r["runtime"] == "tvm" and not any(c["run"] == r["name"] for c in comps):
+                mine = next((o for res, o in zip(results, outputs) if r in res["runs"]), {})
+                diffs = None
+                if ort_outputs is not None and mine.get("tvm") is not None:
+                    diffs = _max_abs_diffs(list(mine["tvm"]), list(mine["tvm"].values()), ort_outputs)
                 comps.append({"run": r["name"], "baseline": base["name"],
                               "speedup_median": base["latency"]["median_ms"] / r["latency"]["median_ms"],
                               "speedup_mean": base["latency"]["mean_ms"] / r["latency"]["mean_ms"],
-                              "max_abs_diff": None})
+                              "max_abs_diff": diffs})
     out["comparisons"] = comps
     return out
 

@@ -794,12 +794,14 @@ def bench_cmd(artifacts, rpc, tracker, key, warmup, repeat, min_seconds, threads
         from edge_sparse.artifact import read_manifest
 
         inputs = _read_inputs(input_path, read_manifest(Path(artifacts[0]))["inputs"])
-    results = []
+    results, kept = [], []
     for i, artifact in enumerate(artifacts):
+        kept.append({})
         results.append(B.bench(artifact, rpc=rpc, tracker=tracker, key=key, warmup=warmup, repeat=repeat,
                                min_seconds=min_seconds, threads=threads, compare=compare if i == 0 else None,
-                               energy=energy, profile=profile, quiet=quiet, seed=seed, inputs=inputs))
-    result = B.combine(results)
+                               energy=energy, profile=profile, quiet=quiet, seed=seed, inputs=inputs,
+                               keep_outputs=kept[-1]))
+    result = B.combine(results, kept)
     click.echo(B.format_table(result))
     if json_out:
         B.write_json(result, json_out, force=force)

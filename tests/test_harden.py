@@ -842,3 +842,22 @@ def test_few_or_duplicate_calibration_samples_warn(synthetic_models, tmp_path, c
     assert r.exit_code == 0, r.stderr
     want = "only 1 distinct calibration sample" if case == "one-sample" else "16 samples but only 4 distinct"
     assert any(ln.startswith("warning: ") and want in ln for ln in r.stderr.splitlines()), r.stderr
+
+
+# ------------------------------------------------------------------------------------ 19: bench output
+def test_bench_output_compares_every_artifact_and_stays_short(cnn_artifact, synthetic_models, tmp_path):
+    from contract import _run
+
+    out = tmp_path / "b.json"
+    args = ["bench", cnn_artifact, cnn_artifact, "--compare", synthetic_models["cnn"], "--repeat", "5",
+            "--warmup", "1", "--threads", "1", "--energy", "auto", "--json", out]
+    r = _run([str(a) for a in args], tmp_path, True, None, 600, None)
+    assert r.exit_code == 0, r.stderr
+    diff_lines = [ln for ln in r.stdout.splitlines() if "max |diff|" in ln]
+    assert len(diff_lines) == 2, r.stdout                   # max|diff| for both artifacts, not the first only
+    assert all(len(ln) <= 200 for ln in r.stdout.splitlines()), max(r.stdout.splitlines(), key=len)
+    data = _strict_json(out.read_text())
+    assert all(c["max_abs_diff"] and all(v is not None for v in c["max_abs_diff"].values())
+               for c in data["comparisons"])
+    bounds = {run["memory_boundary"] for run in data["runs"]}
+    assert len(bounds) == 1 and None not in bounds, bounds  # one way of measuring memory for both runtimes
