@@ -24,7 +24,8 @@ FAILED_RUN_SECS = 1e9   # meta_schedule records a failed build or run as 1e10 s
 
 
 def count_records(path: Path) -> tuple[int, int]:
-    """(usable, failed) tuning records in a meta_schedule JSON database file."""
+    """(usable, failed) tuning records in a meta_schedule JSON database file: lines ``[workload index, [trace,
+    run_secs, target, args_info]]``; a failed build or run has run_secs of 1e10 (or none)."""
     import json
 
     good = bad = 0
@@ -34,8 +35,8 @@ def count_records(path: Path) -> tuple[int, int]:
         if not line.strip():
             continue
         rec = json.loads(line)
-        body = rec[1] if isinstance(rec, list) and len(rec) > 1 else rec
-        secs = body.get("run_secs") if isinstance(body, dict) else None
+        body = rec[1] if isinstance(rec, list) and len(rec) > 1 else None
+        secs = body[1] if isinstance(body, list) and len(body) > 1 else None
         if secs and all(float(s) < FAILED_RUN_SECS for s in secs):
             good += 1
         else:
