@@ -185,6 +185,26 @@ def _float_zeros(model: onnx.ModelProto, nodes=None) -> tuple[int, int]:
     return z, n
 
 
+
+def _prepare_float(proto, scheme: str, per_channel: bool):
+    """``proto`` as onnxruntime.quantization can take it: tensors held in Constant nodes (paddle2onnx and old
+    exporters put every weight there) become initializers (only initializer weights are quantized), and a static
+    per-channel model below opset 13 is converted to 13 (per-axis DequantizeLinear needs it)."""
+    if any(n.op_type == "Constant" for n in proto.graph.node):
+        import onnx_ir as ir
+        from onnx_ir.passes.common import LiftConstantsToInitializersPass
+
+        model = ir.serde.deserialize_model(proto)
+        LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16)(model)
+        proto = ir.serde.serialize_model(model)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
+    if scheme == "static" and per_channel and opset < 13:
+        from onnx import version_converter
+
+        proto = version_converter.convert_version(proto, 13)
+    return proto
+
+
 def quantize(model, output=None, *, calib=None, scheme: str = "static", per_channel: bool = False,
              holdout: float = 0.25, report_path=None, force: bool = False, batch: int | None = None,
              nodes=None, quiet: bool | None = None) -> QuantizeResult:
@@ -228,7 +248,7 @@ def quantize(model, output=None, *, calib=None, scheme: str = "static", per_chan
     with tempfile.TemporaryDirectory(prefix="edge-sparse-quant-") as tmp:
         src = Path(tmp) / "float.onnx"
         dst = Path(tmp) / "int8.onnx"
-        onnx.save(proto, str(src))
+        onnx.save(_prepare_float(proto, scheme, per_channel), str(src))
         with progress.step(f"quantizing ({scheme}, {'per channel' if per_channel else 'per tensor'})"), \
                 _quiet_ort_logging():
             try:

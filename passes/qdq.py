@@ -52,15 +52,25 @@ def _const_eval(g: _Graph, e, ops, depth: int = 0):
         return _const_np(e)
     if depth > 6:
         return None
-    for name in ("astype", "expand_dims", "permute_dims", "subtract"):
+    for name in ("astype", "expand_dims", "permute_dims", "subtract", "reshape", "dequantize"):
         c = g.call(e, ops[name])
         if c is None:
             continue
-        args = [_const_eval(g, a, ops, depth + 1) for a in c.args]
+        args = [_const_eval(g, a, ops, depth + 1) for a in (c.args[:1] if name == "reshape" else c.args)]
         if any(a is None for a in args):
             return None
         if name == "astype":
             return args[0].astype(str(c.attrs.dtype))
+        if name == "reshape":
+            shape = _shape(e)
+            return None if shape is None else args[0].reshape(shape)
+        if name == "dequantize":                         # (q - zp) * scale, scale/zp along attrs.axis
+            q, sc, zp = args[0].astype(np.float32), args[1].astype(np.float32), args[2].astype(np.float32)
+            bshape = [1] * q.ndim
+            if q.ndim and sc.size > 1:
+                bshape[int(c.attrs.axis) % q.ndim] = -1
+            return ((q - zp.reshape(bshape if zp.size > 1 else ())) * sc.reshape(bshape if sc.size > 1 else ())
+                    ).astype(np.float32)
         if name == "expand_dims":
             return np.expand_dims(args[0], tuple(int(a) for a in c.attrs.axis))
         if name == "permute_dims":
@@ -106,6 +116,48 @@ def _static_weight(g: _Graph, e, ops):
     return np.ascontiguousarray(wq), ws
 
 
+def _conv1x1_weight(g: _Graph, conv, ops):
+    """(Wq[K, N] int8, scale[N] float32) of a static-QDQ 1x1 conv (stride 1, no padding, no groups, NCHW) whose
+    weight is ``dequantize(Wq[N, K, 1, 1], ws, 0)``; None otherwise."""
+    a = conv.attrs
+    if (int(a.groups) != 1 or [int(v) for v in a.strides] != [1, 1] or any(int(v) for v in a.padding)
+            or [int(v) for v in a.dilation] != [1, 1] or str(a.data_layout) != "NCHW"
+            or str(a.kernel_layout) != "OIHW" or str(a.out_layout) not in ("NCHW", "")):
+        return None
+    dq = g.call(conv.args[1], ops["dequantize"])
+    if dq is None or not _is_const(dq.args[0]):
+        return None
+    wq = _const_np(dq.args[0])
+    ws, wz = _const_eval(g, dq.args[1], ops), _const_eval(g, dq.args[2], ops)
+    if wq.dtype != np.int8 or wq.ndim != 4 or wq.shape[2:] != (1, 1) or ws is None or wz is None or np.any(wz != 0):
+        return None
+    N = wq.shape[0]
+    ws = np.asarray(ws, np.float32).reshape(-1)
+    if ws.size == 1:
+        ws = np.full(N, ws[0], np.float32)
+    elif ws.size != N or int(dq.attrs.axis) % 4 != 0:
+        return None
+    return np.ascontiguousarray(wq[:, :, 0, 0].T), ws
+
+
+def _conv_epilogue(g: _Graph, var, N: int, ops):
+    """(root, bias, act) after a conv: an optional constant bias (QDQ: ``reshape(dequantize(int32 bias))`` to
+    [1, N, 1, 1]) and an optional ReLU directly after (in QDQ models the activation usually follows a Q/DQ pair and
+    stays outside)."""
+    root, bias = var, None
+    nxt = g.only_user(var)
+    add = g.call(nxt, ops["add"]) if nxt is not None else None
+    if add is not None and _shape(nxt) == _shape(var):
+        other = add.args[1] if add.args[0].same_as(var) else add.args[0]
+        b = _const_eval(g, other, ops)
+        if b is not None and b.size == N and b.shape in ((1, N, 1, 1), (N, 1, 1)):
+            bias, root = np.ascontiguousarray(b.reshape(N), dtype=np.float32), nxt
+    nxt = g.only_user(root)
+    if nxt is not None and g.call(nxt, ops["nn.relu"]) is not None:
+        return nxt, bias, "relu"
+    return root, bias, None
+
+
 def _dynamic_scale(g: _Graph, mult, root, N: int, ops):
     """(xscale var, wscale[N]) from ``multiply(float(acc), xs * ws)``; None when the pattern differs."""
     other = mult.args[1] if mult.args[0].same_as(root) else mult.args[0]
@@ -123,6 +175,8 @@ def _dynamic_scale(g: _Graph, mult, root, N: int, ops):
 
 
 class _Plan:
+    conv = False                                 # a 1x1 conv (NCHW) rather than a matmul
+
     def __init__(self, **kw):
         self.__dict__.update(kw)
 
@@ -132,6 +186,25 @@ def _find(func, ops) -> list[_Plan]:
     plans = []
     for var in g.order:
         mm = g.call(var, ops["matmul"])
+        conv = g.call(var, ops["nn.conv2d"]) if mm is None else None
+        if conv is not None:                     # static QDQ 1x1 conv: a GEMM over channels, rows = pixels
+            xs, ys = _shape(conv.args[0]), _shape(var)
+            dqx = g.call(conv.args[0], ops["dequantize"])
+            got = _conv1x1_weight(g, conv, ops)
+            if xs is None or ys is None or len(xs) != 4 or dqx is None or got is None:
+                continue
+            s, zp = _scalar_const(dqx.args[1]), _scalar_const(dqx.args[2])
+            xq = dqx.args[0]
+            if s is None or zp is None or str(xq.ty.dtype) not in ("uint8", "int8"):
+                continue
+            wq, ws = got
+            K, N = wq.shape
+            root, bias, act = _conv_epilogue(g, var, N, ops)
+            plans.append(_Plan(kind="static", conv=True, var=var, root=g.value[root], xq=xq, x_shape=xs,
+                               out_shape=_shape(root) or ys, M=xs[0] * xs[2] * xs[3], K=K, N=N, wq=wq, ws=ws,
+                               bias=bias, act=act, xzp=np.array([int(zp)], np.int32),
+                               xscale=np.array([float(s)], np.float32), zp_var=None, scale_var=None, out="float32"))
+            continue
         if mm is None:
             continue
         xs, ys = _shape(mm.args[0]), _shape(var)
@@ -270,6 +343,8 @@ def _make_mutator():
         def _emit(self, p: _Plan):
             b = self.builder_
             x = self.visit_expr(p.xq)
+            if p.conv:                           # NCHW -> rows of channels (pixels x C), the GEMM's X[M, K]
+                x = b.emit(relax.op.permute_dims(x, [0, 2, 3, 1]))
             x2 = x if len(p.x_shape) == 2 else b.emit(relax.op.reshape(x, (p.M, p.K)))
             if p.zp_var is not None:
                 zp = b.emit(relax.op.reshape(relax.op.astype(self.visit_expr(p.zp_var), "int32"), (1,)))
@@ -284,6 +359,10 @@ def _make_mutator():
             args = [x2] + [relax.const(a) for a in p.packed.arrays()] + [
                 zp, sc, relax.const(p.ws.astype(np.float32)), relax.const(p.packed.wsum), relax.const(bias)]
             y = b.emit(relax.call_tir(gv, args, relax.TensorType((p.M, p.N), p.out)))
+            if p.conv:
+                n, _, h, w = p.x_shape
+                y = b.emit(relax.op.reshape(y, (n, h, w, p.N)))
+                return relax.op.permute_dims(y, [0, 3, 1, 2])
             return relax.op.reshape(y, p.out_shape)
 
         def visit_call_(self, call):
@@ -368,8 +447,8 @@ def rewrite_qdq(mod, preset, *, mode: str = "auto", measure: bool = False, log=N
         if not isinstance(func, relax.Function):
             continue
         for i, p in enumerate(_find(func, ops)):
-            entry = {"name": f"{gv.name_hint}.int8_matmul_{i}", "op": "MatMulInteger" if p.kind == "dynamic"
-                     else "QDQ MatMul", "kind": "matmul", "dtype": "int8", "weight_shape": [p.K, p.N], "M": p.M, "K": p.K, "N": p.N,
+            entry = {"name": f"{gv.name_hint}.int8_{'conv1x1' if p.conv else 'matmul'}_{i}", "op": "MatMulInteger" if p.kind == "dynamic"
+                     else "QDQ Conv 1x1" if p.conv else "QDQ MatMul", "kind": "conv1x1" if p.conv else "matmul", "dtype": "int8", "weight_shape": [p.K, p.N], "M": p.M, "K": p.K, "N": p.N,
                      "activation_dtype": str(p.xq.ty.dtype), "output_dtype": p.out,
                      "bias": p.bias is not None, "activation": p.act,
                      "scales": {"activation": "dynamic (per call)" if p.kind == "dynamic" else
