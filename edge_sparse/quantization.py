@@ -50,9 +50,10 @@ class QuantizeResult:
 class _Reader:
     """``CalibrationDataReader`` over the calibration part, one batch of the model's batch size per call."""
 
-    def __init__(self, data: dict[str, np.ndarray], unit: int):
+    def __init__(self, data: dict[str, np.ndarray], unit: int, partial: bool = False):
         n = len(next(iter(data.values())))
-        self._feeds = [{k: v[i:i + unit] for k, v in data.items()} for i in range(0, n - unit + 1, unit)]
+        last = n if partial else n - unit + 1          # a dynamic batch dim takes a short last batch too
+        self._feeds = [{k: v[i:i + unit] for k, v in data.items()} for i in range(0, last, unit)]
         self._it = iter(self._feeds)
 
     def get_next(self):
@@ -254,7 +255,9 @@ def quantize(model, output=None, *, calib=None, scheme: str = "static", per_chan
             try:
                 if scheme == "static":
                     unit = calibrate._batch_size(specs, batch)
-                    quantize_static(str(src), str(dst), _Reader(calib_part, unit), quant_format=QuantFormat.QDQ,
+                    dyn_batch = all(not sp.dims or sp.dims[0] is None for sp in specs)
+                    quantize_static(str(src), str(dst), _Reader(calib_part, unit, partial=dyn_batch),
+                                    quant_format=QuantFormat.QDQ,
                                     op_types_to_quantize=STATIC_OPS, per_channel=per_channel,
                                     nodes_to_quantize=list(nodes) if nodes is not None else None,
                                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
