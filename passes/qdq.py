@@ -11,8 +11,9 @@ Runs on the Relax module of ``from_onnx(..., keep_params_in_input=False)``. Two 
   [-> bias add] [-> ReLU/GELU]; ``s``/``zp`` are computed per call in the graph and passed to the kernel as tensors.
   A MatMulInteger whose int32 result is used as is maps to the kernel's int32 output.
 
-Weights must be symmetric (zero point 0, which ``quantize`` guarantees) with K % 4 == 0 and N % 16 == 0; other
-layers stay on TVM's default lowering of the imported ops. Each rewritten layer becomes one ``call_tir`` of
+Weights must be symmetric (zero point 0, which ``quantize`` guarantees) with K % 4 == 0; N is padded with zero
+channels to a multiple of 16 (sliced off after the call); other layers stay on TVM's default lowering of the
+imported ops. Each rewritten layer becomes one ``call_tir`` of
 ``targets.cpu.int8.int8_kernel`` (dense, or BSR over 16x4 blocks when the cost model says the zeros pay).
 
 ``rewrite_qdq(mod, preset, mode=...) -> (mod, layers)``: ``layers`` is the per-layer report for manifest.json
@@ -176,6 +177,7 @@ def _dynamic_scale(g: _Graph, mult, root, N: int, ops):
 
 class _Plan:
     conv = False                                 # a 1x1 conv (NCHW) rather than a matmul
+    n_out = None                                 # output channels before padding N to the block (None: unpadded)
 
     def __init__(self, **kw):
         self.__dict__.update(kw)
@@ -330,6 +332,18 @@ def _choose(plan: _Plan, preset, kernels, mode: str, measure: bool = False) -> d
     return out
 
 
+def _pad_outputs(p: _Plan, n: int) -> None:
+    """Widen plan ``p`` to ``n`` output channels (zero weights, unit scales, zero bias); ``n_out`` keeps the real
+    count (N = 120 or 6625 in PP-OCR rec: the kernels store 16 output channels per block)."""
+    extra = n - p.N
+    p.n_out = p.N
+    p.wq = np.ascontiguousarray(np.pad(p.wq, ((0, 0), (0, extra))))
+    p.ws = np.concatenate([p.ws, np.ones(extra, np.float32)])
+    if p.bias is not None:
+        p.bias = np.concatenate([p.bias, np.zeros(extra, np.float32)])
+    p.N = n
+
+
 def _make_mutator():
     from tvm import relax
 
@@ -359,9 +373,11 @@ def _make_mutator():
             args = [x2] + [relax.const(a) for a in p.packed.arrays()] + [
                 zp, sc, relax.const(p.ws.astype(np.float32)), relax.const(p.packed.wsum), relax.const(bias)]
             y = b.emit(relax.call_tir(gv, args, relax.TensorType((p.M, p.N), p.out)))
+            if p.n_out is not None:              # drop the padding channels
+                y = b.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[p.n_out]))
             if p.conv:
                 n, _, h, w = p.x_shape
-                y = b.emit(relax.op.reshape(y, (n, h, w, p.N)))
+                y = b.emit(relax.op.reshape(y, (n, h, w, p.n_out or p.N)))
                 return relax.op.permute_dims(y, [0, 3, 1, 2])
             return relax.op.reshape(y, p.out_shape)
 
@@ -456,11 +472,13 @@ def rewrite_qdq(mod, preset, *, mode: str = "auto", measure: bool = False, log=N
                                 "weight": {"per_channel": bool(np.ptp(p.ws) > 0), "min": float(p.ws.min()),
                                            "max": float(p.ws.max()), "zero_point": 0}},
                      "sparsity": round(float(np.mean(p.wq == 0)), 4)}
-            if not kernels.fits(p.K, p.N):
-                entry.update(format="dense", kernel="tvm_default", reason=f"int8 kernels need K % 4 == 0 and "
-                             f"N % {R_INT8} == 0 (K={p.K}, N={p.N})")
+            if p.K % 4:
+                entry.update(format="dense", kernel="tvm_default", reason=f"int8 kernels need K % 4 == 0 (K={p.K})")
                 report.append(entry)
                 continue
+            if not kernels.fits(p.K, p.N):         # pad N with zero channels to the block; the call slices them off
+                _pad_outputs(p, -(-p.N // kernels.R) * kernels.R)
+                entry["padded_N"] = p.N
             ch = _choose(p, preset, kernels, mode, measure)
             p.packed = kernels.pack(p.wq, ch["sparse"])
             kname = f"{'gemv' if p.M == 1 else 'gemm'}_{ch['isa']}"

@@ -167,7 +167,7 @@ def test_quantized_model_matches_onnxruntime(quantized, src, scheme, per_channel
 
 
 def _qdq_conv_float_model(path):
-    """1x1 conv + bias, ReLU, 1x1 conv (no bias), 3x3 conv, HardSwish; weights in Constant nodes at opset 12 (as
+    """1x1 conv + bias, ReLU, 1x1 conv (no bias, 40 channels: padded to 48 for the kernel), 3x3 conv, HardSwish; weights in Constant nodes at opset 12 (as
     paddle2onnx writes them: quantize must lift them and move to opset 13 for per-channel QDQ)."""
     rng = np.random.default_rng(7)
 
@@ -175,7 +175,7 @@ def _qdq_conv_float_model(path):
         return oh.make_node("Constant", [], [name], value=numpy_helper.from_array(a.astype(np.float32), name))
 
     nodes = [const("w1", rng.standard_normal((64, 32, 1, 1)) * 0.2), const("b1", rng.standard_normal(64) * 0.1),
-             const("w2", rng.standard_normal((48, 64, 1, 1)) * 0.2), const("w3", rng.standard_normal((16, 48, 3, 3)) * 0.1),
+             const("w2", rng.standard_normal((40, 64, 1, 1)) * 0.2), const("w3", rng.standard_normal((16, 40, 3, 3)) * 0.1),
              oh.make_node("Conv", ["x", "w1", "b1"], ["c1"]), oh.make_node("Relu", ["c1"], ["r1"]),
              oh.make_node("Conv", ["r1", "w2"], ["c2"]),
              oh.make_node("Conv", ["c2", "w3"], ["c3"], pads=[1, 1, 1, 1]), oh.make_node("HardSigmoid", ["c3"], ["h"],
@@ -199,7 +199,7 @@ def test_static_qdq_conv1x1_matches_onnxruntime(per_channel, tmp_path):
     man = compiler.compile(str(q), "host", tmp_path / "art", sparse="auto", quiet=True)
     int8 = [lay for lay in man["layers"] if lay.get("dtype") == "int8"]
     assert [(lay["kind"], lay["K"], lay["N"], lay["M"], lay["bias"]) for lay in int8] == \
-        [("conv1x1", 32, 64, 80, True), ("conv1x1", 64, 48, 80, False)]       # the 3x3 conv is not an int8 layer
+        [("conv1x1", 32, 64, 80, True), ("conv1x1", 64, 40, 80, False)]       # the 3x3 conv is not an int8 layer
     assert all(lay["kernel"].startswith("int8_gemm") for lay in int8)
     assert int8[0]["scales"]["weight"]["per_channel"] == per_channel
     m = load(tmp_path / "art")
