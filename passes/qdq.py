@@ -1,11 +1,14 @@
-"""QDQ rewrite pass: route quantized MatMul / Gemm layers of an int8 ONNX model to our int8 kernels.
+"""QDQ rewrite pass: route quantized MatMul / Gemm / 1x1 Conv layers of an int8 ONNX model to our int8 kernels.
 
 Runs on the Relax module of ``from_onnx(..., keep_params_in_input=False)``. Two import patterns are recognised:
 
 - static QDQ (``quantize --scheme static``): ``R.matmul(R.dequantize(xq, s, zp), W)`` with ``W`` =
   ``R.dequantize(Wq, ws, 0)`` of a constant int8 weight (optionally behind ``R.permute_dims`` for Gemm transB);
   ``s``/``zp`` are constants. The float result goes on as before (the output Q/DQ pair stays in the graph), so an
-  optional constant bias add and ReLU/GELU directly after the matmul are fused.
+  optional constant bias add and ReLU/GELU directly after the matmul are fused. The same for a 1x1 conv (stride 1,
+  no padding, no groups, NCHW): ``R.nn.conv2d(R.dequantize(xq, s, zp), R.dequantize(Wq[N, K, 1, 1], ws, 0))`` with
+  its QDQ bias (``reshape(dequantize(int32 bias))``) and a ReLU, as the GEMM ``X[pixels, K] @ W[K, N]`` (input
+  permuted to NHWC, output back to NCHW). Other convs stay dequantize + float conv.
 - dynamic (``quantize --scheme dynamic``, onnxruntime's DynamicQuantizeLinear + MatMulInteger):
   ``R.matmul(xq_i32 - zp_i32, Wq_i32 - 0, out_dtype="int32")`` -> ``astype(float32)`` -> ``multiply(s * ws)``
   [-> bias add] [-> ReLU/GELU]; ``s``/``zp`` are computed per call in the graph and passed to the kernel as tensors.
