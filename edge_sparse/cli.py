@@ -878,6 +878,8 @@ def tune_cmd(model, target, target_file, output, trials, input_shapes, tracker, 
 @click.option("--no-int8", is_flag=True, help="Leave int8 options out of the search.")
 @click.option("--method", help="Pruning method (see 'edge-sparse prune --help') [default: the calibrated one].")
 @click.option("--samples", default=16, show_default=True, type=int, help="Calibration samples per sensitivity run.")
+@click.option("--recover-steps", default=0, show_default=True, type=int, metavar="N",
+              help="Distil each evaluated pruned configuration N steps on the calibration samples (recover extra).")
 @click.option("--max-evals", default=12, show_default=True, type=int,
               help="Configurations applied and measured on the held-out data.")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False),
@@ -890,8 +892,8 @@ def tune_cmd(model, target, target_file, output, trials, input_shapes, tracker, 
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @quiet_option
 def optimize_cmd(model, target, target_file, calib, eval_data, max_drop, latency_ms, metric, rpc, tracker, key,
-                 threads, no_measure, ladder, patterns, no_int8, method, samples, max_evals, cache_dir, input_shapes,
-                 input_values, batch, bundle, output, force, quiet):
+                 threads, no_measure, ladder, patterns, no_int8, method, samples, recover_steps, max_evals, cache_dir,
+                 input_shapes, input_values, batch, bundle, output, force, quiet):
     """The fastest version of MODEL on a target within an accuracy budget: per-layer latency and sensitivity
     tables, a Pareto search over pruning pattern, sparsity and int8 per layer, held-out evaluation, the compiled
     artifact, and frontier.json / frontier.png with onnxruntime fp32 and int8 measured side by side."""
@@ -905,8 +907,9 @@ def optimize_cmd(model, target, target_file, calib, eval_data, max_drop, latency
                      tracker=tracker, key=key, threads=threads, measure=not no_measure,
                      ladder=[_parse_fraction(x, "--ladder") for x in str(ladder).split(",") if x.strip()],
                      patterns=[p.strip() for p in str(patterns).split(",") if p.strip()], int8=not no_int8,
-                     method=method, sensitivity_samples=samples, max_evals=max_evals, cache_dir=cache_dir,
-                     bundle=bundle, target_file=target_file, input_shapes=_parse_shapes(input_shapes),
+                     method=method, sensitivity_samples=samples, recover_steps=recover_steps, max_evals=max_evals,
+                     cache_dir=cache_dir, bundle=bundle, target_file=target_file,
+                     input_shapes=_parse_shapes(input_shapes),
                      input_values=_parse_values(input_values), batch=batch, force=force, quiet=quiet)
     if quiet:
         return

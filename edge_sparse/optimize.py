@@ -306,8 +306,10 @@ def _glob_literal(name: str) -> str:
     return "".join(f"[{ch}]" if ch in "*?[" else ch for ch in name)
 
 
-def _apply(proto, layers: list[_Layer], config: dict[str, str], calib, method, batch) -> onnx.ModelProto:
-    """The model with ``config`` applied through ``prune`` (per-layer recipe) then ``quantize`` (chosen nodes)."""
+def _apply(proto, layers: list[_Layer], config: dict[str, str], calib, method, batch,
+           recover_steps: int = 0) -> onnx.ModelProto:
+    """The model with ``config`` applied through ``prune`` (per-layer recipe), ``recover`` (label-free distillation
+    against the dense model, ``recover_steps`` > 0, pruned layers only) then ``quantize`` (chosen nodes)."""
     from edge_sparse.passes.prune_masks import parse_pattern
     from edge_sparse.passes.prune_recipe import LayerRule, Recipe
     from edge_sparse.pruning import prune
@@ -323,6 +325,10 @@ def _apply(proto, layers: list[_Layer], config: dict[str, str], calib, method, b
         recipe = Recipe(rules=rules, default_skips=False, source="optimize")
         model = prune(proto, sparsity=0.0, method=method, recipe=recipe, calib=calib, holdout=0.0,
                       default_skips=False, batch=batch, quiet=True).model
+        if recover_steps:
+            from edge_sparse.recover import recover
+
+            model = recover(model, proto, calib, steps=recover_steps, quiet=True).model
     nodes = [la.node for la in layers if parse_option(config[la.name])[0] == "int8"]
     if nodes:
         model = quantize(model, calib=calib, scheme="static", nodes=nodes, holdout=0.0, batch=batch, quiet=True).model
@@ -455,7 +461,7 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
              int8: bool = True, method: str | None = None, sensitivity_samples: int = 16,
              max_evals: int = MAX_EVALS, cache_dir=None, bundle: bool = False, target_file=None,
              input_shapes=None, input_values=None, batch: int | None = None, baselines: bool = True,
-             repeat: int | None = None, min_seconds: float | None = None, force: bool = False,
+             repeat: int | None = None, min_seconds: float | None = None, recover_steps: int = 0, force: bool = False,
              quiet: bool | None = None) -> dict[str, Any]:
     """Search, apply, compile and measure the fastest configuration of ``model`` within the budget (see module doc).
 
@@ -464,6 +470,8 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
     ``metric`` (``cosine``: worst output's mean cosine vs the dense model; ``top1``: top-1 agreement with the dense
     model on classifier outputs). latency_ms: a latency budget (alone: best accuracy under it).
     measure: time the kernels on the target (here when it is native, else over RPC); False: the cost model alone.
+    recover_steps: distil every evaluated pruned configuration this many steps on the calibration samples
+    (:func:`edge_sparse.recover.recover`, needs the recover extra) before it is quantized and measured.
     repeat / min_seconds: the model benchmarks' settings (:func:`edge_sparse.benchmark.bench`'s defaults when None).
     """
     from edge_sparse import targets
@@ -485,6 +493,7 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
     drop_budget = parse_drop(max_drop) if max_drop is not None else None
     check_number(latency_ms, "--latency-ms", 0, 1e7, lo_open=True)
     check_number(max_evals, "--max-evals", 1, 1000)
+    check_number(recover_steps, "--recover-steps", 0, 10**7)
     ladder = sorted({float(s) for s in ladder})
     if not ladder or any(not 0 < s < 1 for s in ladder):
         raise UserError("--ladder needs sparsities in (0, 1), e.g. 0.5,0.7,0.9")
@@ -561,7 +570,7 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
     def evaluate(choice: tuple) -> dict:
         if choice not in evaluated:
             config = {la.name: la.options[i] for la, i in zip(layers, choice)}
-            m = _apply(work, layers, config, calib_data, method_obj, batch)
+            m = _apply(work, layers, config, calib_data, method_obj, batch, recover_steps)
             score = _score(dense_eval, calibrate.run_model(m, eval_set, batch), classifiers, metric, eval_set)
             evaluated[choice] = {"config": config, "model": m, "drop": max(0.0, 1.0 - score)}
             progress.info(f"evaluated {_summary(config)}: {metric} drop {100 * (1 - score):.3f}%")
@@ -679,7 +688,7 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
             "max_drop": drop_budget, "latency_ms_budget": latency_ms,
             "calibration_samples": calibrate.sample_count(calib_data),
             "eval_samples": calibrate.sample_count(eval_set),
-            "method": method_obj.name, "ladder": ladder, "patterns": list(patterns), "int8": int8,
+            "method": method_obj.name, "recover_steps": recover_steps, "ladder": ladder, "patterns": list(patterns), "int8": int8,
             "latency_source": "measured kernels" if measure else "cost model",
             "latency_note": ("latency_ms is measured_ms for compiled points and otherwise the latency table's layer "
                              "times plus the measured rest of the model (predicted_ms)"),

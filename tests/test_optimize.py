@@ -266,3 +266,22 @@ def test_progress_per_phase_and_quiet(tiny, tmp_path, monkeypatch, quiet):
         for phase in ("latency table", "sensitivity table", "searching", "evaluating candidates", "compiling model",
                       "benchmarking model", "chosen"):
             assert phase in tty.text, phase
+
+
+def test_recover_steps_distil_each_evaluated_pruned_configuration(tiny, tmp_path, monkeypatch):
+    """--recover-steps runs the recover stage on every evaluated configuration that prunes, before quantize."""
+    pytest.importorskip("torch")
+    from edge_sparse import recover as R
+
+    real, seen = R.recover, []
+
+    def spy(student, teacher, data, *a, **k):
+        seen.append(k["steps"])
+        return real(student, teacher, data, *a, **k)
+
+    monkeypatch.setattr(R, "recover", spy)
+    front = _run(tiny, tmp_path / "out", max_drop=0.05, recover_steps=3, measure=False, baselines=False)
+    pruned = [p for p in front["points"] if any(":" in k for k in p["summary"])]
+    assert front["recover_steps"] == 3 and len(seen) == len(pruned) > 0 and set(seen) == {3}
+    x = np.load(tiny / "eval.npz")["x"]
+    assert _cosine_drop(tmp_path / "out" / "model.onnx", tiny / "mlp.onnx", x) <= 0.05
