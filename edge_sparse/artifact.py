@@ -106,8 +106,6 @@ def _manifest_problem(data: dict[str, Any]) -> str | None:
         if not isinstance(data["target"].get(key), str):
             return f"'target' lacks a string '{key}'"
     for kind in ("inputs", "outputs"):
-        if kind == "inputs" and not data[kind]:
-            return "'inputs' is empty"
         for i, spec in enumerate(data[kind]):
             if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
                 return f"{kind}[{i}] must be an object with a string 'name'"

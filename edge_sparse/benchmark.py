@@ -127,7 +127,7 @@ def _load_remote(sess, artifact: Path, manifest: dict[str, Any], threads: int, l
 
     from edge_sparse.artifact import library_path
     from edge_sparse.rpc import describe_error
-    from edge_sparse.runtime import open_device
+    from edge_sparse.runtime import check_arity, open_device
 
     lib_file = lib_file or library_path(artifact, manifest)   # only a file the manifest's hashes vouch for
     lib_name = lib_file.name
@@ -144,6 +144,7 @@ def _load_remote(sess, artifact: Path, manifest: dict[str, Any], threads: int, l
                         f" (artifact built for {manifest.get('target', {}).get('name')} with TVM "
                         f"{manifest.get('tvm', {}).get('version')}; the device needs the same TVM)") from None
     load_s = time.perf_counter() - t0
+    check_arity(vm, manifest, artifact)
     return _Runner(vm, dev, manifest), load_s
 
 

@@ -95,6 +95,8 @@ class Model:
         self.inputs: list[dict[str, Any]] = manifest["inputs"]
         self.outputs: list[dict[str, Any]] = manifest["outputs"]
         self._main = vm["main"] if vm is not None else None  # (None: a holder for make_inputs only)
+        if vm is not None:
+            check_arity(vm, manifest, root)
         # CPU: input tensors allocated once (TVM's 64-byte alignment) and filled through numpy views, which saves
         # ~10 us per input and call against allocating new tensors; a Model is not to be shared between threads.
         # None until the first call decides; [] where staging does not apply (a GPU device, read-only views).
@@ -178,6 +180,16 @@ class Model:
         if len(flat) != len(self.outputs):
             raise RuntimeError(f"model returned {len(flat)} outputs, manifest lists {len(self.outputs)}")
         return {spec["name"]: _to_numpy(t) for spec, t in zip(self.outputs, flat)}
+
+
+def check_arity(vm, manifest: dict[str, Any], root: Path | str) -> None:
+    """The library's ``main`` must take as many inputs as the manifest lists (zero is valid: a graph of constants);
+    an edited manifest would otherwise end in the VM's internal arity check."""
+    arity = int(vm._get_function_arity("main"))
+    listed = len(manifest["inputs"])
+    if arity != listed:
+        raise UserError(f"{Path(root) / 'manifest.json'} lists {listed} input(s) but the library's main takes {arity}: "
+                        f"the manifest does not belong to this library; recompile the model")
 
 
 def _to_numpy(t) -> np.ndarray:
