@@ -474,12 +474,12 @@ def test_no_calibration_warns_and_reports_on_random_inputs(tiny, tmp_path):
     assert report["calibration"] == {"source": "random (8)", "samples": 8, "holdout_samples": 0}
 
 
-def test_calib_random_warns_and_defaults_to_sparsegpt(tiny, tmp_path):
+def test_calib_random_warns_and_defaults_to_wanda(tiny, tmp_path):
     path, _ = tiny
     r = invoke(["prune", path, "-o", tmp_path / "m.onnx", "-s", "0.5", "--calib-random", "8", "-q"])
     assert r.exit_code == 0, r.output
     assert "poor proxy" in r.output
-    assert json.loads((tmp_path / "m.report.json").read_text())["method"] == "sparsegpt"   # reconstruction: the default with calibration data
+    assert json.loads((tmp_path / "m.report.json").read_text())["method"] == "wanda"
 
 
 def test_fixed_batch_needs_whole_batches(tmp_path):

@@ -141,8 +141,8 @@ def test_sequential_prune_beats_wanda_on_a_tiny_graph(tmp_path, pattern, sparsit
     assert [n.op_type for n in results["sparsegpt"].model.graph.node] == [n.op_type for n in dense.graph.node]
 
 
-def test_sparsegpt_is_the_default_with_calibration(tmp_path):
+def test_sparsegpt_is_chosen_by_name_not_by_default(tmp_path):
     calib = {"x": np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)}
-    res = pruning.prune(tiny_model(), sparsity=0.5, calib=calib, quiet=True)
+    assert pruning.prune(tiny_model(), sparsity=0.5, calib=calib, quiet=True).report["method"] == "wanda"
+    res = pruning.prune(tiny_model(), sparsity=0.5, calib=calib, method="sparsegpt", quiet=True)
     assert res.report["method"] == "sparsegpt"
-    assert pruning.prune(tiny_model(), sparsity=0.5, quiet=True).report["method"] == "magnitude"

@@ -156,7 +156,7 @@ class SparseGPT(PruningMethod):
     needs_calibration = True
     updates_weights = True
     sequential = True
-    preference = 2
+    preference = 0          # not the default: on MiniLM and PP-OCR rec it lost to Wanda (benchmarks/results/recovery)
 
     def statistic(self, layer):
         return Hessian(layer)
