@@ -1,7 +1,7 @@
-"""Accuracy recovery on real held-out data: one-shot pruning (Wanda) against reconstruction (SparseGPT) and
+"""Accuracy recovery on real held-out data: one-shot pruning (the default score method) against reconstruction (SparseGPT) and
 label-free distillation (``edge-sparse recover``), with the dense model's own score beside them.
 
-    python benchmarks/recovery.py --model minilm-l6 --pattern unstructured --sparsity 0.5 --methods wanda,sparsegpt
+    python benchmarks/recovery.py --model minilm-l6 --pattern unstructured --sparsity 0.5 --methods DEFAULT,sparsegpt
     python benchmarks/recovery.py --model ppocr-rec --pattern unstructured --sparsity 0.3 --calib 128 --eval 500
     python benchmarks/recovery.py --model minilm-l6 --pattern 16x1 --sparsity 0.8 --methods sparsegpt \\
         --recover-steps 1000,4000 --device cuda --train 60000 --data-dir DIR --model-file M.onnx
@@ -60,7 +60,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pattern", default="unstructured")
     ap.add_argument("--sparsity", type=float, required=True)
     ap.add_argument("--allocate", default="uniform", choices=["uniform", "sensitivity"])
-    ap.add_argument("--methods", default="wanda,sparsegpt", help="pruning methods to compare (comma-separated)")
+    ap.add_argument("--methods", default="DEFAULT,sparsegpt",
+                    help="pruning methods to compare (comma-separated; DEFAULT: prune's default with calibration data)")
     ap.add_argument("--calib", type=int, default=128, help="calibration samples")
     ap.add_argument("--eval", type=int, default=500, help="held-out samples")
     ap.add_argument("--train", type=int, default=0, help="distillation samples (with --recover-steps)")
@@ -113,7 +114,10 @@ def main(argv=None) -> int:
                                **_score(args.model, given, held, dense_outs, charset, args.batch)})
         print(json.dumps(result["rows"][-1]), flush=True)
         last = (Path(args.pruned_file).stem, given)
-    for method in [m for m in args.methods.split(",") if m and not args.pruned_file]:
+    from edge_sparse.passes import methods as registry
+
+    chosen = [registry.default(calibrated=True) if m == "DEFAULT" else m for m in args.methods.split(",") if m]
+    for method in [m for m in chosen if not args.pruned_file]:
         t = time.perf_counter()
         res = pruning.prune(dense, sparsity=args.sparsity, pattern=args.pattern, method=method, calib=calib.inputs,
                             holdout=0.0, allocate_by=args.allocate, batch=args.batch, quiet=True)

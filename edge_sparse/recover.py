@@ -164,7 +164,7 @@ def recover(student, teacher, data, output=None, *, steps: int = 1000, batch_siz
         raise UserError(f"--lr must be > 0, got {lr}")
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device must be cpu or cuda, got '{device}'")
-    if device == "cuda" and not torch.cuda.is_available():
+    if device != "cpu" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible to PyTorch (install a CUDA build of torch or use "
                         "--device cpu)")
     s_proto, s_path, s_sha = _load(student, "pruned model")
@@ -198,7 +198,7 @@ def recover(student, teacher, data, output=None, *, steps: int = 1000, batch_siz
     layer_outs = _pruned_layer_outputs(s_proto, masked) if match_layers else []
     capture = [v[0] for v in logits.values()] + layer_outs
     dev = torch.device(device)
-    if device == "cuda":
+    if dev != torch.device("cpu"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if threads is not None:

@@ -156,7 +156,7 @@ class SparseGPT(PruningMethod):
     needs_calibration = True
     updates_weights = True
     sequential = True
-    preference = 0          # not the default: on MiniLM and PP-OCR rec it lost to Wanda (benchmarks/results/recovery)
+    preference = 0          # not the default: on MiniLM and PP-OCR rec it lost to the score method (benchmarks/results/recovery)
 
     def statistic(self, layer):
         return Hessian(layer)

@@ -86,7 +86,7 @@ def relax_passes(preset, *, tuning_db=None, lower: bool = True) -> list:
     target = preset.tvm_target()
     passes = list(cpu.library_dispatch_passes(target))
     # sigmoid via exp (vectorised by FastMath below), Clip bounds as Relax ops (layout-transparent)
-    passes += [relax.transform.FoldConstant(), VectorMathRewrite()]
+    passes += [VectorMathRewrite()]
     passes += [ConvertConvLayout(CONV_LAYOUTS), relax.transform.Normalize()]
     # exp/erf/tanh/softmax as polynomials that vectorise (LLVM turns vector exp into one libm call per lane)
     passes.append(FastMath())

@@ -63,6 +63,28 @@ def VectorMathRewrite():  # noqa: N802 (a pass factory, named like TVM's)
         def __init__(self, mod):
             super().__init__(mod)
             self.mod = mod
+            self.replaced: set = set()
+
+        def scalar_constant(self, expr, depth: int = 0):
+            """A 0-d bound as a Constant: the importer writes Clip's bounds as ``where(isnan(c), -inf, c)`` on
+            constants. (Evaluated here: a module-wide FoldConstant broke dynamic Slice's shape function.)"""
+            import numpy as np
+
+            if isinstance(expr, relax.Var):
+                expr = self.lookup_binding(expr)
+            if isinstance(expr, tvm.ir.Constant) or depth > 4 or not isinstance(expr, relax.Call) \
+                    or not isinstance(expr.op, tvm.ir.Op):
+                return expr
+            vals = [self.scalar_constant(a, depth + 1) for a in expr.args]
+            if not all(isinstance(v, tvm.ir.Constant) and v.value.numpy().ndim == 0 for v in vals):
+                return expr
+            a = [v.value.numpy() for v in vals]
+            if expr.op.name == "relax.isnan":
+                return relax.const(np.isnan(a[0]), "bool")
+            if expr.op.name == "relax.where":
+                out = np.where(a[0], a[1], a[2])
+                return relax.const(out.astype(a[1].dtype), str(a[1].dtype))
+            return expr
 
         def visit_call_(self, call):
             call = super().visit_call_(call)
@@ -79,13 +101,14 @@ def VectorMathRewrite():  # noqa: N802 (a pass factory, named like TVM's)
                 args = call.args[1]
                 if not isinstance(args, relax.Tuple) or len(args.fields) != 2:
                     return call
-                bound = args.fields[1]
+                bound = self.scalar_constant(args.fields[1])
                 if not isinstance(bound, tvm.ir.Constant) or bound.value.numpy().ndim != 0:
                     return call
                 kind = scalar_bound_op(self.mod[call.args[0]])
                 if kind is None:
                     return call
                 op = relax.op.maximum if kind == "maximum" else relax.op.minimum
+                self.replaced.add(call.args[0])
                 return op(args.fields[0], bound)
             return call
 
@@ -96,6 +119,15 @@ def VectorMathRewrite():  # noqa: N802 (a pass factory, named like TVM's)
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
         out = rewriter.builder_.get()
-        return relax.transform.DeadCodeElimination()(out)
+        # Drop only the bound PrimFuncs this pass made unused. (A module-wide DeadCodeElimination also dropped the
+        # shape functions that dynamic-shape Relax code refers to by name: ONNX Slice past the end failed later.)
+        used = set()
+        for _, func in out.functions_items():
+            if isinstance(func, relax.Function):
+                used.update(relax.analysis.all_global_vars(func))
+        for gv in rewriter.replaced:
+            if gv not in used and gv in out.get_global_vars():
+                del out[gv]
+        return out
 
     return _pass
