@@ -56,6 +56,8 @@ _HEADER_ROOTS = ("tvm_ffi/include/tvm/", "tvm_ffi/include/dlpack/")
 WHEEL_SHA256 = {
     ("apache-tvm", "0.27.0.post1"): "4acfdb7653e4e1ba7a707bdf2833db72eb8fda7d04d99141f2a4e1da43171fb7",
     ("apache-tvm-ffi", "0.1.14.post1"): "c7a759781d4fbf2b99fa12f2741f250b882b06acc2747bb02831d491d1ac7d3c",
+    # the crashing release: only the test that the runner refuses a runtime of another version takes it
+    ("apache-tvm-ffi", "0.1.15.post1"): "9135afc68c783de527bf16fdffbbecfd47b34b5b45ae8b5c7c6e21308593ac74",
 }
 RUNNER_FLAGS = ["-std=c++17", "-O2", "-s", "-fPIE", "-pie"]
 # Self-contained bundles: ``run`` (the runner linked with a relative ELF interpreter) loads the glibc loader and C/C++

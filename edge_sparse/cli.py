@@ -6,11 +6,12 @@ and exit code 2, with no traceback. Commands decide paths and printing; the API 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
 
-from edge_sparse.errors import UserError
+from edge_sparse.errors import UserError, interrupted, restore_stderr
 from edge_sparse.progress import set_quiet
 from edge_sparse.util import atomic_write, check_output, json_text
 
@@ -25,12 +26,18 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as e:
-            _fail(str(e), 2)
+            _fail(INTERRUPTED if interrupted() else str(e), 130 if interrupted() else 2)
         except KeyboardInterrupt:                   # before click turns it into Abort (and prints an empty line)
             _fail(INTERRUPTED, 130)
         except FileExistsError as e:                # a no-replace commit lost a race: nothing was overwritten
+            if interrupted():
+                _fail(INTERRUPTED, 130)
             _fail(f"output {e.filename or e} was created by another process while this command ran; it was left "
                   f"as it is (pass --force to replace it)", 2)
+        except Exception:                           # an interrupt that native code or an import turned into another error
+            if interrupted():
+                _fail(INTERRUPTED, 130)
+            raise
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         from edge_sparse.errors import interrupts_as_exceptions
@@ -47,6 +54,10 @@ class _Group(click.Group):
                 _fail(str(e), 2)
             except (KeyboardInterrupt, click.Abort):
                 _fail(INTERRUPTED, 130)
+            except Exception:
+                if interrupted():
+                    _fail(INTERRUPTED, 130)
+                raise
         code = rv if isinstance(rv, int) else 0
         if standalone_mode:
             sys.exit(code)
@@ -57,7 +68,14 @@ INTERRUPTED = "interrupted; nothing was written (partial outputs were removed)"
 
 
 def _fail(message: str, code: int):
+    restore_stderr()
     click.echo("error: " + " ".join(str(message).split()), err=True)
+    if code == 130 and interrupted():
+        # Clean-ups ran while the interrupt unwound; leave now, before interpreter shutdown (TVM's thread pool and
+        # atexit hooks) can turn a late KeyboardInterrupt into a second message or a death by SIGINT.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     sys.exit(code)
 
 

@@ -57,12 +57,41 @@ def check_threads(n: int | None, cores: int | None = None, what: str = "--thread
 
 
 _interrupted = False
+_saved_stderr: int | None = None   # fd 2 as it was before an interrupt silenced it
 
 
 def _on_signal(signum, frame):
-    global _interrupted
+    global _interrupted, _saved_stderr
     _interrupted = True
+    # Native code unwinding after the interrupt may still write to fd 2 (TVM: "BlockBuilder destroyed with remaining
+    # blocks!"): silence it until the one closing line, which restore_stderr() lets through.
+    if _saved_stderr is None:
+        try:
+            _saved_stderr = os.dup(2)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+        except OSError:
+            _saved_stderr = None
     raise KeyboardInterrupt
+
+
+def interrupted() -> bool:
+    """Whether SIGINT/SIGTERM arrived inside :class:`interrupts_as_exceptions` (whatever exception it became:
+    an interrupt during an import surfaces as ImportError, inside native code as that library's error)."""
+    return _interrupted
+
+
+def restore_stderr() -> None:
+    """Undo the silencing of fd 2 done on an interrupt (before printing the closing line)."""
+    global _saved_stderr
+    if _saved_stderr is not None:
+        import sys
+
+        sys.stderr.flush()
+        os.dup2(_saved_stderr, 2)
+        os.close(_saved_stderr)
+        _saved_stderr = None
 
 
 def raise_if_interrupted() -> None:
