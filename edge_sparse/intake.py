@@ -305,9 +305,20 @@ def _clean(model: onnx.ModelProto) -> onnx.ModelProto:
         IdentityEliminationPass, RemoveUnusedNodesPass, RemoveUnusedOpsetsPass, ShapeInferencePass,
     )
 
+    import logging
+
     irm = ir.serde.deserialize_model(model)
-    for p in (IdentityEliminationPass(), RemoveUnusedNodesPass(), RemoveUnusedOpsetsPass(), ShapeInferencePass()):
-        irm = p(irm).model
+    passes = ir.passes.Sequential(IdentityEliminationPass(), RemoveUnusedNodesPass(), RemoveUnusedOpsetsPass(),
+                                  ShapeInferencePass())
+    # ShapeInferencePass logs a traceback when ONNX's inference fails inside a standard op's function body (ONNX's
+    # test_mvn) and leaves the model unchanged, which is all we need: the user gets no traceback for it.
+    log = logging.getLogger("onnx_ir.passes.common.shape_inference")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        irm = passes(irm).model
+    finally:
+        log.setLevel(level)
     return ir.serde.serialize_model(irm)
 
 

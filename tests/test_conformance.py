@@ -108,6 +108,17 @@ def test_node_case_unsupported_is_one_line(node_tests, tmp_path, name):
     assert not (tmp_path / "out").exists()
 
 
+def test_function_body_inference_failure_prints_nothing(node_tests, tmp_path, caplog):
+    """ONNX's strict shape inference fails inside MeanVarianceNormalization's function body although onnxruntime and
+    TVM run the model: the compile succeeds and nothing (no logged traceback) reaches the user."""
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    r = invoke(["compile", node_tests / "test_mvn" / "model.onnx", "-o", tmp_path / "out", "-q"])
+    assert r.exit_code == 0, r.output
+    assert "Traceback" not in r.output and "Traceback" not in caplog.text, caplog.text
+
+
 def test_tvm_internal_error_is_one_line(node_tests, tmp_path, monkeypatch):
     """A failure inside TVM after intake (here TVM's own ConvertLayout on a variadic Max, which the pipeline no
     longer runs there) reaches the user as one line naming where it failed, exit 2, and nothing is written."""
