@@ -24,22 +24,24 @@ PRUNED = ["pw.weight", "conv3.weight", "fc.weight", "proj.weight"]     # prunabl
 ALL_LAYERS = ["stem.weight", *PRUNED, "head.weight"]
 
 
-def _w(*shape, scale=0.3):
-    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+def _w(*shape, scale=0.3, rng=None):
+    return ((rng or RNG).standard_normal(shape) * scale).astype(np.float32)
 
 
-def tiny_model() -> onnx.ModelProto:
+def tiny_model(seed: int | None = None) -> onnx.ModelProto:
     """x[N,3,8,8] -> stem conv 3x3 -> pw conv 1x1 -> conv 3x3 -> GAP -> Gemm(transB) -> Relu -> MatMul (weight in a
-    Constant node, as old exporters write it) -> Add -> head Gemm -> Softmax. Batch is dynamic."""
+    Constant node, as old exporters write it) -> Add -> head Gemm -> Softmax. Batch is dynamic. ``seed``: weights from
+    a generator of their own (default: the module's shared one, so each call differs)."""
+    rng = np.random.default_rng(seed) if seed is not None else RNG
     inits = {
-        "stem.weight": _w(8, 3, 3, 3), "stem.bias": _w(8),
-        "pw.weight": _w(16, 8, 1, 1), "pw.bias": _w(16),
-        "conv3.weight": _w(16, 16, 3, 3, scale=0.1),
-        "fc.weight": _w(32, 16), "fc.bias": _w(32),
-        "proj.bias": _w(24),
-        "head.weight": _w(24, 10), "head.bias": _w(10),
+        "stem.weight": _w(8, 3, 3, 3, rng=rng), "stem.bias": _w(8, rng=rng),
+        "pw.weight": _w(16, 8, 1, 1, rng=rng), "pw.bias": _w(16, rng=rng),
+        "conv3.weight": _w(16, 16, 3, 3, scale=0.1, rng=rng),
+        "fc.weight": _w(32, 16, rng=rng), "fc.bias": _w(32, rng=rng),
+        "proj.bias": _w(24, rng=rng),
+        "head.weight": _w(24, 10, rng=rng), "head.bias": _w(10, rng=rng),
     }
-    proj = _w(32, 24)
+    proj = _w(32, 24, rng=rng)
     nodes = [
         helper.make_node("Conv", ["x", "stem.weight", "stem.bias"], ["s"], name="stem", kernel_shape=[3, 3],
                          pads=[1, 1, 1, 1]),
