@@ -40,16 +40,29 @@ def _import(model):
     return from_onnx(model, shape_dict=shapes, keep_params_in_input=False), shapes
 
 
-def _scheduled(model, preset="host"):
-    """{PrimFunc name: rule name} after our Relax passes (before lowering)."""
+def _scheduled_funcs(model, preset="host"):
+    """{PrimFunc name: PrimFunc} after our Relax passes (before lowering)."""
     import tvm
 
     mod, _ = _import(model)
     p = targets.get(preset)
     with p.tvm_target():
         mod = tvm.transform.Sequential(cpu.relax_passes(p, lower=False))(mod)
-    return {gv.name_hint: str(f.attrs.get(schedules.SCHEDULED_ATTR, "")) for gv, f in mod.functions_items()
-            if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None}
+    return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+def _scheduled(model, preset="host"):
+    """{PrimFunc name: rule name} after our Relax passes (before lowering)."""
+    return {name: str(f.attrs.get(schedules.SCHEDULED_ATTR, "")) for name, f in _scheduled_funcs(model, preset).items()
+            if f.attrs is not None}
+
+
+def _loop_nests(func) -> int:
+    """Top-level loop nests of a scheduled PrimFunc (one: every block computed inside the conv's tile loops)."""
+    from tvm import s_tir, tirx
+
+    body = func.body.block.body if isinstance(func.body, s_tir.SBlockRealize) else func.body
+    return len(body.seq) if isinstance(body, tirx.SeqStmt) else 1
 
 
 def _run_tvm(model, inputs, threads=1):
@@ -155,6 +168,41 @@ def test_conv2d_classes_are_scheduled_and_match_ort(k, stride, group, cin, cout)
     _check(model)
 
 
+def _act(name, inp, out):
+    """Mobile-CNN activations as exporters write them."""
+    if name == "relu6":
+        return [helper.make_node("Clip", [inp, "zero", "six"], [out])]
+    if name == "swish":
+        return [helper.make_node("Sigmoid", [inp], [inp + "_s"]), helper.make_node("Mul", [inp, inp + "_s"], [out])]
+    if name == "hardswish":   # opset 14 HardSwish (torch.nn.Hardswish)
+        return [helper.make_node("HardSwish", [inp], [out])]
+    if name == "hardsigmoid_mul":   # older exports: x * HardSigmoid(x, alpha=1/6)
+        return [helper.make_node("HardSigmoid", [inp], [inp + "_h"], alpha=1.0 / 6),
+                helper.make_node("Mul", [inp, inp + "_h"], [out])]
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("act", ["relu6", "swish", "hardswish", "hardsigmoid_mul"])
+@pytest.mark.parametrize("k,stride,group,c,hw", [(1, 1, 1, 40, 15), (3, 2, 40, 40, 17), (3, 1, 40, 40, 9),
+                                                 (5, 2, 24, 24, 13), (3, 2, 144, 144, 14)])
+def test_mobile_conv_epilogues_are_fused_and_match_ort(act, k, stride, group, c, hw):
+    """1x1 and depthwise convs (odd sizes, stride 2, channels not a multiple of the vector) with the epilogues of
+    MobileNet/EfficientNet: one loop nest per conv (padding read in place, epilogue computed per register tile)."""
+    rng = np.random.default_rng(k + stride + c)
+    out_hw = (hw + 2 * (k // 2) - k) // stride + 1
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[k, k], strides=[stride, stride],
+                              pads=[k // 2] * 4, group=group), *_act(act, "c", "y")]
+    model = _graph(nodes, [("x", [1, c, hw, hw])], [("y", [1, c, out_hw, out_hw])],
+                   {"w": _w(rng, c, c // group, k, k) * 3, "b": _w(rng, c, 1)[:, 0],
+                    "zero": np.array(0.0, np.float32), "six": np.array(6.0, np.float32)})
+    convs = {n: f for n, f in _scheduled_funcs(model).items() if n.startswith("fused_conv2d")}
+    assert len(convs) == 1, list(_scheduled_funcs(model))
+    func = next(iter(convs.values()))
+    assert str(func.attrs[schedules.SCHEDULED_ATTR]) == "contraction"
+    assert _loop_nests(func) == 1, func.script()
+    _check(model, seed=k)
+
+
 def test_pooling_norms_and_layout_ops_match_ort():
     rng = np.random.default_rng(3)
     nodes = [helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
@@ -185,11 +233,12 @@ def test_synthetic_models_match_ort(name):
 
 
 # ------------------------------------------------------------------------------------------------ other presets
-@pytest.mark.parametrize("preset", ["rpi4", "rpi5"])
-def test_same_schedules_build_for_aarch64(preset, tmp_path):
+@pytest.mark.parametrize("preset,model", [("rpi4", "transformer_block"), ("rpi5", "transformer_block"),
+                                          ("rpi4", "effnet_56")])
+def test_same_schedules_build_for_aarch64(preset, model, tmp_path):
     from edge_sparse.models import synthetic
 
-    mod, _ = _import(synthetic.transformer_block())
+    mod, _ = _import(getattr(synthetic, model)())
     p = targets.get(preset)
     ex = cpu.build(mod, p)
     asm = "".join(m.inspect_source("asm") for m in [ex.mod, *ex.mod.imports] if m.kind == "llvm")
