@@ -203,6 +203,24 @@ def test_mobile_conv_epilogues_are_fused_and_match_ort(act, k, stride, group, c,
     _check(model, seed=k)
 
 
+@pytest.mark.parametrize("kind,k,stride,cin,cout,size", [("conv1d", 256, 128, 1, 258, 640),   # silero VAD's STFT
+                                                          ("conv1d", 3, 1, 20, 37, 11),
+                                                          ("conv2d", 3, 2, 8, 37, 13)])
+def test_odd_output_channels_of_strided_convs_are_padded_and_match_ort(kind, k, stride, cin, cout, size):
+    """Output channels that are no multiple of the vector (258 = 2 x 129 STFT bins) on a strided conv, whose input
+    index is no einsum access: the tile still covers whole vectors (zero-padded weights, copy out after)."""
+    rng = np.random.default_rng(cout + k)
+    nd = 1 if kind == "conv1d" else 2
+    out = (size + 2 * (k // 2 if k < 10 else 0) - k) // stride + 1
+    pads = [k // 2 if k < 10 else 0] * (2 * nd)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[k] * nd, strides=[stride] * nd, pads=pads)]
+    model = _graph(nodes, [("x", [1, cin] + [size] * nd)], [("y", [1, cout] + [out] * nd)],
+                   {"w": _w(rng, cout, cin, *([k] * nd))})
+    rules = _scheduled(model)
+    assert any(name.startswith(kind) and rule == "contraction" for name, rule in rules.items()), rules
+    _check(model, seed=k)
+
+
 def test_pooling_norms_and_layout_ops_match_ort():
     rng = np.random.default_rng(3)
     nodes = [helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),

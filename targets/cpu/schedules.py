@@ -219,10 +219,20 @@ def _contraction(sch, cfg: TileConfig, _padded: bool = False) -> bool:
     if n_ext is None:
         return False
     if n_ext % 4 and n_ext > cfg.nt and not _padded:
-        # odd output width (6625 OCR classes): compute a zero-padded multiple of the vector width, copy out after;
-        # the weight padding block reads a constant, so it is folded at compile time like the packing
+        # odd output width (6625 OCR classes, 258 STFT bins): compute a zero-padded multiple of the vector width,
+        # copy out after; the weight padding block reads a constant, so it is folded at compile time like the packing
         padding = [cfg.nt if it.var.same_as(jvar) else 1 for it in main.iters]
-        sch.pad_einsum(main.block_rv, padding)
+        try:
+            sch.pad_einsum(main.block_rv, padding)
+        except Exception:  # noqa: BLE001 - a conv's input index (x[w * stride + k]) is no einsum access
+            raise_if_interrupted()
+            # read such operands through copies indexed by the block's own iterators (pad_einsum accepts those);
+            # the copies are plain, so the padded rule below inlines them again
+            for i, r in enumerate(list(block.reads)):
+                if not r.source.same_as(out.source) and \
+                        not all(isinstance(x.min, (tirx.Var, tirx.IntImm)) for x in r.region):
+                    sch.reindex(main.block_rv, ("read", i))
+            sch.pad_einsum(main.block_rv, padding)
         for blk in _root_blocks(sch):
             b = sch.get(blk)
             if b.name_hint.endswith("_pad") and len(b.reads) == 1 and _is_layout_free(sch, b.reads[0].source):
@@ -258,7 +268,8 @@ def _contraction(sch, cfg: TileConfig, _padded: bool = False) -> bool:
     for producer in sch.get_producers(main.block_rv):
         body = sch.get(producer).body
         text = body.script() if hasattr(body, "script") else str(body)
-        pads_vector = any(w.source.same_as(b) for w in sch.get(producer).writes for b in vec_bufs)
+        pads_vector = any(w.source.same_as(b) for w in sch.get(producer).writes for b in vec_bufs) \
+            and _pads_outer_axes_only(sch.get(producer))
         if ("if_then_else" not in text or pads_vector) and len(sch.get(producer).reads) == 1:
             try:
                 sch.compute_inline(producer)
@@ -326,6 +337,24 @@ def _contraction(sch, cfg: TileConfig, _padded: bool = False) -> bool:
             continue
         _spatial_nest(sch, other, cfg)
     return True
+
+
+def _pads_outer_axes_only(block) -> bool:
+    """A pad block ``out[...] = if_then_else(cond, in[...], c)`` whose bounds test does not involve the innermost
+    (vector) axis: inlined, each vector load is then guarded by one scalar test. (Dilated or channel-padded inputs,
+    e.g. conv2d_transpose's zero insertion, test every lane: inlined they turn vector loads into per-lane selects.)"""
+    from tvm import ir, tirx
+
+    store = block.body
+    if not isinstance(store, tirx.BufferStore) or not store.indices:
+        return False
+    value = store.value
+    if not (isinstance(value, ir.Call) and str(getattr(value.op, "name", "")).endswith(".if_then_else")):
+        return False
+    inner = store.indices[-1]
+    if not isinstance(inner, tirx.Var):
+        return False
+    return not any(v.same_as(inner) for v in tirx.analysis.undefined_vars(value.args[0]))
 
 
 def _tile_epilogue(sch, acc, tile_loop):
