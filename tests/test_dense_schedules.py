@@ -221,6 +221,24 @@ def test_odd_output_channels_of_strided_convs_are_padded_and_match_ort(kind, k, 
     _check(model, seed=k)
 
 
+@pytest.mark.parametrize("kernel,strides,pads,rewritten", [([2, 2], [2, 2], [0, 0, 0, 0], True),
+                                                          ([2, 3], [2, 3], [0, 0, 0, 0], True),
+                                                          ([4, 4], [2, 2], [1, 1, 1, 1], False)])
+def test_conv_transpose_without_overlap_is_a_1x1_conv_and_matches_ort(kernel, strides, pads, rewritten):
+    """A transposed conv whose kernel equals its stride is a 1x1 conv plus depth-to-space (no zero-dilated input);
+    an overlapping one keeps TVM's legalisation. Both with bias and a sigmoid epilogue, as in DBNet's head."""
+    rng = np.random.default_rng(sum(kernel))
+    cin, cout, hw = 12, 5, 7
+    out = [(hw - 1) * s - pads[i] - pads[i + 2] + k for i, (k, s) in enumerate(zip(kernel, strides))]
+    nodes = [helper.make_node("ConvTranspose", ["x", "w", "b"], ["c"], kernel_shape=kernel, strides=strides,
+                              pads=pads), helper.make_node("Sigmoid", ["c"], ["y"])]
+    model = _graph(nodes, [("x", [1, cin, hw, hw])], [("y", [1, cout, *out])],
+                   {"w": _w(rng, cin, cout, *kernel), "b": _w(rng, cout, 1)[:, 0]})
+    names = list(_scheduled(model))
+    assert any("conv2d_transpose" in n for n in names) != rewritten, names
+    _check(model, seed=kernel[1])
+
+
 def test_pooling_norms_and_layout_ops_match_ort():
     rng = np.random.default_rng(3)
     nodes = [helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),

@@ -8,10 +8,14 @@
 - ``Clip`` as the ONNX importer emits it (``call_tir`` of TE ``maximum`` / ``minimum`` PrimFuncs with a 0-d bound)
   becomes ``R.maximum`` / ``R.minimum`` with a constant: opaque ``call_tir``\\ s have no layout inference, so
   ConvertLayout wrapped every ReLU6 in two transposes back to NCHW and out of the conv's epilogue.
+- ``conv2d_transpose`` whose kernel equals its stride (no overlap: DBNet's and U-Net's 2x2 / stride-2 upsamplers)
+  becomes a 1x1 ``conv2d`` to ``co * kh * kw`` channels followed by a depth-to-space reshape: TVM legalises the
+  transposed conv as a conv over a zero-dilated input, 4x the work with a per-lane test (PP-OCR det's two took
+  4.4 ms; onnxruntime 0.5 ms), while the 1x1 conv is the packed GEMM of the conv rules.
 """
 from __future__ import annotations
 
-__all__ = ["VectorMathRewrite", "scalar_bound_op"]
+__all__ = ["VectorMathRewrite", "ConvTransposeAsConv", "scalar_bound_op"]
 
 
 def scalar_bound_op(func) -> str | None:
@@ -129,5 +133,61 @@ def VectorMathRewrite():  # noqa: N802 (a pass factory, named like TVM's)
             if gv not in used and gv in out.get_global_vars():
                 del out[gv]
         return out
+
+    return _pass
+
+
+def _transpose_conv_as_conv(call, bb):
+    """The rewrite of :func:`ConvTransposeAsConv` for one call, or None when it does not apply."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    a = call.attrs
+    x, w = call.args
+    if not isinstance(w, tvm.ir.Constant) or a.groups != 1 or a.data_layout != "NCHW" or a.kernel_layout != "IOHW" \
+            or (a.out_layout or "NCHW") != "NCHW":
+        return None
+    if any(int(p) for p in a.padding) or any(int(p) for p in a.output_padding) or any(int(d) != 1 for d in a.dilation):
+        return None
+    wv = w.value.numpy()
+    if wv.ndim != 4 or wv.dtype != np.float32 or getattr(x.ty, "dtype", None) != "float32":
+        return None
+    ci, co, kh, kw = wv.shape
+    if (kh, kw) != tuple(int(s) for s in a.strides):
+        return None
+    shape = x.ty.shape if hasattr(x.ty, "shape") else None
+    if shape is None or any(not isinstance(d, tvm.tirx.IntImm) for d in shape):
+        return None
+    n, _, h, wd = (int(d) for d in shape)
+    # out[n, o, y*kh + a, x*kw + b] = sum_i x[n, i, y, x] * W[i, o, a, b]: a 1x1 conv to channels (o, a, b)
+    w1 = np.ascontiguousarray(wv.transpose(1, 2, 3, 0).reshape(co * kh * kw, ci, 1, 1))
+    z = bb.emit(relax.op.nn.conv2d(x, relax.const(w1), out_dtype="float32"))
+    z = bb.emit(relax.op.reshape(z, (n, co, kh, kw, h, wd)))
+    z = bb.emit(relax.op.permute_dims(z, [0, 1, 4, 2, 5, 3]))
+    return relax.op.reshape(z, (n, co, h * kh, wd * kw))
+
+
+def ConvTransposeAsConv():  # noqa: N802 (a pass factory, named like TVM's)
+    """Module pass: non-overlapping ``conv2d_transpose`` as a 1x1 conv plus depth-to-space (module docstring)."""
+    import tvm
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d_transpose":
+                rewritten = _transpose_conv_as_conv(call, self.builder_)
+                return call if rewritten is None else rewritten
+            return call
+
+    @tvm.transform.module_pass(opt_level=0, name="edge_sparse.ConvTransposeAsConv")
+    def _pass(mod, _ctx):
+        rewriter = _Rewriter(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        return rewriter.builder_.get()
 
     return _pass
