@@ -69,6 +69,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--match-layers", action="store_true")
+    ap.add_argument("--gradual", type=float, default=0.0,
+                    help="recover from the dense weights, pruning gradually over this fraction of the steps")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], help="recover's autocast [default: bf16 on cuda]")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--batch", type=int, default=16, help="samples per onnxruntime call")
     ap.add_argument("--save-dir", help="also write every model variant here")
@@ -137,8 +140,11 @@ def main(argv=None) -> int:
             sys.exit("--recover-steps needs --train N (or a train split in --data-dir)")
         t = time.perf_counter()
         rec = recover(last[1], dense, train.inputs, steps=steps, batch_size=args.batch_size, lr=args.lr,
-                      device=args.device, match_layers=args.match_layers, quiet=True)
-        row = {"variant": f"{last[0]}+recover{steps}", "recover_seconds": round(time.perf_counter() - t, 1),
+                      device=args.device, match_layers=args.match_layers, gradual=args.gradual,
+                      precision=args.precision, quiet=True)
+        tag = f"+gradual{args.gradual:g}" if args.gradual else ""
+        row = {"variant": f"{last[0]}+recover{steps}{tag}", "lr": args.lr, "batch_size": args.batch_size,
+               "precision": rec.report["precision"], "recover_seconds": round(time.perf_counter() - t, 1),
                "loss": {k: rec.report["loss"][k] for k in ("before", "after")},
                **_score(args.model, rec.model, held, dense_outs, charset, args.batch)}
         result["rows"].append(row)

@@ -615,6 +615,11 @@ def quantize_cmd(model, output, calib, scheme, per_channel, holdout, report, bat
 @click.option("--lr", default=1e-4, show_default=True, type=float, help="Peak AdamW learning rate (warm-up, cosine).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--match-layers", is_flag=True, help="Also match the output of every pruned layer to the teacher's.")
+@click.option("--gradual", type=float, default=0.0, show_default=True, metavar="F",
+              help="Start from the teacher's weights and prune gradually over the first F of the steps (0 < F <= 1), "
+                   "ending at each layer's pattern and sparsity as MODEL records them; 0 keeps MODEL's masks.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]),
+              help="Autocast of the forward passes [default: bf16 on cuda, fp32 on cpu].")
 @click.option("--checkpoint", type=click.Path(dir_okay=False),
               help="Resumable checkpoint (safetensors) [default: OUTPUT.ckpt.safetensors]; a rerun resumes from it.")
 @click.option("--checkpoint-every", default=200, show_default=True, type=int, help="Steps between checkpoints.")
@@ -623,8 +628,8 @@ def quantize_cmd(model, output, calib, scheme, per_channel, holdout, report, bat
 @click.option("--report", type=click.Path(dir_okay=False), help="JSON report path [default: OUTPUT.report.json].")
 @click.option("--force", is_flag=True, help="Overwrite existing output and report files.")
 @quiet_option
-def recover_cmd(model, teacher, data_path, output, steps, batch_size, lr, device, match_layers, checkpoint,
-                checkpoint_every, threads, seed, report, force, quiet):
+def recover_cmd(model, teacher, data_path, output, steps, batch_size, lr, device, match_layers, gradual, precision,
+                checkpoint, checkpoint_every, threads, seed, report, force, quiet):
     """Recover a pruned MODEL's accuracy by label-free distillation from its dense teacher (masks frozen).
 
     Needs the 'recover' extra (PyTorch). Every pruned weight stays exactly zero; the graph is unchanged."""
@@ -639,7 +644,7 @@ def recover_cmd(model, teacher, data_path, output, steps, batch_size, lr, device
     if checkpoint_every < 1:
         raise UserError(f"--checkpoint-every must be >= 1, got {checkpoint_every}")
     result = recover(model, teacher, data_path, output, steps=steps, batch_size=batch_size, lr=lr, device=device,
-                     match_layers=match_layers, seed=seed, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                     match_layers=match_layers, gradual=gradual, precision=precision, seed=seed, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
                      threads=threads, force=force, quiet=quiet)
     atomic_write(report, json.dumps(result.report, indent=2) + "\n")
     if quiet:

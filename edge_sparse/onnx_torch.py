@@ -133,8 +133,11 @@ def _axes(node, a, inputs, opset, slot=1, attr_opset=13):
     return list(a["axes"]) if "axes" in a else None
 
 
-def _op(node: onnx.NodeProto, inputs: list, opset: int):
-    """Outputs (a list) of one node; ``inputs`` are tensors (None for an empty name)."""
+def _op(node: onnx.NodeProto, inputs: list, opset: int, fix=None):
+    """Outputs (a list) of one node; ``inputs`` are tensors (None for an empty name). ``fix`` maps the constant
+    target shapes of Reshape / Expand / ConstantOfShape when the graph runs on other dimensions than it was exported
+    for (a whole batch through a batch-1 graph, a trimmed sequence)."""
+    fix = fix or (lambda shape: shape)
     import torch
     import torch.nn.functional as F
 
@@ -197,7 +200,7 @@ def _op(node: onnx.NodeProto, inputs: list, opset: int):
     if t == "Cast":
         return [x.to(_torch_dtype(a["to"]))]
     if t == "Reshape":
-        shape = _ints(inputs[1])
+        shape = fix(_ints(inputs[1]))
         shape = [x.shape[i] if s == 0 and not a.get("allowzero", 0) else s for i, s in enumerate(shape)]
         return [x.reshape(shape)]
     if t == "Flatten":
@@ -282,15 +285,16 @@ def _op(node: onnx.NodeProto, inputs: list, opset: int):
     if t in ("Equal", "Less", "Greater"):
         return [{"Equal": torch.eq, "Less": torch.lt, "Greater": torch.gt}[t](x, inputs[1])]
     if t == "Expand":
-        return [x * torch.ones(_ints(inputs[1]), dtype=x.dtype, device=x.device)]
+        return [x * torch.ones(fix(_ints(inputs[1])), dtype=x.dtype, device=x.device)]
     if t == "ConstantOfShape":
         value = numpy_helper.to_array(a["value"]) if "value" in a else np.zeros(1, np.float32)
-        return [torch.full(_ints(x), value.reshape(-1)[0].item(), dtype=torch.from_numpy(value).dtype,
+        return [torch.full(fix(_ints(x)), value.reshape(-1)[0].item(), dtype=torch.from_numpy(value).dtype,
                            device=x.device)]
     raise UserError(f"operator {t} (node {node.name or node.output[0]}) is not supported by the ONNX->PyTorch "
                     f"converter; supported: {', '.join(SUPPORTED_OPS)}")
 
 
+_ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Pow", "Where", "Equal", "Less", "Greater")
 SUPPORTED_OPS = ("Abs", "Add", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant",
                  "ConstantOfShape", "Conv", "Div", "Equal", "Erf", "Exp", "Expand", "Flatten", "Gather", "Gelu",
                  "Gemm", "GlobalAveragePool", "Greater", "HardSigmoid", "HardSwish", "Identity", "LayerNormalization",
@@ -342,6 +346,17 @@ def _module_class():
                     d = vi.type.tensor_type.shape.dim
                     dims.append(d[0].dim_value if d and d[0].HasField("dim_value") else 0)
             self.per_sample = bool(dims) and all(d == 1 for d in dims)
+            # fast path (set by the caller once it checked the outputs against the exact path, see
+            # :meth:`set_fast`): a batch-1 graph runs a whole batch at once, and a sequence dimension exported as
+            # ``seq_len`` may run trimmed; constant target shapes are mapped accordingly
+            self.fast = False
+            self.seq_len: int | None = None
+            self.seq_inputs: tuple[str, ...] = ()
+
+        def set_fast(self, fast: bool, seq_len: int | None = None, seq_inputs=()):
+            """``fast``: run batches through the graph at once (no vmap); ``seq_len``: the exported length of axis 1
+            of ``seq_inputs``, which the caller may trim (constant shapes holding it follow the trimmed length)."""
+            self.fast, self.seq_len, self.seq_inputs = fast, seq_len, tuple(seq_inputs)
 
         def constant(self, name):
             key = self.key[name]
@@ -358,17 +373,63 @@ def _module_class():
                 p = self.constant(name)
                 p.mul_(m.to(p.device))
 
+        def _fix(self, feeds: dict):
+            if not self.fast:
+                return None
+            first = next(iter(feeds.values()))
+            batch = first.shape[0] if self.per_sample else None
+            seq = self.seq_len
+            now = feeds[self.seq_inputs[0]].shape[1] if seq is not None and self.seq_inputs else seq
+
+            def fix(shape):
+                out = list(shape)
+                if batch is not None and out and out[0] == 1:
+                    out[0] = batch
+                if seq is not None and now != seq:
+                    out = [now if i > 0 and d == seq else d for i, d in enumerate(out)]
+                return out
+
+            return fix
+
+        def _trim(self, feeds: dict):
+            """With a trimmed sequence: a constant operand of an elementwise op that spans the exported length
+            (a folded position embedding) is cut to the trimmed length where the other operand has it."""
+            seq = self.seq_len
+            now = feeds[self.seq_inputs[0]].shape[1] if seq is not None and self.seq_inputs else seq
+            if seq is None or now == seq:
+                return None
+
+            def trim(ins, const):
+                live = [v for v, c in zip(ins, const) if v is not None and not c]
+                if not live or not any(const):
+                    return ins
+                ref = max(live, key=lambda v: v.dim())
+                out = []
+                for v, c in zip(ins, const):
+                    if c and v is not None:
+                        for ax in range(1, min(v.dim(), ref.dim()) + 1):
+                            if v.shape[-ax] == seq and ref.shape[-ax] == now:
+                                v = v.narrow(v.dim() - ax, 0, now)
+                    out.append(v)
+                return out
+
+            return trim
+
         def _run(self, feeds: dict):
             env = dict(feeds)
+            fix = self._fix(feeds)
+            trim = self._trim(feeds) if fix is not None else None
             for node in self.nodes:
                 ins = [None if not n else (env[n] if n in env else self.constant(n)) for n in node.input]
-                outs = _op(node, ins, self.opset)
+                if trim is not None and node.op_type in _ELEMENTWISE:
+                    ins = trim(ins, [bool(n) and n not in env for n in node.input])
+                outs = _op(node, ins, self.opset, fix)
                 for name, v in zip(node.output, outs):
                     env[name] = v
             return {n: env[n] for n in (*self.output_names, *self.capture)}
 
         def forward(self, **inputs):
-            if not self.per_sample:
+            if not self.per_sample or self.fast:
                 return self._run(inputs)
             names = list(inputs)
 

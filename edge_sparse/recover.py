@@ -93,6 +93,95 @@ def _same_graph(student: onnx.ModelProto, teacher: onnx.ModelProto) -> None:
         raise UserError(f"the teacher has no output '{missing[0]}'; pass the dense model the student was pruned from")
 
 
+def _padding_mask(feeds: dict[str, np.ndarray]) -> str | None:
+    """The input that marks padding (``attention_mask``-like): integer, [N, S], values 0/1 with every row a run of ones
+    followed by zeros, some zeros present. None when no input looks like that."""
+    for name, arr in feeds.items():
+        if arr.ndim != 2 or arr.dtype.kind not in "iub" or arr.shape[1] < 2:
+            continue
+        if not np.isin(arr, (0, 1)).all() or arr.all():
+            continue
+        if np.all(np.diff(arr.astype(np.int8), axis=1) <= 0):
+            return name
+    return None
+
+
+def _fast_path(student_m, teacher_m, feeds: dict, pad: str | None, torch) -> dict:
+    """Choose how the graphs run: a batch-1 graph on whole batches, and sequences trimmed to the longest real one in
+    the batch (exact for every real position when attention excludes the padding). Each option is kept only if the
+    outputs at real positions match the exact path (per-sample vmap, full length) on a few training samples."""
+    probe = {k: torch.from_numpy(np.ascontiguousarray(v[:4])) for k, v in feeds.items()}
+    seq = probe[pad].shape[1] if pad else None
+    seq_inputs = [k for k, v in probe.items() if pad and v.dim() >= 2 and v.shape[1] == seq]
+    with torch.no_grad():
+        ref = teacher_m(**probe)
+        keep = int(probe[pad].sum(1).max()) if pad else None
+        tried = []
+        if student_m.per_sample:
+            tried.append((True, None))
+        if pad and keep < seq:
+            tried.insert(0, (True, seq))
+        for fast, seq_len in tried:
+            teacher_m.set_fast(fast, seq_len, seq_inputs)
+            trim = {k: (v[:, :keep] if k in seq_inputs and seq_len else v) for k, v in probe.items()}
+            got = teacher_m(**trim)
+            ok = True
+            for name, r in ref.items():
+                g = got[name]
+                if seq_len and r.dim() >= 2 and r.shape[1] == seq and g.shape[1] == keep:
+                    r = r[:, :keep] * probe[pad][:, :keep].reshape(*probe[pad][:, :keep].shape,
+                                                                   *[1] * (r.dim() - 2)).to(r.dtype)
+                    g = g * probe[pad][:, :keep].reshape(*probe[pad][:, :keep].shape, *[1] * (g.dim() - 2)).to(g.dtype)
+                if r.shape != g.shape or (r.is_floating_point() and
+                                          float((r - g).abs().max()) > 1e-4 * max(1.0, float(r.abs().max()))):
+                    ok = False
+                    break
+            teacher_m.set_fast(False)
+            if ok:
+                return {"batched": fast, "seq_len": seq_len, "seq_inputs": seq_inputs if seq_len else []}
+    return {"batched": not student_m.per_sample, "seq_len": None, "seq_inputs": []}
+
+
+def _gradual_plan(model: onnx.ModelProto, masked: list[str]) -> dict[str, dict]:
+    """{weight: {pattern, sparsity, op, trans_b}} for gradual pruning, from the record ``edge-sparse prune`` wrote into
+    the pruned model (``edge_sparse.pruning`` metadata: each layer's pattern and sparsity)."""
+    from edge_sparse.passes.prune import METADATA_KEY as PRUNE_KEY
+    from edge_sparse.passes.prune_masks import parse_pattern
+
+    meta = {p.key: p.value for p in model.metadata_props}
+    try:
+        layers = json.loads(meta[PRUNE_KEY])["layers"]
+    except (KeyError, ValueError, TypeError):
+        raise UserError("--gradual needs a model written by 'edge-sparse prune' (its metadata names each layer's "
+                        "pattern and sparsity); this model has no such record") from None
+    consumers = {}
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm", "Conv") and len(node.input) > 1:
+            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+            consumers.setdefault(node.input[1], (node.op_type, trans_b))
+    plan = {}
+    for name in masked:
+        info = layers.get(name)
+        if info is None or name not in consumers:
+            continue
+        op, trans_b = consumers[name]
+        plan[name] = {"pattern": parse_pattern(info["pattern"]), "sparsity": float(info["sparsity"]), "op": op,
+                      "trans_b": trans_b}
+    if not plan:
+        raise UserError("--gradual: the pruning record names none of the model's pruned weights (was the model "
+                        "changed after 'edge-sparse prune'?)")
+    return plan
+
+
+def _gradual_mask(weight: np.ndarray, info: dict, sparsity: float) -> np.ndarray:
+    """Magnitude mask of ``weight`` at ``sparsity`` in the layer's pattern (1 keep, 0 drop), in the weight's layout."""
+    from edge_sparse.passes.prune_masks import from_canonical, mask, to_canonical
+
+    scores = np.abs(to_canonical(weight, info["op"], info["trans_b"])).astype(np.float64)
+    keep = mask(scores, info["pattern"], sparsity, per_row=False)
+    return from_canonical(keep, weight.shape, info["op"], info["trans_b"]).astype(weight.dtype)
+
+
 def _checkpoint_meta(config: dict) -> dict:
     return {"edge_sparse_recover": json.dumps(config, sort_keys=True)}
 
@@ -142,13 +231,21 @@ def _load_checkpoint(path: Path, student, opt, names: list[str], config: dict) -
 
 
 def recover(student, teacher, data, output=None, *, steps: int = 1000, batch_size: int = 32, lr: float = 1e-4,
-            device: str = "cpu", match_layers: bool = False, layer_weight: float = 1.0, seed: int = 0,
+            device: str = "cpu", precision: str | None = None, gradual: float = 0.0, match_layers: bool = False,
+            layer_weight: float = 1.0, seed: int = 0,
             checkpoint=None, checkpoint_every: int = 200, threads: int | None = None, force: bool = False,
             quiet: bool | None = None) -> RecoverResult:
     """Distil ``teacher`` (dense ONNX) into ``student`` (pruned ONNX), masks frozen; write ``output`` if given.
 
     data: ``.npz`` path or ``{input: array}`` of unlabeled inputs (samples on the first axis).
     checkpoint: safetensors path for resumable training (default ``OUTPUT.ckpt.safetensors``; None without output).
+    gradual: 0 keeps the student's masks (default). A fraction f in (0, 1] instead starts the student from the
+    teacher's weights and prunes it gradually during the first f of the steps (cubic schedule, magnitude within each
+    layer's pattern, masks updated about 20 times), ending at each layer's pattern and sparsity as recorded by
+    ``edge-sparse prune`` in the student; the rest of the steps train with those masks fixed. Masks may then differ
+    from the student's, sparsity and pattern do not.
+    precision: ``fp32`` or ``bf16`` (autocast of both forward passes; losses and weights stay fp32); default bf16 on
+    cuda, fp32 on cpu.
     """
     from edge_sparse.onnx_torch import OnnxModule, masked_constants, require_torch, trainable_constants
     from edge_sparse.passes import calibrate
@@ -160,10 +257,15 @@ def recover(student, teacher, data, output=None, *, steps: int = 1000, batch_siz
         raise UserError(f"--steps must be >= 0, got {steps}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if not 0.0 <= gradual <= 1.0:
+        raise UserError(f"--gradual must be a fraction of the steps in [0, 1], got {gradual}")
     if not lr > 0:
         raise UserError(f"--lr must be > 0, got {lr}")
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device must be cpu or cuda, got '{device}'")
+    precision = precision or ("bf16" if device == "cuda" else "fp32")
+    if precision not in ("fp32", "bf16"):
+        raise UserError(f"--precision must be fp32 or bf16, got '{precision}'")
     if device != "cpu" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible to PyTorch (install a CUDA build of torch or use "
                         "--device cpu)")
@@ -194,6 +296,7 @@ def recover(student, teacher, data, output=None, *, steps: int = 1000, batch_siz
     if not masked:
         raise UserError("the student has no pruned weights (no MatMul/Gemm/Conv weight holds zeros); recover "
                         "trains a pruned model against its dense teacher: run 'edge-sparse prune' first")
+    plan = _gradual_plan(s_proto, masked) if gradual > 0 else {}
     logits = _softmax_logits(s_proto)
     layer_outs = _pruned_layer_outputs(s_proto, masked) if match_layers else []
     capture = [v[0] for v in logits.values()] + layer_outs
@@ -208,15 +311,39 @@ def recover(student, teacher, data, output=None, *, steps: int = 1000, batch_siz
     torch.manual_seed(seed)
     with progress.step("convert ONNX -> PyTorch (student, teacher)"):
         student_m = OnnxModule(s_proto, trainable=names, capture=capture).to(dev)
-        teacher_m = OnnxModule(t_proto, capture=capture).to(dev).eval()
+        teacher_m = OnnxModule(t_proto, capture=capture).eval()
+        pad = _padding_mask(feeds)
+        fast = _fast_path(student_m, teacher_m, feeds, pad, torch)
+        for m in (student_m, teacher_m):
+            m.set_fast(fast["batched"], fast["seq_len"], fast["seq_inputs"])
+        student_m.to(dev)
+        teacher_m.to(dev)
     student_m.set_masks(masked)
+    if plan:                                     # gradual: start dense, from the teacher's values
+        with torch.no_grad():
+            for nm in names:
+                student_m.constant(nm).copy_(teacher_m.constant(nm).to(dev))
+        for nm in plan:
+            student_m.masks[nm] = torch.ones_like(student_m.masks[nm])
+    student_m.masks = {k: v.to(dev) for k, v in student_m.masks.items()}
     student_m.train()
     params = [student_m.constant(nm) for nm in names]
     for p in teacher_m.parameters():
         p.requires_grad_(False)
     for nm in masked:
-        mask = student_m.masks[nm].to(dev)
-        student_m.constant(nm).register_hook(lambda g, mask=mask: g * mask)
+        student_m.constant(nm).register_hook(lambda g, nm=nm: g * student_m.masks[nm])
+    ramp = int(round(gradual * steps))
+    every = max(1, ramp // 20)
+
+    def prune_to(step):
+        """Gradual pruning: masks at the cubic schedule's sparsity for ``step`` (target reached at ``ramp``)."""
+        frac = 1.0 - (1.0 - min(step, ramp) / max(ramp, 1)) ** 3
+        with torch.no_grad():
+            for nm, info in plan.items():
+                p = student_m.constant(nm)
+                keep = _gradual_mask(p.detach().float().cpu().numpy(), info, info["sparsity"] * frac)
+                student_m.masks[nm] = torch.from_numpy(keep).to(device=dev, dtype=p.dtype)
+        student_m.apply_masks()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warm = max(1, min(100, steps // 10))
 
@@ -225,10 +352,28 @@ def recover(student, teacher, data, output=None, *, steps: int = 1000, batch_siz
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 
-    def to_dev(idx):
-        return {k: torch.from_numpy(np.ascontiguousarray(v[idx])).to(dev) for k, v in feeds.items()}
+    seq_len = fast["seq_len"]
 
-    def loss_fn(s_out, t_out):
+    def to_dev(idx):
+        """The batch's inputs on the device (trimmed to its longest real sequence when the fast path allows it) and
+        its token mask ([B, S] float, None without a padding input)."""
+        keep = None
+        if seq_len:
+            keep = int(feeds[pad][idx].sum(1).max())
+            keep = min(seq_len, -(-keep // 8) * 8)    # few distinct shapes (kernel caches stay warm)
+        batch = {k: torch.from_numpy(np.ascontiguousarray(v[idx][:, :keep] if keep and k in fast["seq_inputs"]
+                                                          else v[idx])).to(dev) for k, v in feeds.items()}
+        return batch, (batch[pad].float() if pad else None)
+
+    def _err(s, t, tok):
+        """Squared error normalised by the teacher's mean square; positions that are padding do not count."""
+        s, t = s.float(), t.float()
+        if tok is not None and s.dim() >= 2 and tuple(s.shape[:2]) == tuple(tok.shape):
+            w = tok.reshape(*tok.shape, *[1] * (s.dim() - 2))
+            return (w * (s - t) ** 2).sum() / (w * t * t).sum().clamp_min(1e-12)
+        return ((s - t) ** 2).mean() / (t * t).mean().clamp_min(1e-12)
+
+    def loss_fn(s_out, t_out, tok=None):
         total = 0.0
         for name in student_m.output_names:
             s, t = s_out[name], t_out[name]
@@ -236,16 +381,25 @@ def recover(student, teacher, data, output=None, *, steps: int = 1000, batch_siz
                 continue
             if name in logits:
                 cap, axis = logits[name]
-                ls, lt = s_out[cap], t_out[cap]
+                ls, lt = s_out[cap].float(), t_out[cap].float()
                 ax = axis % ls.dim()
-                total = total + torch.sum(torch.softmax(lt, ax) * (torch.log_softmax(lt, ax) - torch.log_softmax(ls, ax)),
-                                          dim=ax).mean()
+                kl = torch.sum(torch.softmax(lt, ax) * (torch.log_softmax(lt, ax) - torch.log_softmax(ls, ax)), dim=ax)
+                if tok is not None and kl.dim() >= 2 and tuple(kl.shape[:2]) == tuple(tok.shape):
+                    w = tok.reshape(*tok.shape, *[1] * (kl.dim() - 2)).expand_as(kl)
+                    total = total + (w * kl).sum() / w.sum().clamp_min(1.0)
+                else:
+                    total = total + kl.mean()
             else:
-                total = total + ((s - t) ** 2).mean() / (t * t).mean().clamp_min(1e-12)
+                total = total + _err(s, t, tok)
         for name in layer_outs:                   # averaged: all layers together weigh like one output
-            s, t = s_out[name], t_out[name]
-            total = total + layer_weight / len(layer_outs) * ((s - t) ** 2).mean() / (t * t).mean().clamp_min(1e-12)
+            total = total + layer_weight / len(layer_outs) * _err(s_out[name], t_out[name], tok)
         return total
+
+    amp = precision == "bf16"
+
+    def forward(m, feeds_b):
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
+            return m(**feeds_b)
 
     probe = np.arange(min(n, PROBE_SAMPLES))
 
@@ -254,15 +408,16 @@ def recover(student, teacher, data, output=None, *, steps: int = 1000, batch_siz
         vals = []
         with torch.no_grad():
             for i in range(0, len(probe), batch_size):
-                feeds_b = to_dev(probe[i:i + batch_size])
-                vals.append(float(loss_fn(student_m(**feeds_b), teacher_m(**feeds_b))) * len(feeds_b[specs[0].name]))
+                feeds_b, tok = to_dev(probe[i:i + batch_size])
+                vals.append(float(loss_fn(forward(student_m, feeds_b), forward(teacher_m, feeds_b), tok))
+                            * len(feeds_b[specs[0].name]))
         student_m.train()
         return sum(vals) / len(probe)
 
     config = {"student": s_sha, "teacher": t_sha,
               "data": sha256_bytes(b"".join(np.ascontiguousarray(feeds[k]).tobytes() for k in sorted(feeds))),
-              "steps": steps, "batch_size": batch_size, "lr": lr, "match_layers": match_layers,
-              "layer_weight": layer_weight, "seed": seed}
+              "steps": steps, "batch_size": batch_size, "lr": lr, "match_layers": match_layers, "precision": precision,
+              "layer_weight": layer_weight, "seed": seed, "gradual": gradual}
     ckpt = Path(checkpoint) if checkpoint is not None else (
         out_path.with_name(out_path.name + ".ckpt.safetensors") if out_path is not None else None)
     start, losses = 0, []
@@ -272,18 +427,24 @@ def recover(student, teacher, data, output=None, *, steps: int = 1000, batch_siz
         for group in opt.param_groups:
             group["lr"] = lr * lr_factor(start)
         progress.info(f"resuming from {ckpt} at step {start}/{steps}")
+    if plan and start > 0:                        # resumed inside or after the ramp: the zeros are the masks
+        with torch.no_grad():
+            for nm in plan:
+                student_m.masks[nm] = (student_m.constant(nm).detach() != 0).to(student_m.constant(nm).dtype)
     before = probe_loss() if start == 0 else None
     if start == 0:
         student_m.apply_masks()
     t_train = time.perf_counter()
     last_print = 0.0
     for step in range(start, steps):
+        if plan and step <= ramp and (step % every == 0 or step == ramp):
+            prune_to(step + (1 if step < ramp else 0))
         rng = np.random.default_rng([seed, step])
         idx = rng.choice(n, size=batch_size, replace=n < batch_size)
-        feeds_b = to_dev(idx)
+        feeds_b, tok = to_dev(idx)
         with torch.no_grad():
-            t_out = teacher_m(**feeds_b)
-        loss = loss_fn(student_m(**feeds_b), t_out)
+            t_out = forward(teacher_m, feeds_b)
+        loss = loss_fn(forward(student_m, feeds_b), t_out, tok)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -304,6 +465,8 @@ def recover(student, teacher, data, output=None, *, steps: int = 1000, batch_siz
     result.CopyFrom(s_proto)
     consts = {i.name: i for i in result.graph.initializer}
     cnodes = {nd.output[0]: nd for nd in result.graph.node if nd.op_type == "Constant"}
+    if plan and ramp >= steps:                    # the ramp ends with the last step: make sure it ended on target
+        prune_to(ramp)
     orig = {nm: student_m.masks[nm].cpu().numpy() for nm in masked}
     for nm, arr in trained.items():
         if nm in orig:
@@ -320,6 +483,8 @@ def recover(student, teacher, data, output=None, *, steps: int = 1000, batch_siz
         "teacher": {"name": t_path.name if t_path else "model", "sha256": t_sha},
         "data": {"source": data_desc, "samples": n},
         "steps": steps, "resumed_from": start, "batch_size": batch_size, "lr": lr, "device": device,
+        "precision": precision, "gradual": gradual, "execution": {"batched": fast["batched"], "padding_input": pad,
+                                              "trimmed_inputs": fast["seq_inputs"]},
         "match_layers": match_layers, "trainable_tensors": len(names), "masked_tensors": len(masked),
         "trainable_params": int(sum(a.size for a in trained.values())),
         "loss": {"probe_samples": len(probe), "before": before, "after": after,

@@ -160,3 +160,87 @@ def test_prune_then_recover_in_one_command(pruned, tmp_path):
     a, b = _constants(plain), _constants(onnx.load(str(out)))
     for name in masked_constants(plain):                                   # the same zeros as pruning alone
         assert np.array_equal(a[name] == 0, b[name] == 0), name
+
+
+def _block_constant(model: onnx.ModelProto, name: str, weight: np.ndarray, rows: int) -> bool:
+    """Every group of ``rows`` output channels shares its zeros at each input (the Rx1 pattern), canonical view."""
+    from edge_sparse.passes.prune_masks import to_canonical
+
+    node = next(n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv") and n.input[1] == name)
+    w = to_canonical(weight, node.op_type, any(a.name == "transB" and a.i for a in node.attribute))
+    z = (w == 0).reshape(-1, rows, w.shape[1])
+    return bool(np.all(z.all(axis=1) | (~z).all(axis=1)))
+
+
+def test_gradual_pruning_ends_on_the_recorded_pattern_and_sparsity(pruned):
+    dense, student, data = pruned
+    one_shot = recover(student, dense, data, None, steps=0, threads=1, quiet=True).report["loss"]["after"]
+    res = recover(student, dense, data, None, steps=80, batch_size=16, lr=3e-3, gradual=0.5, threads=1, quiet=True)
+    assert res.report["gradual"] == 0.5 and res.report["loss"]["before"] == pytest.approx(0.0, abs=1e-6)
+    assert res.report["loss"]["after"] < one_shot                        # better than the one-shot masks untrained
+    record = json.loads({p.key: p.value for p in onnx.load(str(student)).metadata_props}["edge_sparse.pruning"])
+    after, before = _constants(res.model), _constants(onnx.load(str(student)))
+    layers = [n for n in record["layers"] if n in after]
+    assert layers
+    for name in layers:
+        assert np.mean(after[name] == 0) == pytest.approx(record["layers"][name]["sparsity"], abs=1e-6), name
+        assert _block_constant(res.model, name, after[name], 4), name
+    assert any(not np.array_equal(after[n] == 0, before[n] == 0) for n in layers)   # masks chosen anew, dense start
+    onnx.checker.check_model(res.model, full_check=True)
+
+
+def test_gradual_needs_the_pruning_record(pruned, tmp_path):
+    dense, student, data = pruned
+    m = onnx.load(str(student))
+    del m.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(m, str(bare))
+    with pytest.raises(UserError, match="--gradual needs a model written by 'edge-sparse prune'"):
+        recover(bare, dense, data, None, steps=2, gradual=0.5, quiet=True)
+    r = invoke(["recover", student, "--teacher", dense, "--data", data, "-o", tmp_path / "g.onnx", "--gradual", "1.5"])
+    assert r.exit_code == 2 and "--gradual must be a fraction" in r.output and "Traceback" not in r.output
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from edge_sparse import models
+    from edge_sparse.models import data as zoo_data
+
+    path = models.get("minilm-l6", quiet=True)
+    return path, zoo_data.dataset("minilm-l6", "eval", 6).inputs
+
+
+def test_batched_trimmed_path_matches_the_exact_path_on_minilm(minilm):
+    """MiniLM's export is fixed at batch 1 and 128 tokens: the fast path runs whole batches trimmed to the longest
+    real sentence; at every real position it computes what per-sample vmap at full length computes."""
+    from edge_sparse.recover import _fast_path, _padding_mask
+
+    path, feeds = minilm
+    proto = onnx.load(str(path))
+    assert _padding_mask(feeds) == "attention_mask"
+    module = OnnxModule(proto).eval()
+    t = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    with torch.no_grad():
+        ref = module(**t)
+        keep = int(feeds["attention_mask"].sum(1).max())
+        assert keep < 64
+        module.set_fast(True, 128, list(feeds))
+        got = module(**{k: v[:, :keep] for k, v in t.items()})
+    real = feeds["attention_mask"][:, :keep].astype(bool)
+    np.testing.assert_allclose(got["token_embeddings"].numpy()[real], ref["token_embeddings"].numpy()[:, :keep][real],
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got["sentence_embedding"].numpy(), ref["sentence_embedding"].numpy(),
+                               rtol=1e-4, atol=1e-5)
+    module.set_fast(False)
+    chosen = _fast_path(OnnxModule(proto), OnnxModule(proto).eval(), feeds, "attention_mask", torch)
+    assert chosen == {"batched": True, "seq_len": 128, "seq_inputs": list(feeds)}
+
+
+def test_recover_on_minilm_trains_on_real_tokens_only(minilm, tmp_path):
+    path, feeds = minilm
+    student = tmp_path / "m.onnx"
+    pruning.prune(path, student, sparsity=0.5, pattern="16x1", method="magnitude", quiet=True)
+    res = recover(student, path, feeds, None, steps=2, batch_size=3, lr=1e-4, threads=1, quiet=True)
+    ex = res.report["execution"]
+    assert ex["batched"] and ex["padding_input"] == "attention_mask" and len(ex["trimmed_inputs"]) == 3
+    assert 0 < res.report["loss"]["after"] < 10 and np.isfinite(res.report["loss"]["before"])
