@@ -90,7 +90,8 @@ def relax_passes(preset, *, tuning_db=None, lower: bool = True) -> list:
     passes = list(cpu.library_dispatch_passes(target))
     # sigmoid via exp (vectorised by FastMath below), Clip bounds as Relax ops (layout-transparent)
     passes += [VectorMathRewrite(), ConvTransposeAsConv()]
-    passes += [ConvertConvLayout(CONV_LAYOUTS), relax.transform.Normalize()]
+    # (the conversion transposes a tensor once per consumer: MobileNetV2's residual input was transposed twice)
+    passes += [ConvertConvLayout(CONV_LAYOUTS), relax.transform.Normalize(), relax.transform.EliminateCommonSubexpr()]
     # exp/erf/tanh/softmax as polynomials that vectorise (LLVM turns vector exp into one libm call per lane)
     passes.append(FastMath())
     passes += list(cpu.legalize_passes(target))

@@ -528,8 +528,34 @@ def _injective(sch, cfg: TileConfig) -> bool:
         except Exception:
             raise_if_interrupted()
     for blk in _root_blocks(sch):
+        _transpose_order(sch, blk)
         _spatial_nest(sch, blk, cfg)
     return True
+
+
+def _transpose_order(sch, block_rv) -> None:
+    """A transpose-like block (its innermost loop gathers from a strided input): the output axis that is the
+    input's contiguous one goes right outside the innermost loop, so the rows a task gathers from stay in L1 while
+    it writes every row of the output that reads them (NHWC -> NCHW of a 56x56x24 map gathered each pixel row once
+    per channel from L2)."""
+    from tvm import tirx
+
+    blk = sch.get(block_rv)
+    loops = sch.get_loops(block_rv)
+    ivs = [iv.var for iv in blk.iter_vars]
+    if len(loops) != len(ivs) or len(loops) < 3 or len(blk.reads) != 1 or len(blk.writes) != 1:
+        return
+    region = blk.reads[0].region
+    inner = ivs[-1]
+    if any(_stride(r.min, inner) == 1 for r in region[-1:]):
+        return  # the innermost loop already reads contiguously
+    last = region[-1].min
+    cands = [k for k, v in enumerate(ivs[:-1]) if isinstance(last, tirx.Var) and last.same_as(v)]
+    if not cands or cands[0] == len(ivs) - 2:
+        return
+    k = cands[0]
+    order = [lp for i, lp in enumerate(loops[:-1]) if i != k] + [loops[k], loops[-1]]
+    sch.reorder(*order)
 
 
 def _row_reduction(sch, cfg: TileConfig) -> bool:
