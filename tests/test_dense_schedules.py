@@ -240,6 +240,27 @@ def test_conv_transpose_without_overlap_is_a_1x1_conv_and_matches_ort(kernel, st
     _check(model, seed=kernel[1])
 
 
+@pytest.mark.parametrize("k,stride,gate_first", [(1, 1, False), (3, 2, True)])
+def test_squeeze_excitation_scale_moves_onto_the_conv_weights(k, stride, gate_first):
+    """conv(h * gate, W) == conv(h, W * gate) for a per-channel gate (zero padding stays zero): no kernel multiplies
+    the whole map any more, only the weights; the result matches onnxruntime."""
+    rng = np.random.default_rng(k)
+    c, co, hw = 32, 24, 21
+    out = (hw + 2 * (k // 2) - k) // stride + 1
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["p"]), helper.make_node("Sigmoid", ["p"], ["g"]),
+             helper.make_node("Mul", ["g", "x"] if gate_first else ["x", "g"], ["s"]),
+             helper.make_node("Conv", ["s", "w", "b"], ["y"], kernel_shape=[k, k], strides=[stride, stride],
+                              pads=[k // 2] * 4)]
+    model = _graph(nodes, [("x", [1, c, hw, hw])], [("y", [1, co, out, out])],
+                   {"w": _w(rng, co, c, k, k), "b": _w(rng, co, 1)[:, 0]})
+    funcs = _scheduled_funcs(model)
+    for name, f in funcs.items():
+        if "multiply" in name:   # only the weight scaling multiplies (its output: the weights' size)
+            assert int(np.prod([int(d) for d in f.params[-1].shape])) == co * c * k * k, name
+    assert any("multiply" in name for name in funcs), list(funcs)
+    _check(model, seed=k)
+
+
 def test_pooling_norms_and_layout_ops_match_ort():
     rng = np.random.default_rng(3)
     nodes = [helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),

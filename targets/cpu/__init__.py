@@ -83,13 +83,13 @@ def relax_passes(preset, *, tuning_db=None, lower: bool = True) -> list:
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from edge_sparse.targets.cpu.guarded import ConvertConvLayout, FastMath, SplitWeightPrepack
-    from edge_sparse.targets.cpu.rewrites import ConvTransposeAsConv, VectorMathRewrite
+    from edge_sparse.targets.cpu.rewrites import ChannelScaleIntoConv, ConvTransposeAsConv, VectorMathRewrite
     from edge_sparse.targets.cpu.schedules import ScheduleDense
 
     target = preset.tvm_target()
     passes = list(cpu.library_dispatch_passes(target))
     # sigmoid via exp (vectorised by FastMath below), Clip bounds as Relax ops (layout-transparent)
-    passes += [VectorMathRewrite(), ConvTransposeAsConv()]
+    passes += [VectorMathRewrite(), ConvTransposeAsConv(), ChannelScaleIntoConv()]
     # (the conversion transposes a tensor once per consumer: MobileNetV2's residual input was transposed twice)
     passes += [ConvertConvLayout(CONV_LAYOUTS), relax.transform.Normalize(), relax.transform.EliminateCommonSubexpr()]
     # exp/erf/tanh/softmax as polynomials that vectorise (LLVM turns vector exp into one libm call per lane)
