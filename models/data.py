@@ -376,9 +376,8 @@ def score(data: Dataset, outputs: dict[str, np.ndarray], dense: dict[str, np.nda
         return res
     if charset is None:
         raise ValueError("ocr-rec scoring needs the model's charset (zoo.ocr_charset)")
-    texts = ctc_decode(probs, charset)
+    texts = [t.strip() for t in ctc_decode(probs, charset)]   # the recognizer emits spaces over the zero padding
     errors = sum(_edit_distance(t, g) for t, g in zip(texts, data.labels))
-    texts = [t.strip() for t in texts]            # the recognizer emits spaces over the zero padding
     res = {"line_accuracy": float(np.mean([t == g for t, g in zip(texts, data.labels)])),
            "cer": errors / max(1, sum(len(g) for g in data.labels))}
     if dense is not None:
