@@ -9,16 +9,19 @@ Per model (``edge_sparse.models``), per config:
   u50     50% unstructured        n24  2:4 (50%)
   b70/b80/b90  70/80/90% in 16x1 blocks over output channels
 Pruned models come from ``edge_sparse.prune`` (the default calibrated method, or ``--method``; per-layer sparsity by sensitivity, ``--allocate
-uniform`` for the same target in every layer; default skips: first conv and classifier head), calibrated on the
-recipe's sample inputs 8..15; they are compiled with ``--sparse auto``.
+uniform`` for the same target in every layer; default skips: first conv and classifier head), calibrated on
+``--calib`` samples of the model's real calibration split (``edge_sparse.models.data``); they are compiled with
+``--sparse auto``.
 
-Accuracy is measured on sample inputs 0..7 (never seen by calibration), against the dense model in onnxruntime:
-  ppocr-rec  share of text lines whose greedy-CTC decoded string equals the dense model's (all 8 are read
-             correctly by the dense model), plus per-timestep argmax agreement
-  ppocr-cls  top-1 agreement (upright / 180 degrees) with the dense model
-  minilm-l6  mean cosine similarity of the L2-normalised mean-pooled sentence embedding to the dense one
-using edge-sparse's outputs (what is deployed); ``es_vs_ort`` is the max |difference| between edge-sparse and
-onnxruntime on the same pruned ONNX relative to the output's max magnitude.
+Accuracy is measured on ``--eval`` samples of the real held-out split (disjoint from calibration), scored by
+``data.score`` against ground truth where there is one, with the dense model's own score beside it:
+  ppocr-rec  line accuracy and character error rate against the rendered text (trdg fonts and word lists)
+  ppocr-cls  accuracy on rendered lines upright / rotated 180 degrees
+  minilm-l6  cosine of the sentence embedding to the dense model's (Lee background sentences) and Spearman of the
+             1,225 human-scored Lee document pairs
+using edge-sparse's outputs (what is deployed; onnxruntime's on the same pruned ONNX beside them); ``es_vs_ort`` is
+the max |difference| between edge-sparse and onnxruntime on the same pruned ONNX relative to the output's max
+magnitude.
 
 Latency: each runtime in its own process (TVM's thread pinning leaks into ORT threads otherwise), TVM_BIND_THREADS=0,
 same inputs, ``--threads`` list; warm-up, then at least ``--repeat`` runs and ``--min-seconds``; the median of
@@ -64,9 +67,8 @@ CONFIGS = {
     "b80": ("80% 16x1", "16x1", 0.8),
     "b90": ("90% 16x1", "16x1", 0.9),
 }
-EVAL = range(0, 8)
-CALIB = range(8, 16)
 EST_THREADS = 4
+PRIMARY = {"sentence-embedding": "cosine", "ocr-rec": "line_accuracy", "ocr-cls": "accuracy"}
 
 # ---------------------------------------------------------------------------------------------- cost model
 # Ops that are not weight layers (activation x activation matmuls, k x k and depthwise convs, elementwise,
@@ -206,14 +208,14 @@ def _worker(args) -> None:
         model = runtime.load(args.path, threads=n)
         load_s = time.perf_counter() - t0
         run = model.run
-    eval_inputs = [{k[len(f"s{i}__"):]: v for k, v in data.items() if k.startswith(f"s{i}__")}
-                   for i in range(args.samples)]
-    outputs = {}
-    for i, x in enumerate(eval_inputs):
-        for name, y in run(x).items():
-            outputs[f"s{i}__{name}"] = y
+    samples = args.samples if args.save_outputs else 1       # the held-out set runs once, in the saving round
+    eval_inputs = [{k: v[i:i + 1] for k, v in data.items()} for i in range(samples)]
     if args.save_outputs:
-        np.savez(args.save_outputs, **outputs)
+        outputs: dict = {}
+        for x in eval_inputs:
+            for name, y in run(x).items():
+                outputs.setdefault(name, []).append(y)
+        np.savez(args.save_outputs, **{k: np.concatenate(v) for k, v in outputs.items()})
     x = eval_inputs[0]
     times = time_calls(lambda: run(x), warmup=args.warmup, repeat=args.repeat, min_seconds=args.min_seconds,
                        max_count=2000)
@@ -224,7 +226,8 @@ def _spawn(runtime_name: str, path: Path, inputs: Path, threads: int, args, save
     env = dict(os.environ, TVM_NUM_THREADS=str(threads), TVM_BIND_THREADS="0", OMP_NUM_THREADS=str(threads))
     cmd = [sys.executable, str(Path(__file__).resolve()), "_worker", "--runtime", runtime_name, "--path", str(path),
            "--inputs", str(inputs), "--threads", str(threads), "--warmup", str(args.warmup),
-           "--repeat", str(args.repeat), "--min-seconds", str(args.min_seconds), "--samples", str(len(EVAL))]
+           "--repeat", str(args.repeat), "--min-seconds", str(args.min_seconds),
+           "--samples", str(args.eval_count)]
     if save is not None:
         cmd += ["--save-outputs", str(save)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
@@ -235,36 +238,29 @@ def _spawn(runtime_name: str, path: Path, inputs: Path, threads: int, args, save
 
 
 # ---------------------------------------------------------------------------------------------- accuracy
-def _accuracy(task: str, dense: list[dict], got: list[dict], charset) -> dict:
-    from edge_sparse.models.zoo import ctc_decode
+def _accuracy(sets: dict, dense: dict | None, got: dict, charset) -> dict:
+    """``data.score`` of ``got`` (outputs stacked over the held-out samples, eval first, then the Lee documents) per
+    split; ``value``/``metric``: the task's primary score on the eval split. ``dense`` None: the dense model itself."""
+    from edge_sparse.models import data
 
-    if task == "ocr-rec":
-        match = agree = steps = 0
-        for d, g in zip(dense, got):
-            dp, gp = next(iter(d.values())), next(iter(g.values()))
-            match += ctc_decode(dp, charset) == ctc_decode(gp, charset)
-            agree += int((dp.argmax(-1) == gp.argmax(-1)).sum())
-            steps += dp.shape[1]
-        return {"metric": "text match", "value": match / len(dense), "timestep_agreement": agree / steps}
-    if task == "ocr-cls":
-        agree = sum(int(next(iter(d.values())).argmax() == next(iter(g.values())).argmax()) for d, g in zip(dense, got))
-        return {"metric": "top-1 agreement", "value": agree / len(dense)}
-    cos = [float(np.dot(d["sentence_embedding"][0], g["sentence_embedding"][0])
-                 / (np.linalg.norm(d["sentence_embedding"]) * np.linalg.norm(g["sentence_embedding"])))
-           for d, g in zip(dense, got)]
-    return {"metric": "mean cosine", "value": float(np.mean(cos)), "min_cosine": float(np.min(cos))}
+    res, start = {}, 0
+    for split, ds in sets.items():
+        n = len(next(iter(ds.inputs.values())))
+        part = {k: v[start:start + n] for k, v in got.items()}
+        ref = {k: v[start:start + n] for k, v in dense.items()} if dense is not None else None
+        res[split] = data.score(ds, part, dense=ref, charset=charset)
+        start += n
+    task = data.recipes()[sets["eval"].model].task
+    metric = PRIMARY[task]
+    value = res["eval"].get(metric, 1.0 if dense is None and metric == "cosine" else None)
+    return {"metric": metric, "value": value, **res}
 
 
-def _split(outputs: dict, samples: int) -> list[dict]:
-    return [{k[len(f"s{i}__"):]: v for k, v in outputs.items() if k.startswith(f"s{i}__")} for i in range(samples)]
-
-
-def _rel_err(a: list[dict], b: list[dict]) -> float:
+def _rel_err(a: dict, b: dict) -> float:
     worst = 0.0
-    for x, y in zip(a, b):
-        for k in x:
-            scale = max(1e-12, float(np.abs(y[k]).max()))
-            worst = max(worst, float(np.abs(x[k] - y[k]).max()) / scale)
+    for k in a:
+        scale = max(1e-12, float(np.abs(b[k]).max()))
+        worst = max(worst, float(np.abs(a[k] - b[k]).max()) / scale)
     return worst
 
 
@@ -273,8 +269,8 @@ def _artifact_bytes(manifest: dict) -> int:
     return int(sum(f["bytes"] for name, f in manifest["files"].items() if name != "manifest.json"))
 
 
-def _run_config(name: str, key: str, src: Path, work: Path, args, dense_outputs: list[dict],
-                charset) -> dict:
+def _run_config(name: str, key: str, src: Path, work: Path, args, dense_outputs: dict, charset, sets: dict,
+                calib: dict) -> dict:
     from edge_sparse import compiler, models, targets
     from edge_sparse.artifact import read_manifest
     from edge_sparse.compiler import intake as load_model
@@ -292,7 +288,6 @@ def _run_config(name: str, key: str, src: Path, work: Path, args, dense_outputs:
         report_path = work / f"{key}.{args.method}.{args.allocate}.report.json"
         report = json.loads(report_path.read_text()) if report_path.exists() and onnx_path.exists() else None
         if report is None or report["source_model"]["sha256"] != recipe.sha256 and recipe.sha256 is not None:
-            calib = {k: np.concatenate([recipe.sample_input(i)[k] for i in CALIB]) for k in recipe.input_shapes}
             report = prune(src, onnx_path, sparsity=sparsity, pattern=pattern, method=args.method, calib=calib,
                            allocate_by=args.allocate, holdout=0.0, report_path=report_path, force=True,
                            quiet=True).report
@@ -324,7 +319,7 @@ def _run_config(name: str, key: str, src: Path, work: Path, args, dense_outputs:
             best["round_medians_ms"] = [round(r["median_ms"], 3) for r in found]
             latency[f"{rt}_{threads}t"] = best
     for rt in ("ort", "es"):
-        outs = _split(dict(np.load(work / f"{key}-{rt}-outputs.npz")), len(EVAL))
+        outs = dict(np.load(work / f"{key}-{rt}-outputs.npz", allow_pickle=False))
         if rt == "es":
             es_outputs = outs
         else:
@@ -332,8 +327,8 @@ def _run_config(name: str, key: str, src: Path, work: Path, args, dense_outputs:
     row["latency"] = latency
     for threads in args.threads:
         row[f"speedup_{threads}t"] = latency[f"ort_{threads}t"]["median_ms"] / latency[f"es_{threads}t"]["median_ms"]
-    row["accuracy"] = _accuracy(recipe.task, dense_outputs, es_outputs, charset)
-    row["accuracy_ort"] = _accuracy(recipe.task, dense_outputs, ort_outputs, charset)
+    row["accuracy"] = _accuracy(sets, dense_outputs, es_outputs, charset)
+    row["accuracy_ort"] = _accuracy(sets, dense_outputs, ort_outputs, charset)
     row["es_vs_ort"] = _rel_err(es_outputs, ort_outputs)
 
     intake = load_model(onnx_path, recipe.input_shapes)
@@ -353,15 +348,20 @@ def _run_config(name: str, key: str, src: Path, work: Path, args, dense_outputs:
 
 # ---------------------------------------------------------------------------------------------- report
 def _fmt_acc(acc: dict | None) -> str:
-    if not acc:
+    if not acc or acc.get("value") is None:
         return "n/a"
     v = acc["value"]
-    return f"{v:.4f} cos" if acc["metric"] == "mean cosine" else f"{v:.0%}"
+    if acc["metric"] == "cosine":
+        rho = acc.get("pairs", {}).get("spearman_human")
+        return f"cos {v:.3f}" + (f", ρ {rho:.3f}" if rho is not None else "")
+    if acc["metric"] == "line_accuracy":
+        return f"{v:.1%} lines, CER {acc['eval']['cer']:.3f}"
+    return f"{v:.1%}"
 
 
 def markdown(result: dict) -> str:
     threads = result["threads"]
-    head = ["model", "config", "sparsity", "accuracy vs dense", "ES≈ORT"]
+    head = ["model", "config", "sparsity", "accuracy (held-out)", "dense model's", "ES≈ORT"]
     for t in threads:
         head += [f"ORT ms {t}t", f"edge-sparse ms {t}t", f"speedup {t}t"]
     head += ["artifact MB", "rpi4 est. ms", "rpi5 est. ms"]
@@ -372,7 +372,7 @@ def markdown(result: dict) -> str:
             continue
         sp = row.get("sparsity", {}).get("overall")
         cells = [row["model"], row["label"], f"{sp:.0%}" if sp is not None else "0%", _fmt_acc(row["accuracy"]),
-                 f"{row['es_vs_ort']:.0e}"]
+                 _fmt_acc(result.get("dense_accuracy", {}).get(row["model"])), f"{row['es_vs_ort']:.0e}"]
         for t in threads:
             lat = row["latency"]
             cells += [f"{lat[f'ort_{t}t']['median_ms']:.2f}", f"{lat[f'es_{t}t']['median_ms']:.2f}",
@@ -388,11 +388,13 @@ def markdown(result: dict) -> str:
         f"TVM_BIND_THREADS=0, threads = {', '.join(map(str, threads))}.",
         f"Pruning: one-shot {result['method']}, no retraining, per-layer sparsity allocated "
         f"{'by sensitivity' if result.get('allocate') == 'sensitivity' else 'uniformly'} (default skips: first "
-        "conv, classifier head), calibrated on 8 sample inputs.",
-        "Accuracy on 8 held-out inputs, edge-sparse outputs against the dense model in onnxruntime: ppocr-rec = "
-        "share of text lines decoded identically, ppocr-cls = top-1 agreement, minilm-l6 = mean cosine of the "
-        "sentence embedding. ES≈ORT: max |edge-sparse - onnxruntime| on the same pruned ONNX, relative to the "
-        "output's max.",
+        f"conv, classifier head), calibrated on {result.get('calib', '?')} samples of real data.",
+        f"Accuracy of edge-sparse's outputs on {result.get('eval', '?')} held-out samples of real data "
+        "(edge_sparse.models.data; disjoint from calibration): ppocr-rec = line accuracy and character error rate "
+        "against the rendered ground truth, ppocr-cls = accuracy on upright/180-degree lines, minilm-l6 = cosine of "
+        "the sentence embedding to the dense model's and Spearman ρ of the 1,225 human-scored Lee document pairs. "
+        "'dense model's' is the dense zoo model's own score on the same data. ES≈ORT: max |edge-sparse - "
+        "onnxruntime| on the same pruned ONNX, relative to the output's max.",
         f"rpi4 / rpi5 columns are roofline *estimates* at {EST_THREADS} threads (benchmarks/e2e.py `estimate`), "
         "not measurements.",
     ]
@@ -483,6 +485,8 @@ def main(argv=None) -> int:
     p.add_argument("--allocate", default="sensitivity", choices=["sensitivity", "uniform"],
                    help="per-layer sparsity: by sensitivity (the global target is met) or the same for every layer")
     p.add_argument("--sparse", default="auto", help="compile --sparse mode for pruned models")
+    p.add_argument("--calib", type=int, default=64, help="real calibration samples for pruning")
+    p.add_argument("--eval", type=int, default=200, help="real held-out samples for the accuracy columns")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeat", type=int, default=20, help="at least this many timed runs")
     p.add_argument("--min-seconds", type=float, default=1.5, help="and at least this long")
@@ -510,7 +514,7 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir)
     result = {"command": "python benchmarks/e2e.py " + " ".join(argv),
               "machine": _machine(), "threads": args.threads, "method": args.method, "allocate": args.allocate,
-              "sparse_mode": args.sparse,
+              "sparse_mode": args.sparse, "calib": args.calib, "eval": args.eval, "data": {}, "dense_accuracy": {},
               "estimate_model": {"layers": "passes.sparsify.estimate_us", "other_ops_efficiency": EFFICIENCY, "parallel_efficiency": PARALLEL_EFFICIENCY,
                                  "bandwidth_efficiency": BW_EFFICIENCY, "op_overhead_s": OP_OVERHEAD_S,
                                  "threads": EST_THREADS},
@@ -528,20 +532,31 @@ def main(argv=None) -> int:
             work.mkdir(parents=True, exist_ok=True)
             recipe = models.recipes()[name]
             charset = ocr_charset(src) if recipe.task == "ocr-rec" else None
-            eval_inputs = [recipe.sample_input(i) for i in EVAL]
-            np.savez(work / "eval_inputs.npz", **{f"s{i}__{k}": v for i, x in enumerate(eval_inputs) for k, v in x.items()})
+            from edge_sparse.models import data
+
+            sets = {"eval": data.dataset(name, "eval", args.eval)}
+            if recipe.task == "sentence-embedding":
+                sets["pairs"] = data.dataset(name, "pairs")
+            calib = data.dataset(name, "calib", args.calib).inputs
+            result["data"][name] = {"calib": data.dataset(name, "calib", args.calib).describe(),
+                                    **{k: v.describe() for k, v in sets.items()}}
+            stacked = {k: np.concatenate([ds.inputs[k] for ds in sets.values()]) for k in sets["eval"].inputs}
+            args.eval_count = len(next(iter(stacked.values())))
+            np.savez(work / "eval_inputs.npz", **stacked)
             # the accuracy reference: the dense zoo model in onnxruntime (in this process; nothing is timed here)
             sess = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
             out_names = [o.name for o in sess.get_outputs()]
-            dense_outputs = [dict(zip(out_names, sess.run(None, x))) for x in eval_inputs]
+            per = [sess.run(None, {k: v[i:i + 1] for k, v in stacked.items()}) for i in range(args.eval_count)]
+            dense_outputs = {n: np.concatenate([o[j] for o in per]) for j, n in enumerate(out_names)}
             del sess
+            result["dense_accuracy"][name] = _accuracy(sets, None, dense_outputs, charset)
             for key in keys:
                 if (name, key) in done:
                     result["rows"].append(done[(name, key)])
                     continue
                 print(f"[e2e] {name} {key} ...", file=sys.stderr, flush=True)
                 try:
-                    row = _run_config(name, key, src, work, args, dense_outputs, charset)
+                    row = _run_config(name, key, src, work, args, dense_outputs, charset, sets, calib)
                 except Exception as e:  # one broken config must not lose the others' rows
                     row = {"model": name, "config": key, "label": CONFIGS[key][0],
                            "error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"}
