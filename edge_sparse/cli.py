@@ -887,10 +887,12 @@ def tune_cmd(model, target, target_file, output, trials, input_shapes, tracker, 
               help=".npz of held-out samples, disjoint from --calib: the real metric is measured on them.")
 @click.option("--max-drop", help="Accuracy budget: largest metric loss versus the dense model, e.g. 1% or 0.01.")
 @click.option("--latency-ms", type=float, help="Latency budget (alone: the most accurate model under it).")
-@click.option("--metric", type=click.Choice(["cosine", "pooled-cosine", "top1"]), default="cosine", show_default=True,
+@click.option("--metric", type=click.Choice(["cosine", "pooled-cosine", "top1", "line-agreement"]), default="cosine",
+              show_default=True,
               help="cosine: worst output's mean cosine with the dense model; pooled-cosine: the same after mean "
                    "pooling over the sequence (attention_mask-weighted: sentence embeddings); top1: top-1 agreement "
-                   "on class scores.")
+                   "on class scores; line-agreement: share of lines whose greedy CTC decode equals the dense "
+                   "model's (text recognizers).")
 @click.option("--rpc", metavar="HOST:PORT", help="Measure kernels and the model on a TVM RPC server.")
 @click.option("--tracker", metavar="HOST:PORT", help="Measure on a device registered with this TVM RPC tracker.")
 @click.option("--key", help="Device key at the tracker (with --tracker).")

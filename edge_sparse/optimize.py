@@ -46,7 +46,7 @@ __all__ = ["optimize", "pareto_search", "latency_table", "sensitivity_table", "p
 LADDER = (0.5, 0.6, 0.7, 0.8, 0.9)
 FP32_PATTERNS = ("16x1",)
 INT8_PATTERN = "16x4"
-METRICS = ("cosine", "pooled-cosine", "top1")
+METRICS = ("cosine", "pooled-cosine", "top1", "line-agreement")
 FRONT_CAP = 4000                 # points kept per Pareto front (exact below this)
 MAX_EVALS = 12                   # configurations applied and measured on held-out data
 CACHE_VERSION = 1
@@ -356,6 +356,9 @@ def _score(dense_out, out, classifiers, metric: str, inputs=None) -> float:
     """The metric of ``out`` against the dense model's outputs (1.0 = identical)."""
     from edge_sparse.passes import calibrate
 
+    if metric == "line-agreement":
+        vals = [_line_agreement(dense_out[n], out[n]) for n in _sequence_outputs(dense_out, classifiers)]
+        return float(min(vals)) if vals else 1.0
     if metric == "pooled-cosine":
         dense_out, out = _pool(dense_out, inputs), _pool(out, inputs)
     m = calibrate.compare(dense_out, out, classifiers)
@@ -364,6 +367,19 @@ def _score(dense_out, out, classifiers, metric: str, inputs=None) -> float:
     else:
         vals = [v["cosine_mean"] for v in m.values() if "cosine_mean" in v]
     return float(min(vals)) if vals else 1.0
+
+
+def _sequence_outputs(outputs: dict[str, np.ndarray], classifiers) -> list[str]:
+    """Class-score outputs over a time axis ([samples, time, classes]): what a CTC recognizer emits."""
+    return [n for n in outputs if n in classifiers and outputs[n].ndim == 3]
+
+
+def _line_agreement(dense: np.ndarray, out: np.ndarray) -> float:
+    """Fraction of samples whose greedy CTC decode (:func:`edge_sparse.models.zoo.ctc_greedy`) of ``out`` equals
+    the dense model's: exact line agreement, label-free."""
+    from edge_sparse.models.zoo import ctc_greedy
+
+    return float(np.mean([a == b for a, b in zip(ctc_greedy(dense), ctc_greedy(out))]))
 
 
 def _summary(config: dict[str, str]) -> dict[str, int]:
@@ -565,6 +581,9 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
     if metric == "top1" and not classifiers:
         raise UserError("--metric top1 needs a classifier output (class scores on the last axis); use --metric cosine")
     dense_eval = calibrate.run_model(work, eval_set, batch)
+    if metric == "line-agreement" and not _sequence_outputs(dense_eval, classifiers):
+        raise UserError("--metric line-agreement needs a CTC recognizer's output (softmax class scores of shape "
+                        "[samples, time, classes]); use --metric top1 for classifiers or cosine otherwise")
     evaluated: dict[tuple, dict] = {}
 
     def evaluate(choice: tuple) -> dict:
@@ -684,7 +703,9 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
                 "cosine": "worst float output's mean per-sample cosine similarity with the dense model",
                 "pooled-cosine": "the same after mean pooling over axis 1 (weighted by the attention_mask input when "
                                  "there is one): a sentence embedding's cosine",
-                "top1": "top-1 agreement with the dense model on classifier outputs"}[metric],
+                "top1": "top-1 agreement with the dense model on classifier outputs",
+                "line-agreement": "fraction of held-out lines whose greedy CTC decode (argmax, repeats merged, "
+                                  "blanks dropped) equals the dense model's (CTC recognizers)"}[metric],
             "max_drop": drop_budget, "latency_ms_budget": latency_ms,
             "calibration_samples": calibrate.sample_count(calib_data),
             "eval_samples": calibrate.sample_count(eval_set),

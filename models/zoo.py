@@ -26,7 +26,7 @@ from edge_sparse.errors import UserError, closest
 from edge_sparse.progress import Progress
 from edge_sparse.util import atomic_path, atomic_write, sha256_bytes, sha256_file
 
-__all__ = ["Recipe", "Wheel", "recipes", "recipe_for_file", "get", "cache_root", "ocr_charset", "ctc_decode", "OCR_TEXTS", "SENTENCES"]
+__all__ = ["Recipe", "Wheel", "recipes", "recipe_for_file", "get", "cache_root", "ocr_charset", "ctc_decode", "ctc_greedy", "OCR_TEXTS", "SENTENCES"]
 
 
 # Bumped when the export of exported recipes changes its output (2: weights named by module path), so that caches
@@ -246,13 +246,18 @@ def ocr_charset(model_path: str | os.PathLike) -> list[str]:
     return ["<blank>", *meta["character"].splitlines(), " "]
 
 
-def ctc_decode(probs: np.ndarray, charset: list[str]) -> list[str]:
-    """Greedy CTC decoding of [batch, time, classes] (argmax, merge repeats, drop blanks)."""
-    texts = []
+def ctc_greedy(probs: np.ndarray) -> list[tuple[int, ...]]:
+    """Greedy CTC paths of [batch, time, classes] scores: per sample the argmax class indices with repeats merged
+    and blanks (class 0) dropped."""
+    paths = []
     for seq in np.asarray(probs).argmax(-1):
-        keep = [k for j, k in enumerate(seq) if k != 0 and (j == 0 or k != seq[j - 1])]
-        texts.append("".join(charset[k] for k in keep))
-    return texts
+        paths.append(tuple(int(k) for j, k in enumerate(seq) if k != 0 and (j == 0 or k != seq[j - 1])))
+    return paths
+
+
+def ctc_decode(probs: np.ndarray, charset: list[str]) -> list[str]:
+    """Greedy CTC decoding of [batch, time, classes] (argmax, merge repeats, drop blanks) into text."""
+    return ["".join(charset[k] for k in path) for path in ctc_greedy(probs)]
 
 
 def nth_text(texts: tuple[str, ...], index: int) -> str:

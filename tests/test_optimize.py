@@ -87,6 +87,39 @@ def test_pooled_cosine_weights_by_attention_mask():
     assert O._pool({"h": y}, None)["h"] == pytest.approx(y.mean(axis=1))
 
 
+def _greedy_lines(probs):
+    """Greedy CTC decode written out independently: argmax per frame, runs merged, blanks (0) dropped."""
+    return [tuple(k for k, _ in itertools.groupby(seq.tolist()) if k != 0) for seq in np.argmax(probs, -1)]
+
+
+def test_line_agreement_counts_identical_greedy_decodes():
+    rng = np.random.default_rng(4)
+    dense = rng.random((6, 10, 7)).astype(np.float32)
+    dense[:, ::3, 0] += 2.0                                   # some blanks between characters
+    out = dense.copy()
+    paths = np.argmax(dense, -1)
+    # sample 1: one frame's class changed to a new non-blank one -> a different line
+    t = 4 if paths[1, 4] != 0 else 5
+    out[1, t, (paths[1, t] % 6) + 1] += 10.0
+    # sample 2: a frame that repeats its predecessor's class is split by a blank... only if it repeats; else
+    # duplicate the previous frame: merged away, the same line
+    out[2, 1] = out[2, 0]
+    out[2, 1] += 1e-3 * (np.argmax(out[2, 0]) == np.arange(7))
+    # sample 3: every score scaled (argmax unchanged)
+    out[3] *= 0.5
+    want = np.mean([a == b for a, b in zip(_greedy_lines(dense), _greedy_lines(out))])
+    score = O._score({"p": dense}, {"p": out}, {"p"}, "line-agreement")
+    assert score == pytest.approx(want)
+    assert _greedy_lines(out)[1] != _greedy_lines(dense)[1] and score < 1.0
+    assert O._score({"p": dense}, {"p": dense * 0.9}, {"p"}, "line-agreement") == 1.0
+    # the zoo's text decoder agrees with the paths the metric compares
+    from edge_sparse.models.zoo import ctc_decode, ctc_greedy
+
+    charset = ["", *"abcdef"]
+    assert ctc_decode(dense, charset) == ["".join(charset[k] for k in p) for p in _greedy_lines(dense)]
+    assert ctc_greedy(dense) == _greedy_lines(dense)
+
+
 # -------------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -118,7 +151,7 @@ def _run(tiny, out, **kw):
     args = dict(calib=tiny / "calib.npz", eval_data=tiny / "eval.npz", ladder=LADDER, cache_dir=tiny / "cache",
                 quiet=True, **FAST)
     args.update(kw)
-    return O.optimize(tiny / "mlp.onnx", out, **args)
+    return O.optimize(args.pop("model", tiny / "mlp.onnx"), out, **args)
 
 
 @pytest.mark.parametrize("budget", [0.002, 0.05])
@@ -285,3 +318,61 @@ def test_recover_steps_distil_each_evaluated_pruned_configuration(tiny, tmp_path
     assert front["recover_steps"] == 3 and len(seen) == len(pruned) > 0 and set(seen) == {3}
     x = np.load(tiny / "eval.npz")["x"]
     assert _cosine_drop(tmp_path / "out" / "model.onnx", tiny / "mlp.onnx", x) <= 0.05
+
+
+# ------------------------------------------------------------------------------------- recognizer and classifier
+@pytest.fixture(scope="module")
+def ctc(tiny):
+    """The tiny MLP with a softmax over its 64 outputs per frame: a [1, 8 frames, 64 classes] CTC recognizer."""
+    from onnx import helper
+
+    proto = onnx.load(tiny / "mlp.onnx")
+    for n in proto.graph.node:
+        n.output[:] = ["logits" if o == "y" else o for o in n.output]
+    proto.graph.node.append(helper.make_node("Softmax", ["logits"], ["y"], name="ctc/Softmax", axis=-1))
+    onnx.checker.check_model(proto)
+    path = tiny / "ctc.onnx"
+    onnx.save(proto, path)
+    return path
+
+
+def test_line_agreement_budget_holds_on_a_ctc_recognizer(tiny, ctc, tmp_path):
+    budget = 0.2
+    front = _run(tiny, tmp_path / "out", model=ctc, max_drop=budget, metric="line-agreement", measure=False,
+                 baselines=False)
+    x = np.load(tiny / "eval.npz")["x"]
+    dense = np.concatenate([ort_run(ctc, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    got = np.concatenate([ort_run(tmp_path / "out" / "model.onnx", {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    agree = np.mean([a == b for a, b in zip(_greedy_lines(dense), _greedy_lines(got))])
+    assert front["metric"] == "line-agreement" and front["chosen"]["drop"] == pytest.approx(1 - agree, abs=1e-9)
+    assert 1 - agree <= budget
+    # every evaluated point's drop is its real line disagreement: some candidate lost lines, so the metric bites
+    assert any(p["drop"] > 0 for p in front["points"])
+
+
+def test_line_agreement_needs_a_sequence_of_class_scores(tiny, tmp_path):
+    r = invoke(["optimize", tiny / "mlp.onnx", "--calib", tiny / "calib.npz", "--eval", tiny / "eval.npz",
+                "--max-drop", "1%", "--metric", "line-agreement", "--no-measure", "--ladder", "0.5",
+                "-o", tmp_path / "o", "--quiet"])
+    assert r.exit_code == 2 and r.output.startswith("error: --metric line-agreement needs a CTC recognizer"), r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_top1_budget_holds_on_a_cnn_classifier(tmp_path):
+    """The PP-OCR cls shape of problem: 1x1 convs prunable, a Gemm + Softmax head, top-1 agreement as the metric."""
+    from edge_sparse.models import synthetic
+
+    synthetic.save(synthetic.cnn(size=32, width=32, classes=4, seed=2), tmp_path / "cnn.onnx")
+    rng = np.random.default_rng(5)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((16, 3, 32, 32)).astype(np.float32))
+    x = rng.standard_normal((40, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "eval.npz", x=x)
+    budget = 0.1
+    front = O.optimize(tmp_path / "cnn.onnx", tmp_path / "out", calib=tmp_path / "calib.npz",
+                       eval_data=tmp_path / "eval.npz", max_drop=budget, metric="top1", ladder=(0.5, 0.9),
+                       measure=False, baselines=False, quiet=True, **FAST)
+    dense = np.concatenate([ort_run(tmp_path / "cnn.onnx", {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    got = np.concatenate([ort_run(tmp_path / "out" / "model.onnx", {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    agree = float(np.mean(dense.argmax(-1) == got.argmax(-1)))
+    assert front["chosen"]["drop"] == pytest.approx(1 - agree, abs=1e-9) and 1 - agree <= budget
+    assert any(":" in k for p in front["points"] for k in p["summary"])      # pruned candidates were evaluated
