@@ -27,7 +27,7 @@ import tvm
 from edge_sparse import formats as F
 from edge_sparse.formats import KernelSpec
 
-__all__ = ["Sparsify", "sparsify", "time_dense", "find_layers", "estimate_us", "layer_estimate_us", "layer_time_us", "dense_layer_module", "Layer"]
+__all__ = ["Sparsify", "sparsify", "rewrite_functions", "time_dense", "find_layers", "estimate_us", "layer_estimate_us", "layer_time_us", "dense_layer_module", "Layer"]
 
 
 # A sparse layer must be estimated this much faster than dense to be chosen in auto mode (model error margin).
@@ -535,6 +535,16 @@ def _choose(layer: Layer, preset, family, mode: str, measure: bool, log, dense_t
     return entry
 
 
+def rewrite_functions(mutator):
+    """Run a ``relax.PyExprMutator`` over every Relax function of its module; the updated module."""
+    from tvm import relax
+
+    for gv, func in mutator.mod_.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
 def _make_mutator():
     from tvm import relax
 
@@ -571,10 +581,7 @@ def _make_mutator():
             return super().visit_call_(call)
 
         def transform(self):
-            for gv, func in self.mod_.functions_items():
-                if isinstance(func, relax.Function):
-                    self.builder_.update_func(gv, self.visit_expr(func))
-            return self.builder_.get()
+            return rewrite_functions(self)
 
     return _Rewriter
 

@@ -296,35 +296,6 @@ def test_silent_server_times_out(mlp_art):
     assert "\n" not in str(e.value) and f"{port}" in str(e.value)
 
 
-def test_not_an_rpc_server_is_one_line(mlp_art):
-    """An HTTP-ish server on the port: answers the RPC magic with other bytes."""
-    srv = socket.socket()
-    srv.bind((HOST, 0))
-    srv.listen(4)
-    port = srv.getsockname()[1]
-
-    def answer():
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            with conn:
-                try:
-                    conn.recv(64)
-                    conn.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n")
-                except OSError:
-                    pass
-
-    threading.Thread(target=answer, daemon=True).start()
-    try:
-        with pytest.raises(UserError, match="not a TVM RPC server") as e:
-            B.bench(mlp_art, rpc=f"{HOST}:{port}", rpc_timeout=5, quiet=True)
-    finally:
-        srv.close()
-    assert "\n" not in str(e.value)
-
-
 def test_version_mismatch_message():
     from edge_sparse.rpc import describe_error
 
