@@ -1,32 +1,36 @@
-"""Accuracy-latency frontier of ``edge-sparse optimize`` on the zoo's MiniLM-L6 (host, 1 thread by default).
+"""Accuracy-latency frontier of ``edge-sparse optimize`` for a zoo model on its real evaluation data (host).
 
-Data: real English sentences taken from the docstrings of Python's standard library (installed with Python, no
-hub): the first line of every public function/class docstring of a fixed list of modules, deduplicated, shuffled
-with a fixed seed; ``--calib`` sentences for the tables, pruning statistics and int8 ranges, the next ``--eval``
-(disjoint) for the held-out metric. Metric (``--metric``): ``pooled-cosine`` (default), the cosine of the
-attention-mask-weighted mean-pooled sentence embedding to the dense fp32 model's (how all-MiniLM-L6-v2 is used), or
-``cosine`` over the token embeddings (stricter: padding positions count too).
+    python benchmarks/frontier.py --model minilm-l6|ppocr-rec|ppocr-cls [--threads 1] [--max-drop 1%]
 
-Steps: ``optimize`` (latency table measured on this host, sensitivity, Pareto search, held-out bisection, compile)
-writes OUT/frontier.json; then the chosen artifact, onnxruntime fp32 and onnxruntime int8 (``quantize_dynamic``) are
-timed again in ``--rounds`` alternating rounds (each round: our artifact with onnxruntime fp32 side by side in one
-``bench --compare`` call, then onnxruntime int8), and the ratios come from the medians over rounds. The host is
-shared with other jobs: only these side-by-side ratios are meaningful, not the absolute times.
+Data (``edge_sparse.models.data``, from packages, never a hub; calibration, selection and test samples disjoint):
 
-    python benchmarks/frontier.py --max-drop 1% --threads 1 --out benchmarks/results/frontier-minilm-pooled
-    (the committed runs, on a host shared by other jobs: --calib 16 --eval 48 --samples 2 --ladder 0.5,0.7,0.9
-    --max-evals 8 --rounds 5; frontier-minilm.json with --metric cosine, frontier-minilm-pooled.json with the
-    default)
+- ``--calib N`` calibration samples (``data.dataset(model, "calib")``: WordNet glosses for MiniLM, rendered trdg
+  lines for PP-OCR) feed the latency/sensitivity tables, the pruning statistics and the int8 ranges;
+- ``--select N`` held-out samples (the first N of the ``eval`` split) are what ``optimize`` measures its candidates
+  on (``--metric``, label-free, against the dense model) to pick the fastest one within ``--max-drop``;
+- ``--eval N`` further held-out samples (the next N of the ``eval`` split, never seen by the search) give the
+  reported real metrics through ``data.score``: MiniLM cosine to dense and Spearman on the 1,225 human-scored Lee
+  document pairs; PP-OCR rec line accuracy and CER against the ground truth; cls accuracy on lines rotated 0/180.
+  The dense model's own score, onnxruntime int8's and ours (the compiled artifact's outputs) stand side by side.
+
+Metrics for the search (``--metric``; default per model): ``pooled-cosine`` (MiniLM), ``line-agreement``
+(PP-OCR rec: share of lines whose greedy CTC decode equals the dense model's), ``top1`` (PP-OCR cls).
+
+Timing: ``--rounds`` alternating rounds, each: our artifact and onnxruntime fp32 side by side in one
+``bench --compare`` call, then onnxruntime int8 (``quantize_dynamic``, MatMul/Gemm) and, for CNNs, onnxruntime int8
+static QDQ (``quantize_static``, per-channel, calibrated on the same calibration samples); ratios come from the
+medians over rounds. The host may be shared with other jobs: only the side-by-side ratios are meaningful.
+
+Raspberry Pi 4 / 5 figures are estimates, not measurements: the chosen configuration's layers through the cost
+model ``optimize`` uses (``--no-measure`` path, all the preset's cores), plus the rest of the model measured on this
+host scaled by the cost model's dense-layer time on the Pi over the measured dense-layer time here.
+
+Writes ``--out`` (default ``benchmarks/results/frontier-MODEL-tTHREADS``) ``.json`` and ``.png``.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
-import json
 import os
-import random
-import re
 import shutil
 import sys
 import tempfile
@@ -35,132 +39,237 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["main", "stdlib_sentences"]
+__all__ = ["main", "real_scores", "pi_estimates"]
 
-MODULES = ("json", "os", "pathlib", "collections", "itertools", "functools", "re", "string", "textwrap", "datetime",
-           "calendar", "random", "statistics", "decimal", "fractions", "csv", "sqlite3", "zipfile", "tarfile",
-           "shutil", "subprocess", "threading", "asyncio", "socket", "http.client", "urllib.parse", "email",
-           "logging", "argparse", "unittest", "typing", "dataclasses", "enum", "heapq", "bisect", "array",
-           "struct", "codecs", "io", "tempfile", "glob", "fnmatch", "difflib", "pprint", "inspect", "ast", "dis",
-           "tokenize", "pickle", "copy", "weakref", "gzip", "bz2", "lzma", "hashlib", "hmac", "secrets", "uuid",
-           "base64", "binascii", "html", "xml.dom.minidom", "wave", "colorsys", "locale", "gettext", "platform",
-           "time", "sched", "queue", "contextlib", "abc", "numbers", "math", "cmath", "operator", "mailbox")
-
-
-def stdlib_sentences() -> list[str]:
-    """First docstring lines (real English, 6-40 words) of the public members of ``MODULES``, deduplicated."""
-    seen, out = set(), []
-    for name in MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        for attr in sorted(dir(mod)):
-            if attr.startswith("_"):
-                continue
-            doc = inspect.getdoc(getattr(mod, attr, None)) or ""
-            line = doc.strip().split("\n\n")[0].replace("\n", " ").strip()
-            words = line.split()
-            if not 6 <= len(words) <= 40 or not re.match(r"^[A-Z][a-z]", line) or line in seen:
-                continue
-            seen.add(line)
-            out.append(line)
-    random.Random(0).shuffle(out)
-    return out
-
-
-def _encode(sentences: list[str], seq: int) -> dict[str, np.ndarray]:
-    from edge_sparse.models import zoo
-    from edge_sparse.models.minilm import WordPiece
-    from edge_sparse.progress import Progress
-
-    vocab = zoo._MINILM.read(zoo._MINILM_DIR + "vocab.txt", None, zoo.cache_root(None), Progress(True)).decode()
-    wp = WordPiece(vocab)
-    feeds = [wp.encode(s, seq) for s in sentences]
-    return {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+METRIC = {"minilm-l6": "pooled-cosine", "ppocr-rec": "line-agreement", "ppocr-cls": "top1"}
+CNN = {"ppocr-cls"}                        # static QDQ baseline as well (onnxruntime's recommended int8 for CNNs)
 
 
 def _median(xs):
     return float(np.median(xs)) if xs else None
 
 
+def _artifact_runner(art):
+    from edge_sparse.runtime import load
+
+    m = load(art)
+    return lambda feeds: m.run(feeds)
+
+
+def _ort_runner(path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return lambda feeds: dict(zip(names, sess.run(None, feeds)))
+
+
+def _outputs(run, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``run`` (batch-1 callable) over every sample of ``inputs``, outputs concatenated by name."""
+    n = int(next(iter(inputs.values())).shape[0])
+    got: dict[str, list] = {}
+    for i in range(n):
+        for k, v in run({k: v[i:i + 1] for k, v in inputs.items()}).items():
+            got.setdefault(k, []).append(np.asarray(v))
+    return {k: np.concatenate(v) for k, v in got.items()}
+
+
+def real_scores(model: str, runners: dict, test, pairs=None, charset=None) -> dict[str, dict]:
+    """``data.score`` of every runtime in ``runners`` (the first is the dense reference) on ``test`` (and the Lee
+    ``pairs`` for MiniLM): ``{runtime: metrics}``."""
+    from edge_sparse.models import data
+
+    ref_name = next(iter(runners))
+    outs = {name: _outputs(run, test.inputs) for name, run in runners.items()}
+    pair_outs = {name: _outputs(run, pairs.inputs) for name, run in runners.items()} if pairs is not None else {}
+    res = {}
+    for name in runners:
+        s = data.score(test, outs[name], dense=outs[ref_name], charset=charset)
+        if pairs is not None:
+            p = data.score(pairs, pair_outs[name], dense=pair_outs[ref_name])
+            s.update(spearman_human=p["spearman_human"], spearman_dense=p["spearman_dense"])
+        res[name] = {k: round(float(v), 6) for k, v in s.items()}
+    return res
+
+
+def pi_estimates(src: Path, front: dict, ours_ms: float, input_shapes, presets=("rpi4", "rpi5")) -> dict:
+    """Cost-model latency of the chosen configuration (and of our dense fp32 compile) on the Raspberry Pis."""
+    import onnx
+
+    from edge_sparse import targets
+    from edge_sparse.optimize import _estimate, _find_layers
+
+    config = front["chosen"]["config"]
+    table = {la["name"]: la["latency_us"] for la in front["layers"]}
+    host_layers = sum(table[n][k]["us"] for n, k in config.items())
+    host_dense_layers = sum(table[n]["fp32"]["us"] for n in config)
+    rest_host = max(0.0, ours_ms * 1e3 - host_layers)
+    proto = onnx.load(str(src))
+    out = {}
+    for name in presets:
+        preset = targets.get(name)
+        _, layers = _find_layers(src, proto, preset, tuple(front["patterns"]), front["ladder"], True, input_shapes,
+                                 None)
+        layers = {la.name: la for la in layers if la.name in config}
+        missing = sorted(set(config) - set(layers))
+        fallback = [n for n, la in layers.items() if config[n] not in la.options]
+        ours = sum(_estimate(la.kernel, config[n] if config[n] in la.options else "fp32", preset)
+                   for n, la in layers.items())
+        dense = sum(_estimate(la.kernel, "fp32", preset) for la in layers.values())
+        rest = rest_host * dense / max(host_dense_layers, 1e-9)
+        out[name] = {"estimate": True, "threads": int(preset.device.get("cores", 1)),
+                     "ours_ms": round((ours + rest) / 1e3, 3), "ours_dense_fp32_ms": round((dense + rest) / 1e3, 3),
+                     "speedup_vs_ours_dense_fp32": round((dense + rest) / max(ours + rest, 1e-9), 3),
+                     "layers_ms": round(ours / 1e3, 3), "rest_ms": round(rest / 1e3, 3),
+                     "options_unavailable_on_target": len(fallback) + len(missing)}
+    out["method"] = ("estimate, not a measurement: the chosen configuration's layers through optimize's cost model on "
+                     "the preset (all its cores), plus the rest of the model measured on this host scaled by "
+                     "(cost-model dense-layer time on the Pi / measured dense-layer time here); no onnxruntime "
+                     "figure on the Pi")
+    return out
+
+
+def _quantize_static_qdq(src: Path, dst: Path, calib: dict[str, np.ndarray]) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from edge_sparse.quantization import _quiet_ort_logging
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            n = int(next(iter(calib.values())).shape[0])
+            self.it = iter([{k: v[i:i + 1] for k, v in calib.items()} for i in range(n)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    with _quiet_ort_logging():
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="minilm-l6", choices=sorted(METRIC))
     p.add_argument("--max-drop", default="1%")
-    p.add_argument("--metric", default="pooled-cosine", help="cosine (token embeddings) or pooled-cosine (sentence)")
+    p.add_argument("--metric", default=None, help="optimize's search metric (default: per model, see above)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--calib", type=int, default=64)
-    p.add_argument("--eval", type=int, default=200)
+    p.add_argument("--calib", type=int, default=64, help="calibration samples")
+    p.add_argument("--select", type=int, default=64, help="held-out samples optimize selects the configuration on")
+    p.add_argument("--eval", type=int, default=200, help="further held-out samples for the reported real metrics")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--samples", type=int, default=16, help="calibration samples per sensitivity run")
     p.add_argument("--ladder", default="0.5,0.6,0.7,0.8,0.9", help="sparsities tried per layer")
     p.add_argument("--max-evals", type=int, default=12, help="configurations measured on the held-out data")
     p.add_argument("--cache", default=None, help="latency cache directory (default: the user cache)")
-    p.add_argument("--out", default="benchmarks/results/frontier-minilm")
+    p.add_argument("--out", default=None, help="output stem (default benchmarks/results/frontier-MODEL-tTHREADS)")
     args = p.parse_args(argv)
     os.environ.setdefault("TVM_BIND_THREADS", "0")
 
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     from edge_sparse import models
     from edge_sparse.benchmark import bench, run_ort
+    from edge_sparse.models import data
+    from edge_sparse.models.zoo import ocr_charset
     from edge_sparse.optimize import optimize
+    from edge_sparse.quantization import DYNAMIC_OPS, _quiet_ort_logging
     from edge_sparse.util import atomic_write, json_text, latency_stats
 
-    rec = models.recipes()["minilm-l6"]
-    src = Path(models.get("minilm-l6", quiet=True))
-    seq = rec.input_shapes["input_ids"][1]
-    sentences = stdlib_sentences()
-    if len(sentences) < args.calib + args.eval:
-        raise SystemExit(f"only {len(sentences)} sentences; lower --calib/--eval")
-    out = Path(args.out)
+    model = args.model
+    metric = args.metric or METRIC[model]
+    rec = models.recipes()[model]
+    src = Path(models.get(model, quiet=True))
+    out = Path(args.out or f"benchmarks/results/frontier-{model}-t{args.threads}")
     out.parent.mkdir(parents=True, exist_ok=True)
+    t_data = time.perf_counter()
+    calib = data.dataset(model, "calib", args.calib)
+    held = data.dataset(model, "eval", args.select + args.eval)
+    select = {k: v[:args.select] for k, v in held.inputs.items()}
+    test = data.Dataset(model, "eval", {k: v[args.select:] for k, v in held.inputs.items()}, held.texts[args.select:],
+                        labels=held.labels[args.select:] if held.labels is not None else None, source=held.source)
+    pairs = data.dataset(model, "pairs") if rec.task == "sentence-embedding" else None
+    charset = ocr_charset(src) if rec.task == "ocr-rec" else None
+    if set(held.texts) & set(calib.texts):
+        raise SystemExit("held-out and calibration texts overlap: the data loaders are broken")
+    print(f"data: {args.calib} calib ({calib.source}), {args.select} select + {args.eval} test held out "
+          f"({held.source}) in {time.perf_counter() - t_data:.1f} s", flush=True)
+    shapes = {k: tuple(v) for k, v in rec.input_shapes.items()}
     with tempfile.TemporaryDirectory(prefix="frontier-") as tmp:
         tmp = Path(tmp)
-        np.savez(tmp / "calib.npz", **_encode(sentences[:args.calib], seq))
-        np.savez(tmp / "eval.npz", **_encode(sentences[args.calib:args.calib + args.eval], seq))
+        np.savez(tmp / "calib.npz", **calib.inputs)
+        np.savez(tmp / "select.npz", **select)
         t0 = time.perf_counter()
-        front = optimize(src, tmp / "opt", calib=tmp / "calib.npz", eval_data=tmp / "eval.npz",
-                         max_drop=args.max_drop, metric=args.metric, threads=args.threads, cache_dir=args.cache, quiet=False,
-                         sensitivity_samples=args.samples, max_evals=args.max_evals,
-                         ladder=[float(x) for x in args.ladder.split(",")])
+        front = optimize(src, tmp / "opt", calib=tmp / "calib.npz", eval_data=tmp / "select.npz",
+                         max_drop=args.max_drop, metric=metric, threads=args.threads, cache_dir=args.cache,
+                         quiet=False, sensitivity_samples=args.samples, max_evals=args.max_evals,
+                         ladder=[float(x) for x in args.ladder.split(",")], input_shapes=shapes)
         seconds = time.perf_counter() - t0
         art = tmp / "opt" / "artifact"
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        int8 = {"onnxruntime int8": tmp / "int8.onnx"}
+        with _quiet_ort_logging():
+            quantize_dynamic(str(src), str(int8["onnxruntime int8"]), op_types_to_quantize=DYNAMIC_OPS,
+                             weight_type=QuantType.QInt8)
+        if model in CNN:
+            int8["onnxruntime int8 QDQ"] = tmp / "qdq.onnx"
+            _quantize_static_qdq(src, int8["onnxruntime int8 QDQ"], calib.inputs)
 
-        quantize_dynamic(str(src), str(tmp / "int8.onnx"), op_types_to_quantize=["MatMul", "Gemm"],
-                         weight_type=QuantType.QInt8)
-        x = {k: v[:1] for k, v in np.load(tmp / "eval.npz").items()}
+        print(f"real metrics on {args.eval} test samples (dense, onnxruntime int8, ours)", flush=True)
+        runners = {"dense fp32 (onnxruntime)": _ort_runner(src)}
+        runners.update({name: _ort_runner(path) for name, path in int8.items()})
+        runners["ours"] = _artifact_runner(art)
+        scores = real_scores(model, runners, test, pairs, charset)
+        for name, s in scores.items():
+            print(f"  {name}: {s}", flush=True)
+
+        x = {k: v[:1] for k, v in test.inputs.items()}
         rounds = []
         for r in range(args.rounds):                 # alternate the runtimes; medians per round
             b = bench(art, threads=args.threads, compare=str(src), energy="none", inputs=x, quiet=True)
-            ours = b["runs"][0]["latency"]["median_ms"]
-            fp32 = b["runs"][1]["latency"]["median_ms"]
-            q = run_ort(str(tmp / "int8.onnx"), x, args.threads, 10, 50, 1.0, None, None)
-            rounds.append({"ours_ms": ours, "ort_fp32_ms": fp32, "ort_int8_ms": latency_stats(q["samples_s"])["median_ms"]})
-            print(f"round {r + 1}: ours {ours:.2f} ms, ort fp32 {fp32:.2f} ms, ort int8 {rounds[-1]['ort_int8_ms']:.2f} ms",
-                  flush=True)
+            row = {"ours_ms": b["runs"][0]["latency"]["median_ms"], "ort_fp32_ms": b["runs"][1]["latency"]["median_ms"]}
+            for name, path in int8.items():
+                q = run_ort(str(path), x, args.threads, 10, 50, 1.0, None, None)
+                row["ort_int8_qdq_ms" if "QDQ" in name else "ort_int8_ms"] = latency_stats(q["samples_s"])["median_ms"]
+            rounds.append(row)
+            print(f"round {r + 1}: " + ", ".join(f"{k[:-3]} {v:.3f} ms" for k, v in row.items()), flush=True)
         med = {k: _median([r[k] for r in rounds]) for k in rounds[0]}
+        pis = pi_estimates(src, front, med["ours_ms"], shapes)
+        speed = {"vs_onnxruntime_fp32": round(med["ort_fp32_ms"] / med["ours_ms"], 3),
+                 "vs_onnxruntime_int8": round(med["ort_int8_ms"] / med["ours_ms"], 3)}
+        if "ort_int8_qdq_ms" in med:
+            speed["vs_onnxruntime_int8_qdq"] = round(med["ort_int8_qdq_ms"] / med["ours_ms"], 3)
         result = {
-            "model": "minilm-l6 (all-MiniLM-L6-v2, seq 128)", "threads": args.threads, "host_shared": True,
-            "note": "host shared with other jobs (2 cores): only the side-by-side ratios are meaningful",
-            "data": {"source": "first lines of Python standard-library docstrings (real English sentences)",
-                     "calib": args.calib, "eval": args.eval},
-            "max_drop": args.max_drop, "metric": args.metric, "optimize_seconds": round(seconds, 1),
+            "model": f"{model} ({src.name}, input {shapes})", "threads": args.threads, "host_shared": True,
+            "note": "host: 2 cores shared with 3 other jobs during the run; only the side-by-side ratios are "
+                    "meaningful, not the absolute times",
+            "data": {"calib": calib.describe(), "select": {"samples": args.select, "source": held.source,
+                                                           "split": "eval[:select]"},
+                     "test": {"samples": args.eval, "source": held.source, "split": "eval[select:]"},
+                     **({"pairs": pairs.describe()} if pairs is not None else {})},
+            "max_drop": args.max_drop, "metric": metric, "optimize_seconds": round(seconds, 1),
             "settings": {"sensitivity_samples": args.samples, "ladder": args.ladder, "max_evals": args.max_evals,
-                         "rounds": args.rounds},
+                         "rounds": args.rounds, "calib": args.calib, "select": args.select, "eval": args.eval},
             "chosen": {k: front["chosen"][k] for k in ("summary", "drop", "latency_ms", "predicted_ms")},
-            "onnxruntime_int8_drop": front["baselines"].get("onnxruntime int8", {}).get("drop"),
-            "rounds": rounds, "median_ms": med,
-            "speedup_vs_onnxruntime_fp32": round(med["ort_fp32_ms"] / med["ours_ms"], 3),
-            "speedup_vs_onnxruntime_int8": round(med["ort_int8_ms"] / med["ours_ms"], 3),
-            "frontier": front,
+            "select_drops": {"ours": front["chosen"]["drop"],
+                             **{k: v.get("drop") for k, v in front["baselines"].items()}},
+            "real_metrics": scores, "rounds": rounds, "median_ms": med, "speedup": speed,
+            "raspberry_pi_estimates": pis, "frontier": front,
         }
         atomic_write(out.with_suffix(".json"), json_text(result, indent=1) + "\n")
-        shutil.copyfile(tmp / "opt" / "frontier.png", out.with_suffix(".png"))
-    print(f"chosen {result['chosen']['summary']}: drop {100 * result['chosen']['drop']:.3f}% (held-out), "
-          f"{med['ours_ms']:.2f} ms vs onnxruntime fp32 {med['ort_fp32_ms']:.2f} ms "
-          f"({result['speedup_vs_onnxruntime_fp32']:.2f}x) and int8 {med['ort_int8_ms']:.2f} ms "
-          f"({result['speedup_vs_onnxruntime_int8']:.2f}x), {args.threads} thread(s), shared host")
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+        if (tmp / "opt" / "frontier.png").is_file():
+            shutil.copyfile(tmp / "opt" / "frontier.png", out.with_suffix(".png"))
+    print(f"chosen {result['chosen']['summary']}: {metric} drop {100 * result['chosen']['drop']:.3f}% on the "
+          f"selection samples; {med['ours_ms']:.3f} ms vs onnxruntime fp32 {med['ort_fp32_ms']:.3f} ms "
+          f"({speed['vs_onnxruntime_fp32']:.2f}x) and int8 {med['ort_int8_ms']:.3f} ms "
+          f"({speed['vs_onnxruntime_int8']:.2f}x), {args.threads} thread(s), shared host")
+    for name in ("rpi4", "rpi5"):
+        e = pis[name]
+        print(f"{name} (estimate, {e['threads']} threads): ours {e['ours_ms']} ms, our dense fp32 "
+              f"{e['ours_dense_fp32_ms']} ms")
+    print(f"wrote {out.with_suffix('.json')}")
     return 0
 
 
