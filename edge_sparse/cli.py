@@ -433,7 +433,8 @@ def _prune_options(f):
                      help=".npz of calibration inputs by name, samples stacked on the first axis."),
         click.option("--calib-random", type=int, metavar="N", help="N random samples (a poor proxy; warns)."),
         click.option("--method", "-m", help=f"Pruning method: {methods.describe()}. Default: "
-                                            f"{methods.default(True)} with calibration data, else "
+                                            f"{methods.default(True)} with calibration data, "
+                                            f"{methods.default(True, real=False)} with --calib-random, else "
                                             f"{methods.default(False)}."),
         click.option("--recipe", type=click.Path(dir_okay=False), help="TOML recipe: per-layer rules and skips."),
         click.option("--skip", multiple=True, metavar="GLOB", help="Leave layers matching GLOB dense (repeatable)."),

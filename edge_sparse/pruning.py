@@ -320,7 +320,7 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
         raise UserError("the report path equals the output model path; choose different files")
 
     setup = _setup(model, rec, default_skips, skip, calib, calib_random, seed, batch)
-    method = M.get(method or rec.method or M.default(setup.data is not None))
+    method = M.get(method or rec.method or M.default(setup.data is not None, real=calib_random is None))
     warnings = list(setup.warnings)
     specs = calibrate.input_specs(setup.proto)
     data = setup.data

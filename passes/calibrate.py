@@ -4,6 +4,10 @@
   ``{input name: array}`` with the samples stacked on the first (batch) axis, checked against the model.
 - :func:`collect_statistics`: a pruning method's statistics of the activations that feed the prunable layers (e.g.
   per-feature L2 norms), collected by exposing those tensors as extra graph outputs on a copy of the model.
+- :func:`token_mask_input`, :func:`token_rows`: padding. A model fed padded sequences (a transformer's
+  ``attention_mask``) computes states at padded positions that nothing downstream reads; statistics count only the
+  rows of real tokens, or padding (90% of the positions of short sentences at sequence length 128) would decide the
+  masks and the reconstruction.
 - :class:`Evaluator`: one onnxruntime session with the prunable weights turned into graph inputs, so a layer pruned
   at several sparsities can be evaluated without rebuilding the session (sensitivity analysis).
 - :func:`compare`: cosine similarity, relative L2, max abs error and top-1 agreement against dense outputs.
@@ -22,7 +26,7 @@ from edge_sparse.errors import UserError
 __all__ = ["InputSpec", "input_specs", "load_calibration", "check_calibration", "random_calibration", "split_holdout",
            "sample_hashes", "sample_warnings",
            "sample_count",
-           "collect_statistics", "run_model", "Evaluator", "compare", "classifier_outputs", "DEFAULT_BATCH"]
+           "collect_statistics", "token_mask_input", "token_rows", "run_model", "Evaluator", "compare", "classifier_outputs", "DEFAULT_BATCH"]
 
 MAX_RANDOM_SAMPLES = 100_000
 MAX_RANDOM_BYTES = 4 << 30
@@ -230,11 +234,47 @@ def run_model(model: onnx.ModelProto, data: dict[str, np.ndarray], batch: int | 
     return _run(_session(model), data, input_specs(model), batch)
 
 
+def token_mask_input(specs: list[InputSpec], data: dict[str, np.ndarray]) -> str | None:
+    """The input that marks real tokens in padded sequences, or None.
+
+    An integer/bool input of rank 2 (``[batch, positions]``) named like a mask (``attention_mask``, ``input_mask``,
+    ``mask``: "mask" in the name, so ``token_type_ids``, also 0/1, is not taken), holding only 0 and 1 in ``data``,
+    with at least one 1 per sample and at least one 0 somewhere (without padding there is nothing to leave out)."""
+    for spec in specs:
+        if "mask" not in spec.name.lower() or len(spec.dims) != 2 or spec.dtype.kind not in "iub":
+            continue
+        arr = data.get(spec.name)
+        if arr is None or arr.ndim != 2 or not arr.size:
+            continue
+        if np.isin(arr, (0, 1)).all() and (arr != 0).any(axis=1).all() and (arr == 0).any():
+            return spec.name
+    return None
+
+
+def token_rows(tokens: np.ndarray | None, activation: np.ndarray, feature_axis: int) -> np.ndarray | None:
+    """Which rows of the activation's ``[rows, features]`` view (features moved last, the other axes flattened in
+    order) are real tokens: a bool vector, or None (count every row) when there is no mask or the activation's
+    positions do not line up with it. Lining up: the activation's leading non-feature axes are the mask's
+    ``[batch, positions]`` (e.g. ``[B, S, K]``, or ``[B, S, heads, K]``), or one flattened ``[B*S]`` axis."""
+    if tokens is None:
+        return None
+    axis = feature_axis % activation.ndim
+    lead = [activation.shape[i] for i in range(activation.ndim) if i != axis]
+    real = np.asarray(tokens) != 0
+    if tuple(lead[:real.ndim]) == real.shape:
+        return np.broadcast_to(real.reshape(real.shape + (1,) * (len(lead) - real.ndim)), lead).reshape(-1)
+    if len(lead) == 1 and lead[0] == real.size:
+        return real.reshape(-1)
+    return None
+
+
 def collect_statistics(model: onnx.ModelProto, statistics: dict, data: dict[str, np.ndarray],
                        batch: int | None = None) -> dict:
     """Feed every batch of each tensor in ``{tensor name: Statistic}`` (see :mod:`edge_sparse.passes.methods`) over
-    ``data`` to its statistic, in one onnxruntime pass; returns ``{tensor name: statistic.result()}``."""
+    ``data`` to its statistic, in one onnxruntime pass; returns ``{tensor name: statistic.result()}``. With a token
+    mask among the inputs (:func:`token_mask_input`), each batch's mask goes along, so padded positions are left out."""
     specs = input_specs(model)
+    mask_name = token_mask_input(specs, data)
     graph_inputs = {s.name for s in specs}
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -245,7 +285,8 @@ def collect_statistics(model: onnx.ModelProto, statistics: dict, data: dict[str,
 
     def accumulate(outputs, feeds):
         for name, stat in statistics.items():
-            stat.update(feeds[name] if name in graph_inputs else outputs[name])
+            stat.update(feeds[name] if name in graph_inputs else outputs[name],
+                        feeds[mask_name] if mask_name else None)
 
     names = [o.name for o in probe.graph.output if o.name in statistics] or [probe.graph.output[0].name]
     _run(_session(probe), data, specs, batch, names=names, reduce=accumulate)

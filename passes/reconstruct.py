@@ -72,31 +72,34 @@ def reconstruct(model: onnx.ModelProto, layers, plan, method, data: dict[str, np
     biases = find_biases(model, todo)
     values = _constant_values(model, [layer.name for layer in todo] + list(biases.values()))
     dense_values = {k: v.copy() for k, v in values.items()}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
     specs = calibrate.input_specs(model)
     graph_inputs = {s.name for s in specs}
-    for act in dict.fromkeys(layer.activation for layer in todo):
-        if act not in present and act not in graph_inputs:
-            probe.graph.output.append(helper.make_tensor_value_info(act, onnx.TensorProto.FLOAT, None))
-    evaluator = calibrate.Evaluator(probe, list(values))
     groups: dict[str, list] = {}
     for layer in todo:
         groups.setdefault(layer.activation, []).append(layer)
     facts = {}
     done = 0
     size = calibrate._batch_size(specs, batch)
+    mask_name = calibrate.token_mask_input(specs, data)
     for act, group in groups.items():
-        stats = {layer.name: method.statistic(layer) for layer in group}
+        shared: dict[tuple, object] = {}           # Q, K and V see the same rows: one statistic for the three
+        stats = {layer.name: shared.setdefault(_rows_key(layer), method.statistic(layer)) for layer in group}
+        if act not in graph_inputs:
+            # only the nodes this activation depends on; upstream of every pruned layer, x_p is x_d
+            probe = _slice(model, act)
+            evaluator = calibrate.Evaluator(probe, [n for n in values if n in _constant_names(probe)])
+            wanted = {i.name for i in evaluator.session.get_inputs()}
+            upstream_pruned = any(n in evaluator.weights and not np.array_equal(values[n], dense_values[n])
+                                  for n in values)
         for feeds in calibrate._batches(data, size):
             if act in graph_inputs:
                 xd = xp = feeds[act]
             else:
-                xd = evaluator.session.run([act], {**feeds, **dense_values})[0]
-                xp = evaluator.session.run([act], {**feeds, **values})[0]
-            for stat in stats.values():
-                stat.update_pair(xp, xd if xp is not xd else None)
+                xd = evaluator.session.run([act], _feeds(wanted, feeds, dense_values))[0]
+                xp = evaluator.session.run([act], _feeds(wanted, feeds, values))[0] if upstream_pruned else xd
+            tokens = feeds[mask_name] if mask_name else None
+            for stat in shared.values():
+                stat.update_pair(xp, xd if xp is not xd else None, tokens)
         for layer in group:
             stat = stats[layer.name].result()
             step = plan[layer.name]
@@ -119,6 +122,58 @@ def reconstruct(model: onnx.ModelProto, layers, plan, method, data: dict[str, np
             if progress is not None:
                 progress.count(done, len(todo), "reconstructed layers")
     return values, facts
+
+
+def _feeds(wanted: set[str], *parts: dict) -> dict:
+    return {k: v for part in parts for k, v in part.items() if k in wanted}
+
+
+def _constant_names(model: onnx.ModelProto) -> set[str]:
+    return {i.name for i in model.graph.initializer} | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+
+
+def _subgraph_inputs(node: onnx.NodeProto):
+    """Names a node's subgraphs (If / Loop / Scan bodies) may read from the enclosing graph (a superset)."""
+    for attr in node.attribute:
+        for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
+                  list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []):
+            for inner in g.node:
+                yield from (x for x in inner.input if x)
+                yield from _subgraph_inputs(inner)
+
+
+def _slice(model: onnx.ModelProto, output: str) -> onnx.ModelProto:
+    """``model`` cut down to the nodes and initializers that ``output`` depends on, with ``output`` as its only graph
+    output (every graph input stays declared): a layer's input costs only the graph above it."""
+    graph = model.graph
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    todo, seen, keep = [output], set(), set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        i = producer.get(name)
+        if i is not None and i not in keep:
+            keep.add(i)
+            todo.extend(x for x in graph.node[i].input if x)
+            todo.extend(_subgraph_inputs(graph.node[i]))
+    inits = {t.name for t in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in inits or v.name in seen]    # an unused initializer-input goes
+    cut = helper.make_graph([graph.node[i] for i in sorted(keep)], graph.name, inputs,
+                            [helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None)],
+                            [t for t in graph.initializer if t.name in seen],
+                            value_info=[v for v in graph.value_info if v.name in seen])
+    out = helper.make_model(cut, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    out.functions.extend(model.functions)
+    return out
+
+
+def _rows_key(layer) -> tuple:
+    """Layers with equal keys turn the same activation into the same rows (and so share a statistic)."""
+    if layer.op != "Conv":
+        return ("rows", layer.feature_axis)
+    return ("conv", tuple(layer.weight_shape[2:]), repr(sorted((layer.conv or {}).items())))
 
 
 def _relative_error(w_d, b_d, w, b, stat) -> float:

@@ -22,7 +22,7 @@ What a method declares (class attributes) and what the driver (:func:`edge_spars
   squares against the calibration activations); False means the kept weights stay bit-identical.
 - ``per_row``: scores are compared within each output channel (or row of blocks) instead of across the layer.
 - ``preference``: when ``--method`` is not given, the method with the highest preference among those whose
-  calibration needs are met is the default.
+  calibration needs are met is the default (with random calibration inputs, not one that ``updates_weights``).
 
 All weights reach a method in the canonical ``[N_out, K_in]`` view of :mod:`edge_sparse.passes.prune_masks` (one row
 per output channel, one column per reduction feature; a conv's columns are ``Cin x kh x kw``, channel-major).
@@ -52,11 +52,13 @@ class Statistic:
     """Accumulates one statistic of a layer's input activation over calibration batches.
 
     ``update`` receives each batch of the activation exactly as onnxruntime returns it (the tensor named
-    ``layer.activation``, with its reduction features on ``layer.feature_axis``); ``result`` is what
+    ``layer.activation``, with its reduction features on ``layer.feature_axis``) and, for a model fed padded
+    sequences, the batch's token mask (``[batch, positions]``, nonzero = real token; see
+    :func:`edge_sparse.passes.calibrate.token_rows`): rows of padded positions must not count. ``result`` is what
     :meth:`PruningMethod.prune` gets as ``statistic``.
     """
 
-    def update(self, activation: np.ndarray) -> None:
+    def update(self, activation: np.ndarray, tokens: np.ndarray | None = None) -> None:
         raise NotImplementedError
 
     def result(self) -> Any:
@@ -64,15 +66,22 @@ class Statistic:
 
 
 class InputNorm(Statistic):
-    """L2 norm of each input feature (channel) over every sample and position: ``||X_k||_2``, float64 ``[C]``."""
+    """L2 norm of each input feature (channel) over every sample and (real-token) position: ``||X_k||_2``, float64
+    ``[C]``."""
 
     def __init__(self, feature_axis: int):
         self.axis = feature_axis
         self.sums: np.ndarray | None = None
 
-    def update(self, activation: np.ndarray) -> None:
+    def update(self, activation: np.ndarray, tokens: np.ndarray | None = None) -> None:
+        from edge_sparse.passes.calibrate import token_rows
+
         x = np.moveaxis(np.asarray(activation, dtype=np.float64), self.axis, -1)
-        sq = np.square(x).reshape(-1, x.shape[-1]).sum(axis=0)
+        x = x.reshape(-1, x.shape[-1])
+        rows = token_rows(tokens, activation, self.axis)
+        if rows is not None:
+            x = x[rows]
+        sq = np.square(x).sum(axis=0)
         self.sums = sq if self.sums is None else self.sums + sq
 
     def result(self) -> np.ndarray:
@@ -153,10 +162,13 @@ def get(method: str | PruningMethod) -> PruningMethod:
     return cls()
 
 
-def default(calibrated: bool) -> str:
-    """Name of the default method: the highest ``preference`` among those usable with/without calibration data."""
+def default(calibrated: bool, real: bool = True) -> str:
+    """Name of the default method: the highest ``preference`` among those usable with/without calibration data.
+    ``real=False`` (random calibration inputs): methods that fit the kept weights to the calibration activations
+    (``updates_weights``) are not chosen, since fitting random inputs undoes what the weights do on real ones."""
     _load()
-    usable = [c for c in _REGISTRY.values() if calibrated or not c.needs_calibration]
+    usable = [c for c in _REGISTRY.values() if (calibrated or not c.needs_calibration)
+              and (real or not (calibrated and c.updates_weights))]
     return max(usable, key=lambda c: (c.preference, c.name)).name
 
 
