@@ -285,8 +285,11 @@ def collect_statistics(model: onnx.ModelProto, statistics: dict, data: dict[str,
 
     def accumulate(outputs, feeds):
         for name, stat in statistics.items():
-            stat.update(feeds[name] if name in graph_inputs else outputs[name],
-                        feeds[mask_name] if mask_name else None)
+            act = feeds[name] if name in graph_inputs else outputs[name]
+            if mask_name:                      # only then: a statistic written without a token mask still works
+                stat.update(act, feeds[mask_name])
+            else:
+                stat.update(act)
 
     names = [o.name for o in probe.graph.output if o.name in statistics] or [probe.graph.output[0].name]
     _run(_session(probe), data, specs, batch, names=names, reduce=accumulate)
