@@ -89,3 +89,23 @@ def test_standalone_launcher_bench_and_info(tmp_path, synthetic_models):
     assert report["count"] == 3 and report["min_ms"] <= report["median_ms"]
     run_md = (bundle / "RUN.md").read_text()
     assert "adb push b /data/local/tmp/" in run_md and "./run --bench" in run_md
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mbv2_112", "effnet_56"])
+def test_mobile_block_rpi4_bundle_matches_onnxruntime(tmp_path, name):
+    """The mobile-CNN kernel paths on NEON (rpi4 tiles): depthwise stride 2 with its padding read in place, swish
+    computed per register tile, the squeeze-excitation gate on the projection weights; run under qemu."""
+    from edge_sparse.models import synthetic
+
+    src = synthetic.save(getattr(synthetic, name)(), tmp_path / f"{name}.onnx")
+    bundle = tmp_path / "bundle"
+    compiler.compile(src, "rpi4", bundle, sparse="off", bundle=True, quiet=True)
+    empty = tmp_path / "empty-sysroot"
+    empty.mkdir()
+    size, cin = (112, 16) if name.endswith("112") else (56, 24)
+    x = {"x": np.random.default_rng(7).standard_normal((1, cin, size, size)).astype(np.float32)}
+    np.savez(tmp_path / "in.npz", **x)
+    proc = _run_standalone(bundle, ["-i", tmp_path / "in.npz", "-o", tmp_path / "out.npz"], empty)
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "out.npz")["y"], ort_run(src, x)[0], rtol=1e-4, atol=1e-4)
