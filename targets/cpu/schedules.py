@@ -328,10 +328,10 @@ def _contraction(sch, cfg: TileConfig, _padded: bool = False) -> bool:
     # split out by SplitLayoutRewritePreproc and folded into the constant at compile time.
     packed = _pack_weights(sch, main.block_rv, vec, nt, n_ext) if PACK_WEIGHTS else []
     # Every other block (pad producers, epilogues that could not be inlined) as its own loop nest.
+    done = [sch.get(b).name_hint for b in [main.block_rv, acc, init] + ([epilogue] if epilogue is not None else [])]
     for other in _root_blocks(sch):
         name = sch.get(other).name_hint
-        done = [main.block_rv, acc, init] + ([epilogue] if epilogue is not None else [])
-        if name in [sch.get(b).name_hint for b in done] or name in packed:
+        if name in done or name in packed:
             continue
         if "meta_schedule.layout_rewrite_preproc" in sch.get(other).annotations:
             continue
@@ -539,23 +539,25 @@ def _transpose_order(sch, block_rv) -> None:
     it writes every row of the output that reads them (NHWC -> NCHW of a 56x56x24 map gathered each pixel row once
     per channel from L2)."""
     from tvm import tirx
+    from tvm.s_tir.dlight.analysis import get_sblock_info
 
     blk = sch.get(block_rv)
-    loops = sch.get_loops(block_rv)
-    ivs = [iv.var for iv in blk.iter_vars]
-    if len(loops) != len(ivs) or len(loops) < 3 or len(blk.reads) != 1 or len(blk.writes) != 1:
+    if len(blk.reads) != 1 or len(blk.writes) != 1:
         return
-    region = blk.reads[0].region
-    inner = ivs[-1]
-    if any(_stride(r.min, inner) == 1 for r in region[-1:]):
-        return  # the innermost loop already reads contiguously
-    last = region[-1].min
-    cands = [k for k, v in enumerate(ivs[:-1]) if isinstance(last, tirx.Var) and last.same_as(v)]
-    if not cands or cands[0] == len(ivs) - 2:
+    iters = get_sblock_info(sch, block_rv).iters
+    if len(iters) < 3 or any(it.kind != "S" for it in iters):
         return
-    k = cands[0]
-    order = [lp for i, lp in enumerate(loops[:-1]) if i != k] + [loops[k], loops[-1]]
-    sch.reorder(*order)
+    loops = [it.loop_rv for it in iters]
+    actual = sch.get_loops(block_rv)
+    if len(actual) != len(loops) or not all(sch.get(a).same_as(sch.get(b)) for a, b in zip(actual, loops)):
+        return  # not one loop per iterator, in order
+    last = blk.reads[0].region[-1].min
+    if _stride(last, iters[-1].var) == 1 or not isinstance(last, tirx.Var):
+        return  # the innermost loop already reads contiguously (or the input's inner index is no plain axis)
+    k = next((i for i, it in enumerate(iters[:-1]) if last.same_as(it.var)), None)
+    if k is None or k == len(iters) - 2:
+        return
+    sch.reorder(*[lp for i, lp in enumerate(loops[:-1]) if i != k], loops[k], loops[-1])
 
 
 def _row_reduction(sch, cfg: TileConfig) -> bool:
