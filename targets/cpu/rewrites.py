@@ -234,7 +234,8 @@ def ChannelScaleIntoConv():  # noqa: N802 (a pass factory, named like TVM's)
                 return None
             for h, g in (call.args, reversed(call.args)):
                 hs, gs = getattr(h.ty, "shape", None), getattr(g.ty, "shape", None)
-                if not (_static(hs) and _static(gs)) or len(hs) != len(gs) or len(hs) < 3:
+                if not (_static(hs) and _static(gs)) or len(hs) != len(gs) or len(hs) < 3 \
+                        or getattr(g.ty, "dtype", None) != "float32":
                     continue
                 if int(gs[1]) == channels and int(hs[1]) == channels and all(int(d) == 1 for i, d in enumerate(gs)
                                                                               if i != 1):
