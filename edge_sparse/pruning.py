@@ -438,7 +438,9 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
         "method": method.name, "pattern": str(pattern_obj), "target_sparsity": sparsity, "allocation": allocate_by,
         "recipe": rec.source if recipe is not None else None,
         "calibration": {"source": calib_desc, "samples": calibrate.sample_count(calib_part),
-                        "holdout_samples": calibrate.sample_count(held_part) if held_part else 0},
+                        "holdout_samples": calibrate.sample_count(held_part) if held_part else 0,
+                        # statistics count only the positions this input marks as real tokens (None: every row)
+                        "token_mask": calibrate.token_mask_input(specs, calib_part)},
         "sparsity": {"prunable_params": total, "zero_params": zeros, "overall": round(zeros / total, 6) if total else 0,
                      "pruned_layers": len(plan), "skipped_layers": sum(1 for r in layer_rows if r["skipped"])},
         "layers": layer_rows,

@@ -240,6 +240,7 @@ def test_padded_positions_do_not_steer_pruning(method):
             res = pruning.prune(model, sparsity=0.5, method=method, calib=_padded_calibration(mask_name, seed),
                                 holdout=0.0, default_skips=False, quiet=True)
             results[mask_name, seed] = _consts(res.model)
+            assert res.report["calibration"]["token_mask"] == ("attention_mask" if mask_name != "keep" else None)
     for name in ("w1", "w2"):
         np.testing.assert_allclose(results["attention_mask", 1][name], results["attention_mask", 2][name],
                                    rtol=1e-5, atol=1e-6)
