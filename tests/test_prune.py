@@ -473,7 +473,7 @@ def test_no_calibration_warns_and_reports_on_random_inputs(tiny, tmp_path):
     assert "warning: no calibration data" in r.output and "warning: no held-out split" in r.output
     report = json.loads((tmp_path / "m.report.json").read_text())
     assert report["method"] == "magnitude" and "holdout" not in report["accuracy"]
-    assert report["calibration"] == {"source": "random (8)", "samples": 8, "holdout_samples": 0}
+    assert report["calibration"] == {"source": "random (8)", "samples": 8, "holdout_samples": 0, "token_mask": None}
 
 
 def test_calib_random_warns_and_defaults_to_wanda(tiny, tmp_path):
