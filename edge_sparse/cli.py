@@ -902,7 +902,8 @@ def tune_cmd(model, target, target_file, output, trials, input_shapes, tracker, 
 @click.option("--ladder", default="0.5,0.6,0.7,0.8,0.9", show_default=True, help="Sparsities tried per layer.")
 @click.option("--patterns", default="16x1", show_default=True, help="Float block patterns tried (Rx1, comma list).")
 @click.option("--no-int8", is_flag=True, help="Leave int8 options out of the search.")
-@click.option("--method", help="Pruning method (see 'edge-sparse prune --help') [default: the calibrated one].")
+@click.option("--method", help="Pruning method (see 'edge-sparse prune --help') [default: the best mask-only one, as the search "
+                                    "prunes many configurations; --method sparsegpt reconstructs each].")
 @click.option("--samples", default=16, show_default=True, type=int, help="Calibration samples per sensitivity run.")
 @click.option("--recover-steps", default=0, show_default=True, type=int, metavar="N",
               help="Distil each evaluated pruned configuration N steps on the calibration samples (recover extra).")

@@ -551,7 +551,7 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
     if isinstance(calib, (str, os.PathLike)) and isinstance(eval_data, (str, os.PathLike)) and \
             Path(calib).resolve() == Path(eval_data).resolve():
         raise UserError("--calib and --eval are the same file; the evaluation samples must be held out (disjoint)")
-    method_obj = M.get(method or M.default(True))
+    method_obj = M.get(method or M.default(True, many=True))   # --method sparsegpt to reconstruct
     session = where = None
     if remote:
         from edge_sparse.rpc import connect

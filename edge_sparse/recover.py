@@ -263,7 +263,7 @@ def recover(student, teacher, data, output=None, *, steps: int = 1000, batch_siz
         raise UserError(f"--lr must be > 0, got {lr}")
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device must be cpu or cuda, got '{device}'")
-    precision = precision or ("bf16" if device == "cuda" else "fp32")
+    precision = precision or ("bf16" if torch.device(device).type == "cuda" else "fp32")
     if precision not in ("fp32", "bf16"):
         raise UserError(f"--precision must be fp32 or bf16, got '{precision}'")
     if device != "cpu" and not torch.cuda.is_available():

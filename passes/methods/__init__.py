@@ -162,13 +162,15 @@ def get(method: str | PruningMethod) -> PruningMethod:
     return cls()
 
 
-def default(calibrated: bool, real: bool = True) -> str:
+def default(calibrated: bool, real: bool = True, many: bool = False) -> str:
     """Name of the default method: the highest ``preference`` among those usable with/without calibration data.
     ``real=False`` (random calibration inputs): methods that fit the kept weights to the calibration activations
-    (``updates_weights``) are not chosen, since fitting random inputs undoes what the weights do on real ones."""
+    (``updates_weights``) are not chosen, since fitting random inputs undoes what the weights do on real ones.
+    ``many=True`` (a search that prunes many configurations, ``optimize``): the same exclusion, because fitting the
+    weights costs minutes per model where a mask-only method costs seconds."""
     _load()
     usable = [c for c in _REGISTRY.values() if (calibrated or not c.needs_calibration)
-              and (real or not (calibrated and c.updates_weights))]
+              and ((real and not many) or not (calibrated and c.updates_weights))]
     return max(usable, key=lambda c: (c.preference, c.name)).name
 
 

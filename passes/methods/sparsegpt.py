@@ -192,7 +192,7 @@ class SparseGPT(PruningMethod):
     needs_calibration = True
     updates_weights = True
     sequential = True
-    preference = 2          # the default with real calibration data: closer to dense than Wanda on MiniLM, PP-OCR
+    preference = 2          # the default with real calibration data: closer to dense than the mask-only default on MiniLM, PP-OCR
     #                         rec and cls on held-out data (benchmarks/results/recovery)
 
     def statistic(self, layer):
