@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
-__all__ = ["atomic_write", "atomic_path", "atomic_dir", "check_output", "json_text", "sha256_file", "sha256_bytes", "parse_host_port",
+__all__ = ["rewrite_functions", "atomic_write", "atomic_path", "atomic_dir", "check_output", "json_text", "sha256_file", "sha256_bytes", "parse_host_port",
            "latency_stats", "time_calls", "normalize_arch", "host_arch"]
 
 
@@ -313,3 +313,13 @@ def normalize_arch(machine: str) -> str:
 
 def host_arch() -> str:
     return normalize_arch(platform.machine())
+
+
+def rewrite_functions(mutator, mod):
+    """Run a ``relax.PyExprMutator`` (built on ``mod``) over every Relax function of ``mod``; the updated module."""
+    from tvm import relax
+
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_sparse.passes.sparsify import (_const_np, _Graph, _is_const, _match_epilogue, _ops, _shape,
-                                         rewrite_functions)
+from edge_sparse.passes.sparsify import _const_np, _Graph, _is_const, _match_epilogue, _ops, _shape
+from edge_sparse.util import rewrite_functions
 
 __all__ = ["rewrite_qdq", "fuse_range_reductions", "int8_estimate_us", "int8_layer_time_us", "INT8_CALIBRATION",
            "INT8_MACS_PER_FP32", "R_INT8"]
@@ -392,7 +392,7 @@ def _make_mutator():
             return super().visit_call_(call)
 
         def transform(self):
-            return rewrite_functions(self)
+            return rewrite_functions(self, self.mod_)
 
     return _Rewriter
 
@@ -436,7 +436,7 @@ def fuse_range_reductions(mod, kernels):
             return relax.op.reshape(relax.op.strided_slice(rng, axes=[0], begin=[i], end=[i + 1]), ())
 
         def transform(self):
-            return rewrite_functions(self)
+            return rewrite_functions(self, self.mod_)
 
     return _Fuse(mod).transform()
 

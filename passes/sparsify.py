@@ -22,12 +22,14 @@ import math
 from typing import Any
 
 import numpy as np
+
+from edge_sparse.util import rewrite_functions
 import tvm
 
 from edge_sparse import formats as F
 from edge_sparse.formats import KernelSpec
 
-__all__ = ["Sparsify", "sparsify", "rewrite_functions", "time_dense", "find_layers", "estimate_us", "layer_estimate_us", "layer_time_us", "dense_layer_module", "Layer"]
+__all__ = ["Sparsify", "sparsify", "time_dense", "find_layers", "estimate_us", "layer_estimate_us", "layer_time_us", "dense_layer_module", "Layer"]
 
 
 # A sparse layer must be estimated this much faster than dense to be chosen in auto mode (model error margin).
@@ -535,16 +537,6 @@ def _choose(layer: Layer, preset, family, mode: str, measure: bool, log, dense_t
     return entry
 
 
-def rewrite_functions(mutator):
-    """Run a ``relax.PyExprMutator`` over every Relax function of its module; the updated module."""
-    from tvm import relax
-
-    for gv, func in mutator.mod_.functions_items():
-        if isinstance(func, relax.Function):
-            mutator.builder_.update_func(gv, mutator.visit_expr(func))
-    return mutator.builder_.get()
-
-
 def _make_mutator():
     from tvm import relax
 
@@ -581,7 +573,7 @@ def _make_mutator():
             return super().visit_call_(call)
 
         def transform(self):
-            return rewrite_functions(self)
+            return rewrite_functions(self, self.mod_)
 
     return _Rewriter
 

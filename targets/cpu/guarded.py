@@ -15,6 +15,8 @@ whose shape comes from a tensor calls ``vm.builtin.tensor_to_shape``): :func:`Fa
 """
 from __future__ import annotations
 
+from edge_sparse.util import rewrite_functions
+
 import warnings
 
 __all__ = ["ConvertConvLayout", "SplitWeightPrepack", "FastMath", "PREPACK_ANNOTATION"]
@@ -114,10 +116,6 @@ def FastMath():
 
     @tvm.transform.module_pass(opt_level=0, name="edge_sparse.FastMath")
     def _pass(mod, _ctx):
-        rewriter = _Rewriter(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
+        return rewrite_functions(_Rewriter(mod), mod)
 
     return _pass

@@ -18,6 +18,8 @@
 """
 from __future__ import annotations
 
+from edge_sparse.util import rewrite_functions
+
 __all__ = ["VectorMathRewrite", "ConvTransposeAsConv", "ChannelScaleIntoConv", "scalar_bound_op"]
 
 
@@ -122,10 +124,7 @@ def VectorMathRewrite():  # noqa: N802 (a pass factory, named like TVM's)
     @tvm.transform.module_pass(opt_level=0, name="edge_sparse.VectorMathRewrite")
     def _pass(mod, _ctx):
         rewriter = _Rewriter(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        out = rewriter.builder_.get()
+        out = rewrite_functions(rewriter, mod)
         # Drop only the bound PrimFuncs this pass made unused. (A module-wide DeadCodeElimination also dropped the
         # shape functions that dynamic-shape Relax code refers to by name: ONNX Slice past the end failed later.)
         used = set()
@@ -187,11 +186,7 @@ def ConvTransposeAsConv():  # noqa: N802 (a pass factory, named like TVM's)
 
     @tvm.transform.module_pass(opt_level=0, name="edge_sparse.ConvTransposeAsConv")
     def _pass(mod, _ctx):
-        rewriter = _Rewriter(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
+        return rewrite_functions(_Rewriter(mod), mod)
 
     return _pass
 
