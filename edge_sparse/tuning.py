@@ -44,6 +44,9 @@ def count_records(path: Path) -> tuple[int, int]:
     return good, bad
 
 
+STEP_TIMEOUT_S = 180.0        # per candidate build and per local measurement
+
+
 def tune(model: str | os.PathLike, target: str = "host", out_db: str | os.PathLike = "tuning_db", *,
          trials: int = 64, input_shapes: dict[str, tuple[int, ...]] | None = None,
          target_file: str | os.PathLike | None = None, tracker: str | None = None, key: str | None = None,
@@ -81,7 +84,10 @@ def tune(model: str | os.PathLike, target: str = "host", out_db: str | os.PathLi
     with progress.step(f"loading {Path(model).name}"):
         intake = load_model(model, input_shapes)
         mod = family.prepare_for_tuning(import_relax(intake), preset)
-    runner = "local"
+    # meta_schedule's defaults give a candidate's build and run 30 s each; a 2-core board or a busy host exceeds that
+    # and then every candidate "fails"
+    builder = ms.builder.LocalBuilder(timeout_sec=STEP_TIMEOUT_S)
+    runner = ms.runner.LocalRunner(timeout_sec=STEP_TIMEOUT_S)
     if tracker is not None:
         from edge_sparse.rpc import check_tracker
 
@@ -92,7 +98,7 @@ def tune(model: str | os.PathLike, target: str = "host", out_db: str | os.PathLi
     with atomic_dir(out, replace=force) as stage, progress.step(f"tuning {trials} trials for {preset.name}"):
         ms.relax_integration.tune_relax(
             mod=mod, params={}, target=preset.tvm_target(), work_dir=str(stage), max_trials_global=trials,
-            runner=runner, num_trials_per_iter=min(64, max(4, trials // 4)))
+            builder=builder, runner=runner, num_trials_per_iter=min(64, max(4, trials // 4)))
         records, failed = count_records(stage / "database_tuning_record.json")
         if records == 0:                          # raising here removes the staging directory: nothing is written
             how = f"all {failed} measured candidates failed" if failed else "no candidate was measured"
