@@ -373,31 +373,25 @@ def _module_class():
                 p = self.constant(name)
                 p.mul_(m.to(p.device))
 
-        def _fix(self, feeds: dict):
+        def _shape_maps(self, feeds: dict):
+            """(fix, trim) for the fast path, (None, None) otherwise. ``fix`` maps constant target shapes (Reshape /
+            Expand / ConstantOfShape): a leading 1 becomes the batch of a batch-1 graph, the exported sequence length
+            the trimmed one. ``trim`` cuts a constant operand of an elementwise op that spans the exported length (a
+            folded position embedding) to the trimmed length where the other operand has it."""
             if not self.fast:
-                return None
-            first = next(iter(feeds.values()))
-            batch = first.shape[0] if self.per_sample else None
+                return None, None
+            batch = next(iter(feeds.values())).shape[0] if self.per_sample else None
             seq = self.seq_len
             now = feeds[self.seq_inputs[0]].shape[1] if seq is not None and self.seq_inputs else seq
+            trimmed = seq is not None and now != seq
 
             def fix(shape):
                 out = list(shape)
                 if batch is not None and out and out[0] == 1:
                     out[0] = batch
-                if seq is not None and now != seq:
+                if trimmed:
                     out = [now if i > 0 and d == seq else d for i, d in enumerate(out)]
                 return out
-
-            return fix
-
-        def _trim(self, feeds: dict):
-            """With a trimmed sequence: a constant operand of an elementwise op that spans the exported length
-            (a folded position embedding) is cut to the trimmed length where the other operand has it."""
-            seq = self.seq_len
-            now = feeds[self.seq_inputs[0]].shape[1] if seq is not None and self.seq_inputs else seq
-            if seq is None or now == seq:
-                return None
 
             def trim(ins, const):
                 live = [v for v, c in zip(ins, const) if v is not None and not c]
@@ -413,12 +407,11 @@ def _module_class():
                     out.append(v)
                 return out
 
-            return trim
+            return fix, (trim if trimmed else None)
 
         def _run(self, feeds: dict):
             env = dict(feeds)
-            fix = self._fix(feeds)
-            trim = self._trim(feeds) if fix is not None else None
+            fix, trim = self._shape_maps(feeds)
             for node in self.nodes:
                 ins = [None if not n else (env[n] if n in env else self.constant(n)) for n in node.input]
                 if trim is not None and node.op_type in _ELEMENTWISE:

@@ -93,23 +93,20 @@ def _same_graph(student: onnx.ModelProto, teacher: onnx.ModelProto) -> None:
         raise UserError(f"the teacher has no output '{missing[0]}'; pass the dense model the student was pruned from")
 
 
-def _padding_mask(feeds: dict[str, np.ndarray]) -> str | None:
-    """The input that marks padding (``attention_mask``-like): integer, [N, S], values 0/1 with every row a run of ones
-    followed by zeros, some zeros present. None when no input looks like that."""
-    for name, arr in feeds.items():
-        if arr.ndim != 2 or arr.dtype.kind not in "iub" or arr.shape[1] < 2:
-            continue
-        if not np.isin(arr, (0, 1)).all() or arr.all():
-            continue
-        if np.all(np.diff(arr.astype(np.int8), axis=1) <= 0):
-            return name
-    return None
+def _per_token(tok, x):
+    """``tok`` ([B, S] 0/1) shaped to broadcast over ``x`` ([B, S, ...]) in its dtype; None when ``x`` is not per token."""
+    if tok is None or x.dim() < 2 or tuple(x.shape[:2]) != tuple(tok.shape):
+        return None
+    return tok.reshape(*tok.shape, *[1] * (x.dim() - 2)).to(x.dtype)
 
 
 def _fast_path(student_m, teacher_m, feeds: dict, pad: str | None, torch) -> dict:
     """Choose how the graphs run: a batch-1 graph on whole batches, and sequences trimmed to the longest real one in
     the batch (exact for every real position when attention excludes the padding). Each option is kept only if the
-    outputs at real positions match the exact path (per-sample vmap, full length) on a few training samples."""
+    outputs at real positions match the exact path (per-sample vmap, full length) on a few training samples.
+    Trimming also needs the padding at the end of every sample of ``feeds`` (ones, then zeros)."""
+    if pad and not np.all(np.diff(feeds[pad].astype(np.int8), axis=1) <= 0):
+        pad = None
     probe = {k: torch.from_numpy(np.ascontiguousarray(v[:4])) for k, v in feeds.items()}
     seq = probe[pad].shape[1] if pad else None
     seq_inputs = [k for k, v in probe.items() if pad and v.dim() >= 2 and v.shape[1] == seq]
@@ -129,9 +126,8 @@ def _fast_path(student_m, teacher_m, feeds: dict, pad: str | None, torch) -> dic
             for name, r in ref.items():
                 g = got[name]
                 if seq_len and r.dim() >= 2 and r.shape[1] == seq and g.shape[1] == keep:
-                    r = r[:, :keep] * probe[pad][:, :keep].reshape(*probe[pad][:, :keep].shape,
-                                                                   *[1] * (r.dim() - 2)).to(r.dtype)
-                    g = g * probe[pad][:, :keep].reshape(*probe[pad][:, :keep].shape, *[1] * (g.dim() - 2)).to(g.dtype)
+                    w = _per_token(probe[pad][:, :keep], g)
+                    r, g = r[:, :keep] * w, g * w
                 if r.shape != g.shape or (r.is_floating_point() and
                                           float((r - g).abs().max()) > 1e-4 * max(1.0, float(r.abs().max()))):
                     ok = False
@@ -312,7 +308,7 @@ def recover(student, teacher, data, output=None, *, steps: int = 1000, batch_siz
     with progress.step("convert ONNX -> PyTorch (student, teacher)"):
         student_m = OnnxModule(s_proto, trainable=names, capture=capture).to(dev)
         teacher_m = OnnxModule(t_proto, capture=capture).eval()
-        pad = _padding_mask(feeds)
+        pad = calibrate.token_mask_input(specs, feeds)
         fast = _fast_path(student_m, teacher_m, feeds, pad, torch)
         for m in (student_m, teacher_m):
             m.set_fast(fast["batched"], fast["seq_len"], fast["seq_inputs"])
@@ -368,8 +364,8 @@ def recover(student, teacher, data, output=None, *, steps: int = 1000, batch_siz
     def _err(s, t, tok):
         """Squared error normalised by the teacher's mean square; positions that are padding do not count."""
         s, t = s.float(), t.float()
-        if tok is not None and s.dim() >= 2 and tuple(s.shape[:2]) == tuple(tok.shape):
-            w = tok.reshape(*tok.shape, *[1] * (s.dim() - 2))
+        w = _per_token(tok, s)
+        if w is not None:
             return (w * (s - t) ** 2).sum() / (w * t * t).sum().clamp_min(1e-12)
         return ((s - t) ** 2).mean() / (t * t).mean().clamp_min(1e-12)
 
@@ -384,8 +380,9 @@ def recover(student, teacher, data, output=None, *, steps: int = 1000, batch_siz
                 ls, lt = s_out[cap].float(), t_out[cap].float()
                 ax = axis % ls.dim()
                 kl = torch.sum(torch.softmax(lt, ax) * (torch.log_softmax(lt, ax) - torch.log_softmax(ls, ax)), dim=ax)
-                if tok is not None and kl.dim() >= 2 and tuple(kl.shape[:2]) == tuple(tok.shape):
-                    w = tok.reshape(*tok.shape, *[1] * (kl.dim() - 2)).expand_as(kl)
+                w = _per_token(tok, kl)
+                if w is not None:
+                    w = w.expand_as(kl)
                     total = total + (w * kl).sum() / w.sum().clamp_min(1.0)
                 else:
                     total = total + kl.mean()

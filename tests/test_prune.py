@@ -69,14 +69,18 @@ def tiny_model(seed: int | None = None) -> onnx.ModelProto:
     return model
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("prune")
+def save_tiny(d, samples: int, seed: int):
+    """``tiny_model()`` and ``samples`` random inputs for it written into ``d``: (model path, .npz path)."""
     path = d / "tiny.onnx"
     onnx.save(tiny_model(), str(path))
     calib = d / "calib.npz"
-    np.savez(calib, x=np.random.default_rng(1).standard_normal((20, 3, 8, 8)).astype(np.float32))
+    np.savez(calib, x=np.random.default_rng(seed).standard_normal((samples, 3, 8, 8)).astype(np.float32))
     return path, calib
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("prune"), samples=20, seed=1)
 
 
 def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:

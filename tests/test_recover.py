@@ -21,7 +21,7 @@ from edge_sparse.onnx_torch import OnnxModule, masked_constants, trainable_const
 from edge_sparse.recover import METADATA_KEY, recover               # noqa: E402
 
 from conftest import invoke, ort_run                                # noqa: E402
-from test_prune import tiny_model                                   # noqa: E402
+from test_prune import save_tiny                                    # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -58,10 +58,7 @@ def test_converter_matches_onnxruntime(synthetic_models, name):
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory):
     d = tmp_path_factory.mktemp("recover")
-    dense = d / "dense.onnx"
-    onnx.save(tiny_model(), str(dense))
-    data = d / "data.npz"
-    np.savez(data, x=np.random.default_rng(2).standard_normal((96, 3, 8, 8)).astype(np.float32))
+    dense, data = save_tiny(d, samples=96, seed=2)
     student = d / "pruned.onnx"
     pruning.prune(dense, student, sparsity=0.75, pattern="4x1", method="magnitude", calib=data, quiet=True)
     return dense, student, data
@@ -213,11 +210,12 @@ def minilm():
 def test_batched_trimmed_path_matches_the_exact_path_on_minilm(minilm):
     """MiniLM's export is fixed at batch 1 and 128 tokens: the fast path runs whole batches trimmed to the longest
     real sentence; at every real position it computes what per-sample vmap at full length computes."""
-    from edge_sparse.recover import _fast_path, _padding_mask
+    from edge_sparse.passes import calibrate
+    from edge_sparse.recover import _fast_path
 
     path, feeds = minilm
     proto = onnx.load(str(path))
-    assert _padding_mask(feeds) == "attention_mask"
+    assert calibrate.token_mask_input(calibrate.input_specs(proto), feeds) == "attention_mask"
     module = OnnxModule(proto).eval()
     t = {k: torch.from_numpy(v) for k, v in feeds.items()}
     with torch.no_grad():
