@@ -11,7 +11,6 @@ import json
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
 torch = pytest.importorskip("torch")
 
@@ -21,17 +20,9 @@ from edge_sparse.onnx_torch import OnnxModule, masked_constants, trainable_const
 from edge_sparse.recover import METADATA_KEY, recover               # noqa: E402
 
 from conftest import invoke, ort_run                                # noqa: E402
-from test_prune import save_tiny                                    # noqa: E402
+from test_prune import save_tiny, weights                           # noqa: E402
 
 torch.set_num_threads(1)
-
-
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    out = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant":
-            out[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    return out
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
@@ -74,7 +65,7 @@ def test_recover_lowers_loss_keeps_zeros_and_graph(pruned, tmp_path):
     onnx.checker.check_model(after, full_check=True)
     masked = masked_constants(before)
     assert set(masked) == {"pw.weight", "conv3.weight", "fc.weight", "proj.weight"}   # the Constant-node weight too
-    w0, w1 = _constants(before), _constants(after)
+    w0, w1 = weights(before), weights(after)
     for name in masked:
         assert np.array_equal(w1[name] == 0, w0[name] == 0), name          # same zeros, no new ones
     changed = [n for n in trainable_constants(before) if not np.array_equal(w0[n], w1[n])]
@@ -100,7 +91,7 @@ def test_recover_resumes_from_checkpoint(pruned, tmp_path):
     resumed = recover(student, dense, data, None, checkpoint=ckpt, **kw)
     assert resumed.report["resumed_from"] == 20
     straight = recover(student, dense, data, None, **kw)
-    a, b = _constants(resumed.model), _constants(straight.model)
+    a, b = weights(resumed.model), weights(straight.model)
     for name in trainable_constants(straight.model):
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6)
     other = dict(kw, lr=1e-3)
@@ -154,7 +145,7 @@ def test_prune_then_recover_in_one_command(pruned, tmp_path):
     assert rep["steps"] == 20 and rep["data"]["samples"] == 72            # the calibration part, not the held-out 24
     assert rep["loss"]["after"] < rep["loss"]["before"] and rep["accuracy"]["holdout"]["samples"] == 24
     plain = pruning.prune(dense, sparsity=0.75, pattern="4x1", method="magnitude", calib=data, quiet=True).model
-    a, b = _constants(plain), _constants(onnx.load(str(out)))
+    a, b = weights(plain), weights(onnx.load(str(out)))
     for name in masked_constants(plain):                                   # the same zeros as pruning alone
         assert np.array_equal(a[name] == 0, b[name] == 0), name
 
@@ -176,7 +167,7 @@ def test_gradual_pruning_ends_on_the_recorded_pattern_and_sparsity(pruned):
     assert res.report["gradual"] == 0.5 and res.report["loss"]["before"] == pytest.approx(0.0, abs=1e-6)
     assert res.report["loss"]["after"] < one_shot                        # better than the one-shot masks untrained
     record = json.loads({p.key: p.value for p in onnx.load(str(student)).metadata_props}["edge_sparse.pruning"])
-    after, before = _constants(res.model), _constants(onnx.load(str(student)))
+    after, before = weights(res.model), weights(onnx.load(str(student)))
     layers = [n for n in record["layers"] if n in after]
     assert layers
     for name in layers:
