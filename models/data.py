@@ -8,8 +8,13 @@ Sources:
   - ``pairs``: the Lee document-similarity set (``lee.cor``: 50 documents, ``similarities0-1.txt``: mean human
     similarity of all 1,225 pairs); metric: Spearman of the model's cosine similarities against the human scores
     and against the dense model's.
-  - ``calib`` / ``train``: WordNet 3.0 glosses and usage examples (Debian ``wordnet-base``, ``/usr/share/wordnet``),
-    a different source, so held-out text never overlaps calibration or distillation text.
+  - ``calib`` / ``train``: English Wikipedia prose (the shortened article dump in ``gensim``'s test data,
+    ``enwiki-latest-pages-articles1.xml-...-shortened.bz2``: 206 articles, markup stripped by gensim's
+    ``filter_wiki``) and WordNet 3.0 glosses and usage examples (Debian ``wordnet-base``, ``/usr/share/wordnet``).
+    Calibration takes passages of whole sentences (up to 100 words, so the statistics see long sequences like the
+    held-out documents) from one fifth of the articles, then glosses; training text interleaves passages and single
+    sentences of the other articles with the remaining glosses. Different sources and articles, so held-out text never
+    overlaps calibration or distillation text, and calibration never overlaps training.
 - PP-OCR (``ppocr-rec``, ``ppocr-cls``): text lines rendered with Pillow in the Latin fonts of the ``trdg`` wheel
   from words of its English word list (and, for the recognizer, lines of common Chinese characters in its
   Source Han Sans font), so the ground truth is exact. ``eval``, ``calib`` and ``train`` lines come from separate
@@ -25,7 +30,9 @@ Everything is deterministic: the same name, split and count give the same sample
 from __future__ import annotations
 
 import dataclasses
+import bz2
 import hashlib
+import io
 import os
 import random
 import re
@@ -46,11 +53,16 @@ GENSIM = Wheel("gensim", "4.4.0")
 TRDG = Wheel("trdg", "1.8.0")
 WORDNET_DIR = Path(os.environ.get("EDGE_SPARSE_WORDNET", "/usr/share/wordnet"))
 _GENSIM_DATA = "gensim/test/test_data/"
+WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+PASSAGE_WORDS = 100           # longest calibration / training passage (about 128 WordPiece tokens)
+CALIB_GLOSSES = 4096          # WordNet glosses reserved for calibration (training starts after them)
 # sha256 of the data files we read (a different file means different scores: refuse it)
 _SHA = {
     "lee.cor": "a878f9a58f6743c32985c56c2f2f75988386216b38a4023a01fd3bcf7884d93e",
     "lee_background.cor": "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb",
     "similarities0-1.txt": "23762bc6b728897144dda3d324a2c032dc1e059e1009806226d64b6dd123ed79",
+    "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2":
+        "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
     "trdg/dicts/en.txt": "7ca7c155cdb1b65349f4f35430025fd1d5998b0dec981ddcbb1a34dbab6221b8",
     "trdg/dicts/cn.txt": "6d0f74267460a91d1702f1794f1dafd56fd55f2475ebf3856e41a15880eb6c00",
 }
@@ -143,6 +155,43 @@ def _wordnet_glosses() -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def _wiki_paragraphs(root: str) -> list[tuple[str, list[list[str]]]]:
+    """[(article title, paragraphs as lists of sentences)] of the Wikipedia dump in gensim's test data."""
+    try:
+        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+    except ImportError:
+        raise UserError("reading the Wikipedia text needs gensim: pip install 'edge-sparse[data]'") from None
+    raw = GENSIM.read(_GENSIM_DATA + WIKI_DUMP, _SHA[WIKI_DUMP], Path(root), _progress())
+    out = []
+    for title, text, _ in extract_pages(io.BytesIO(bz2.decompress(raw)), filter_namespaces=("0",)):
+        paras = []
+        for para in filter_wiki(text).split("\n"):
+            para = para.replace("'''", "").replace("''", "").strip()        # bold / italic quotes
+            if len(para) < 80 or para[0] in "*#:;|{!=<" or "|" in para:
+                continue                                    # lists, tables, headings and leftover markup
+            sents = [x for x in _sentences(para) if "(;" not in x and " ;" not in x]   # emptied templates
+            if sents:
+                paras.append(sents)
+        if paras:
+            out.append((title, paras))
+    return out
+
+
+def _passages(paras: list[list[str]], words: int) -> list[str]:
+    """Consecutive sentences of one paragraph packed greedily into passages of at most ``words`` words."""
+    out = []
+    for sents in paras:
+        cur: list[str] = []
+        for s in sents:
+            if cur and len(" ".join(cur + [s]).split()) > words:
+                out.append(" ".join(cur))
+                cur = []
+            cur.append(s)
+        if cur:
+            out.append(" ".join(cur))
+    return out
+
+
 @lru_cache(maxsize=2)
 def _text_splits(root: str) -> dict[str, list[str]]:
     docs, _, _ = lee_pairs(root)
@@ -151,19 +200,44 @@ def _text_splits(root: str) -> dict[str, list[str]]:
     evals = [s for s in dict.fromkeys(_sentences(background)) if s not in held and not any(s in d for d in docs)]
     held.update(evals)
     glosses = [g for g in _order(_wordnet_glosses(), "wordnet") if g not in held]
-    return {"eval": _order(evals, "lee"), "wordnet": glosses}
+    articles = [(title, [q for q in ([x for x in p if x not in held] for p in paras) if q])
+                for title, paras in _wiki_paragraphs(root)]
+    # one article in five (by a hash of its title) feeds calibration, the others training
+    is_calib = [int(hashlib.sha1(("wiki-split" + t).encode("utf-8")).hexdigest(), 16) % 5 == 0 for t, _ in articles]
+    calib_sents = {x for (_, paras), c in zip(articles, is_calib) if c for p in paras for x in p}
+    calib_wiki, train_wiki = [], []
+    for (title, paras), c in zip(articles, is_calib):
+        if c:
+            calib_wiki += _passages(paras, PASSAGE_WORDS)
+            continue
+        paras = [q for q in ([x for x in p if x not in calib_sents] for p in paras) if q]   # shared boilerplate
+        train_wiki += [x for p in paras for x in p] + _passages(paras, PASSAGE_WORDS // 2) + \
+            _passages(paras, PASSAGE_WORDS)
+    calib = _order(list(dict.fromkeys(calib_wiki)), "wiki-calib") + glosses[:CALIB_GLOSSES]
+    train_wiki = _order(list(dict.fromkeys(train_wiki)), "wiki-train")
+    rest = glosses[CALIB_GLOSSES:]
+    mixed = [t for pair in zip(train_wiki, rest) for t in pair]
+    n = min(len(train_wiki), len(rest))
+    train = mixed + train_wiki[n:] + rest[n:]
+    return {"eval": _order(evals, "lee"), "calib": calib, "train": train, "wiki_calib": len(calib_wiki)}
 
 
 def minilm_texts(split: str, count: int, cache_dir=None) -> tuple[list[str], str]:
-    """(texts, source description) for ``calib`` / ``train`` (WordNet) or ``eval`` (Lee background sentences)."""
+    """(texts, source description) for ``calib`` / ``train`` (Wikipedia passages and WordNet glosses) or ``eval``
+    (Lee background sentences)."""
     splits = _text_splits(str(cache_root(cache_dir)))
+    wiki = f"{GENSIM.requirement} test_data/{WIKI_DUMP.split('-p0')[0]} (Wikipedia articles, markup stripped)"
     if split == "eval":
         pool, src = splits["eval"], f"{GENSIM.requirement} test_data/lee_background.cor sentences"
-        start = 0
-    elif split in ("calib", "train"):
-        pool, src = splits["wordnet"], "Debian wordnet-base 3.0 glosses and examples"
-        start = 0 if split == "calib" else 4096            # calibration and training slices are disjoint too
-        pool = pool[start:] if split == "train" else pool[:4096]
+    elif split == "calib":
+        pool = splits["calib"]
+        src = f"{wiki}: passages of up to {PASSAGE_WORDS} words from one article in five"
+        if count > splits["wiki_calib"]:
+            src += ", then Debian wordnet-base 3.0 glosses and examples"
+    elif split == "train":
+        pool = splits["train"]
+        src = f"{wiki}: sentences and passages of the other articles, interleaved with Debian wordnet-base 3.0 " \
+              f"glosses and examples"
     else:
         raise UserError(f"unknown split '{split}' for minilm-l6: use calib, train, eval or pairs")
     if count > len(pool):

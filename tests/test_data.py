@@ -17,7 +17,7 @@ def test_minilm_text_splits_are_deterministic_and_disjoint():
     assert "lee_background" in src and len(set(ev)) == 600
     cal, _ = data.minilm_texts("calib", 256)
     tr, tsrc = data.minilm_texts("train", 5000)
-    assert "wordnet" in tsrc
+    assert "wordnet" in tsrc and "Wikipedia" in tsrc
     assert data.minilm_texts("eval", 600)[0] == ev and data.minilm_texts("train", 5000)[0] == tr
     assert not set(ev) & (set(cal) | set(tr)) and not set(cal) & set(tr)
     docs, pairs, human = data.lee_pairs()
@@ -26,6 +26,17 @@ def test_minilm_text_splits_are_deterministic_and_disjoint():
     assert not any(s in d for s in ev + cal + tr for d in docs)          # held-out documents never used elsewhere
     with pytest.raises(data.UserError, match="available"):
         data.minilm_texts("eval", 10 ** 6)
+
+
+def test_minilm_calibration_passages_are_long_and_share_no_sentence_with_training():
+    cal, src = data.minilm_texts("calib", 512)
+    assert "Wikipedia" in src and "wordnet" not in src            # 512 < the wiki calibration passages
+    assert np.mean([len(t.split()) for t in cal]) > 30             # long sequences, unlike 12-word glosses
+    assert max(len(t.split()) for t in cal) <= data.PASSAGE_WORDS + 60   # one sentence may exceed the pack target
+    tr, _ = data.minilm_texts("train", 20000)
+    split = lambda texts: {s for t in texts for s in data._sentences(t)}   # noqa: E731
+    assert not split(cal) & split(tr)
+    assert any("''" in t for t in cal + tr) is False               # wiki bold/italic quotes stripped
 
 
 def test_minilm_dataset_tokenizes_like_the_zoo_sample():
