@@ -897,8 +897,12 @@ def tune_cmd(model, target, target_file, output, trials, input_shapes, tracker, 
 @click.option("--rpc", metavar="HOST:PORT", help="Measure kernels and the model on a TVM RPC server.")
 @click.option("--tracker", metavar="HOST:PORT", help="Measure on a device registered with this TVM RPC tracker.")
 @click.option("--key", help="Device key at the tracker (with --tracker).")
-@click.option("--threads", type=int, help="Threads to measure with [default: 1].")
-@click.option("--no-measure", is_flag=True, help="Latency table from the cost model alone (no kernel timing).")
+@click.option("--threads", type=int, help="Threads to measure with [default: 1; a target that does not run here "
+                                          "without --rpc/--tracker: its cores, which its cost model assumes].")
+@click.option("--no-measure", is_flag=True,
+              help="Latency table from the cost model alone (no kernel timing). Automatic for a target that does not "
+                   "run on this machine when no --rpc/--tracker device is given: every latency is then an estimate "
+                   "and nothing is benchmarked; accuracy is still measured here.")
 @click.option("--ladder", default="0.5,0.6,0.7,0.8,0.9", show_default=True, help="Sparsities tried per layer.")
 @click.option("--patterns", default="16x1", show_default=True, help="Float block patterns tried (Rx1, comma list).")
 @click.option("--no-int8", is_flag=True, help="Leave int8 options out of the search.")
@@ -924,14 +928,14 @@ def optimize_cmd(model, target, target_file, calib, eval_data, max_drop, latency
     """The fastest version of MODEL on a target within an accuracy budget: per-layer latency and sensitivity
     tables, a Pareto search over pruning pattern, sparsity and int8 per layer, held-out evaluation, the compiled
     artifact, and frontier.json / frontier.png with onnxruntime fp32 and int8 measured side by side."""
-    from edge_sparse.optimize import optimize
+    from edge_sparse.optimize import ESTIMATE, optimize
 
     _quiet(quiet)
     if samples < 1:
         raise UserError(f"--samples must be >= 1, got {samples}")
     front = optimize(model, output, target=target if not target_file or target != "host" else None, calib=calib,
                      eval_data=eval_data, max_drop=max_drop, latency_ms=latency_ms, metric=metric, rpc=rpc,
-                     tracker=tracker, key=key, threads=threads, measure=not no_measure,
+                     tracker=tracker, key=key, threads=threads, measure=False if no_measure else None,
                      ladder=[_parse_fraction(x, "--ladder") for x in str(ladder).split(",") if x.strip()],
                      patterns=[p.strip() for p in str(patterns).split(",") if p.strip()], int8=not no_int8,
                      method=method, sensitivity_samples=samples, recover_steps=recover_steps, max_evals=max_evals,
@@ -942,10 +946,16 @@ def optimize_cmd(model, target, target_file, calib, eval_data, max_drop, latency
         return
     ch = front["chosen"]
     click.echo(f"chosen: {', '.join(f'{n} x {k}' for k, n in ch['summary'].items())}")
-    click.echo(f"  {ch['latency_ms']:.4g} ms ({front['threads']} thread(s), {front['where']}), {front['metric']} drop "
-               f"{100 * ch['drop']:.3f}% on {front['eval_samples']} held-out samples")
+    if ch["latency_source"] == ESTIMATE:
+        lat = (f"{ch['latency_ms']:.4g} ms ESTIMATE of its prunable layers ({front['target']} cost model, "
+               f"{front['threads']} cores; not measured)")
+    else:
+        lat = f"{ch['latency_ms']:.4g} ms ({front['threads']} thread(s), {front['where']})"
+    click.echo(f"  {lat}, {front['metric']} drop {100 * ch['drop']:.3f}% on {front['eval_samples']} held-out samples")
     for name, b in front["baselines"].items():
         click.echo(f"  {name}: {b['latency_ms']:.4g} ms, drop {100 * b['drop']:.3f}%")
+    if not front["baselines"]:
+        click.echo(f"  onnxruntime: {front['baselines_note']}")
     if "speedup" in front:
         sp = front["speedup"]
         click.echo(f"  speedup: {sp['vs_onnxruntime_fp32']:.2f}x onnxruntime fp32, "

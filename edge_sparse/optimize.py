@@ -41,7 +41,7 @@ from edge_sparse.progress import Progress
 from edge_sparse.util import atomic_dir, atomic_write, check_output, json_text, sha256_bytes, sha256_file
 
 __all__ = ["optimize", "pareto_search", "latency_table", "sensitivity_table", "parse_drop", "option_key",
-           "parse_option", "LADDER", "METRICS", "default_cache_dir"]
+           "parse_option", "LADDER", "METRICS", "ESTIMATE", "default_cache_dir"]
 
 LADDER = (0.5, 0.6, 0.7, 0.8, 0.9)
 FP32_PATTERNS = ("16x1",)
@@ -50,6 +50,7 @@ METRICS = ("cosine", "pooled-cosine", "top1", "line-agreement")
 FRONT_CAP = 4000                 # points kept per Pareto front (exact below this)
 MAX_EVALS = 12                   # configurations applied and measured on held-out data
 CACHE_VERSION = 1
+ESTIMATE = "estimate (cost model)"   # the label of every latency that was not measured on the target
 
 
 # ---------------------------------------------------------------------------------------------------- options
@@ -460,9 +461,18 @@ def _plot(frontier: dict, path: Path) -> None:
             ax.scatter([b["latency_ms"]], [100 * (1 - b["drop"])], marker="s", s=50, zorder=4, label=name)
     if frontier.get("max_drop") is not None:
         ax.axhline(100 * (1 - frontier["max_drop"]), color="tab:red", ls=":", lw=1, label="budget")
-    ax.set_xlabel(f"latency (ms, {frontier['threads']} thread(s), {frontier['where']})")
+    if frontier["latency_source"] == ESTIMATE:
+        ax.set_xlabel(f"ESTIMATED latency of the prunable layers (ms, {frontier['target']} cost model, "
+                      f"{frontier['threads']} cores; not measured)")
+    else:
+        ax.set_xlabel(f"latency (ms, {frontier['threads']} thread(s), {frontier['where']})")
     ax.set_ylabel(f"{frontier['metric']} vs dense model (%)")
-    ax.set_title(f"{frontier['model']['name']} on {frontier['target']}")
+    title = f"{frontier['model']['name']} on {frontier['target']}"
+    if not frontier["baselines"] and frontier.get("baselines_note"):
+        import textwrap
+
+        title += "\n" + "\n".join(textwrap.wrap(f"onnxruntime fp32/int8: {frontier['baselines_note']}", 110))
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -523,7 +533,22 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
     preset = targets.get(target, target_file)
     remote = rpc is not None or tracker is not None
     check_threads(threads, preset.cores, where=f"the target {preset.name}")
-    threads = int(threads or 1)
+    # a target that does not run here, and no device to measure on: the cost model's estimates (all its cores)
+    estimate = not remote and not preset.is_native
+    if estimate:
+        if measure:
+            raise UserError(f"target '{preset.name}' does not run on this machine: its kernels can be timed only on "
+                            f"the device (--rpc HOST:PORT or --tracker HOST:PORT --key KEY); without one, leave "
+                            f"measurement out and optimize uses {preset.name}'s cost model")
+        if latency_ms is not None:
+            raise UserError(f"--latency-ms needs the model measured on '{preset.name}' (--rpc HOST:PORT or --tracker "
+                            f"HOST:PORT --key KEY): without the device optimize only estimates its prunable layers "
+                            f"from the cost model; use --max-drop")
+        if threads is not None and threads != preset.cores:
+            raise UserError(f"--threads {threads}: {preset.name}'s cost model estimates all its {preset.cores} "
+                            f"cores; leave --threads out, or measure on the device (--rpc HOST:PORT)")
+        measure = False
+    threads = int(threads or (preset.cores if estimate else 1))
     out = check_output(out_dir, force=force, kind="dir", what="output directory",
                        inputs=tuple(x for x in (model, calib, eval_data, target_file) if isinstance(x, (str, os.PathLike))),
                        replaceable=lambda p: (p / "frontier.json").is_file())
@@ -531,9 +556,6 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
         from edge_sparse.bundle import check_bundle_target
 
         check_bundle_target(preset)
-    if not remote and not preset.is_native:
-        raise UserError(f"target '{preset.name}' does not run on this machine; optimize measures the chosen model "
-                        f"on it: pass --rpc HOST:PORT or --tracker HOST:PORT --key KEY")
     if measure is None:
         measure = True
     proto = read_model(path)
@@ -557,7 +579,11 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
         from edge_sparse.rpc import connect
 
         session, where = connect(rpc, tracker=tracker, key=key)
-    where = where or "local"
+    where = where or ("cost model" if estimate else "local")
+    if estimate:
+        progress.info(f"target '{preset.name}' does not run on this machine and no --rpc/--tracker device was given: "
+                      f"latencies are estimates from its cost model ({preset.cores} cores); accuracy is measured "
+                      f"here on the held-out samples; the chosen model is cross-compiled for it")
 
     with progress.step("finding layers and their kernel options"):
         work, layers = _find_layers(path, proto, preset, patterns, ladder, int8, input_shapes, input_values)
@@ -648,6 +674,9 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
             manifest = compile_model(onnx_path, preset, art, bundle=bundle and name == "model", quiet=True,
                                      input_shapes=input_shapes, input_values=input_values,
                                      threads=threads)
+        if estimate:                       # nothing to run it on: the cost model's figure stands
+            return {"latency_ms": round(layers_us(choice) / 1e3, 5), "artifact": art, "manifest": manifest,
+                    "onnx": onnx_path, "bench": None}
         first = _first_samples(eval_set, specs, 1)
         with progress.step(f"benchmarking {name} ({where}, {threads} thread(s))"):
             r = bench(art, rpc=rpc, tracker=tracker, key=key, threads=threads, energy="none", quiet=True,
@@ -676,12 +705,24 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
         chosen_ev = evaluate(choice) if choice != dense_choice else {"config": {la.name: "fp32" for la in layers},
                                                                        "drop": 0.0}
         base = {}
-        if baselines and not remote:
+        if not baselines:
+            base_note = "not run (baselines=False)"
+        elif remote:
+            base_note = ("not measured: onnxruntime runs on this machine, the model was measured on the RPC device "
+                         f"({where})")
+        elif estimate:
+            base_note = (f"not measured and not estimated: no {preset.name} device here, and its cost model describes "
+                         f"edge-sparse's kernels, not onnxruntime's")
+        else:
+            base_note = f"measured side by side with the chosen model on this machine, {threads} thread(s)"
+        if baselines and not remote and not estimate:
             with progress.step("onnxruntime fp32 and int8 (quantize_dynamic) side by side"):
                 base = _ort_baselines(path, proto, res["bench"], eval_set, dense_eval, classifiers, metric, threads,
                                       run_ort)
         # ------------------------------------------------------------------------- frontier
-        scale = res["latency_ms"] * 1e3 / max(rest_us + layers_us(choice), 1e-9)
+        scale = None if estimate else res["latency_ms"] * 1e3 / max(rest_us + layers_us(choice), 1e-9)
+        predicted_source = ESTIMATE if estimate else \
+            f"predicted (latency table: {'measured kernels' if measure else 'cost model'} + measured rest of model)"
         points = []
         for ch, ev in evaluated.items():
             pred = (rest_us + layers_us(ch)) / 1e3
@@ -690,6 +731,7 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
                            "proxy_error": round(sum(costs[i][c][1] for i, c in enumerate(ch)), 8),
                            "predicted_ms": round(pred, 5), "measured_ms": meas,
                            "latency_ms": round(meas if meas is not None else pred, 5),
+                           "latency_source": f"measured ({where})" if meas is not None else predicted_source,
                            "drop": round(ev["drop"], 6), "chosen": ch == choice})
         for p in points:
             p["pareto"] = not any(q is not p and q["latency_ms"] <= p["latency_ms"] and q["drop"] <= p["drop"] and
@@ -710,18 +752,23 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
             "calibration_samples": calibrate.sample_count(calib_data),
             "eval_samples": calibrate.sample_count(eval_set),
             "method": method_obj.name, "recover_steps": recover_steps, "ladder": ladder, "patterns": list(patterns), "int8": int8,
-            "latency_source": "measured kernels" if measure else "cost model",
-            "latency_note": ("latency_ms is measured_ms for compiled points and otherwise the latency table's layer "
+            "latency_source": ESTIMATE if estimate else "measured kernels" if measure else "cost model",
+            "latency_note": (f"every latency is an estimate from {preset.name}'s cost model ({preset.cores} cores) of "
+                             f"the prunable layers in the table only (the rest of the model is not in it); nothing "
+                             f"was run on {preset.name}, no device here (measure with --rpc or --tracker/--key)"
+                             if estimate else
+                             "latency_ms is measured_ms for compiled points and otherwise the latency table's layer "
                              "times plus the measured rest of the model (predicted_ms)"),
-            "rest_ms": round(rest_us / 1e3, 5), "prediction_scale": round(scale, 4),
+            "rest_ms": round(rest_us / 1e3, 5), "prediction_scale": round(scale, 4) if scale is not None else None,
             "search_front": [{"predicted_ms": round((rest_us + p[0]) / 1e3, 5),
                               "predicted_drop": round(min(1.0, p[1] / 2), 8), "proxy_error": round(p[1], 8)}
                              for p in front],
             "points": points,
             "chosen": {"config": chosen_ev["config"], "summary": _summary(chosen_ev["config"]),
                        "latency_ms": res["latency_ms"], "predicted_ms": round((rest_us + layers_us(choice)) / 1e3, 5),
+                       "latency_source": ESTIMATE if estimate else f"measured ({where})",
                        "drop": round(chosen_ev["drop"], 6), "layers": res["manifest"].get("layers", [])},
-            "baselines": base,
+            "baselines": base, "baselines_note": base_note,
             "layers": [{"name": la.name, "node": la.node, "K": la.kernel.K, "N": la.kernel.N,
                         "latency_us": lat[la.name], "sensitivity": sens[la.name]} for la in layers],
             "seconds": round(time.perf_counter() - t0, 1),

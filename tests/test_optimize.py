@@ -273,6 +273,100 @@ def test_rpc_run_chooses_what_the_local_run_chooses(tiny, tmp_path):
     assert [la["latency_us"] for la in local["layers"]] == [la["latency_us"] for la in remote["layers"]]
 
 
+# ------------------------------------------------------------------------------ a target without its device here
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """The MLP at 64 tokens: compute-bound enough that rpi4's cost model puts dense int8 behind fp32 (no dotprod)
+    and rpi5's ahead of it (sdot)."""
+    from edge_sparse.models import synthetic
+
+    d = tmp_path_factory.mktemp("optimize-wide")
+    synthetic.save(synthetic.mlp(seq=64, d_in=64, hidden=128, d_out=64, layers=2, seed=3), d / "mlp.onnx")
+    rng = np.random.default_rng(1)
+    np.savez(d / "calib.npz", x=rng.standard_normal((16, 64, 64)).astype(np.float32))
+    np.savez(d / "eval.npz", x=rng.standard_normal((16, 64, 64)).astype(np.float32))
+    return d
+
+
+def test_target_without_device_chooses_from_its_own_cost_model(wide, tmp_path, monkeypatch):
+    """rpi4 and rpi5 with no --rpc: each run's table is its own preset's cost model, the choice follows it (int8 on
+    the Pi 5, fp32 on the Pi 4 where the table makes int8 slower), every latency is labelled an estimate, accuracy is
+    measured here on the held-out data, and the chosen model is cross-compiled for the target."""
+    from edge_sparse import targets
+
+    budget = 0.005
+    tty = _Tty()
+    monkeypatch.setattr("sys.stderr", tty)
+    fronts = {name: _run(wide, tmp_path / name, target=name, max_drop=budget, quiet=False) for name in ("rpi4", "rpi5")}
+    assert "does not run on this machine" in tty.text and "estimates from its cost model" in tty.text
+    x = np.load(wide / "eval.npz")["x"]
+    int8_faster = {}
+    for name, front in fronts.items():
+        preset = targets.get(name)
+        _, layers = O._find_layers(wide / "mlp.onnx", onnx.load(wide / "mlp.onnx"), preset, ("16x1",), LADDER, True,
+                                   None, None)
+        # the table is this preset's cost model, entry by entry
+        want = {la.name: {k: round(O._estimate(la.kernel, k, preset), 3) for k in la.options} for la in layers}
+        got = {la["name"]: {k: r["us"] for k, r in la["latency_us"].items()} for la in front["layers"]}
+        assert got == want
+        assert {r["source"] for la in front["layers"] for r in la["latency_us"].values()} == {"cost model"}
+        int8_faster[name] = {la.name: want[la.name]["int8"] < want[la.name]["fp32"] for la in layers}
+        # every latency is labelled an estimate; no onnxruntime point is made up
+        assert front["latency_source"] == O.ESTIMATE and front["chosen"]["latency_source"] == O.ESTIMATE
+        assert front["where"] == "cost model" and front["threads"] == preset.cores
+        assert all(p["latency_source"] == O.ESTIMATE and p["measured_ms"] is None for p in front["points"])
+        assert front["baselines"] == {} and "speedup" not in front
+        assert front["baselines_note"].startswith("not measured and not estimated")
+        assert front["chosen"]["latency_ms"] == front["chosen"]["predicted_ms"] > 0
+        # accuracy: measured here, independently, on the held-out samples
+        drop = _cosine_drop(tmp_path / name / "model.onnx", wide / "mlp.onnx", x)
+        assert front["chosen"]["drop"] == pytest.approx(drop, abs=1e-6) and drop <= budget
+        man = json.loads((tmp_path / name / "artifact" / "manifest.json").read_text())
+        assert man["target"]["name"] == name and man["target"]["arch"] == "aarch64"
+        assert (tmp_path / name / "frontier.png").stat().st_size > 1000
+    # the premise: the two tables disagree about int8, and the choices follow them
+    assert all(int8_faster["rpi5"].values()) and not any(int8_faster["rpi4"].values())
+    assert any(k.startswith("int8") for k in fronts["rpi5"]["chosen"]["summary"])
+    assert not any(k.startswith("int8") for k in fronts["rpi4"]["chosen"]["summary"])
+    assert fronts["rpi4"]["chosen"]["config"] != fronts["rpi5"]["chosen"]["config"]
+
+
+def test_target_without_device_bundle_runs_under_qemu(tiny, tmp_path):
+    """The CLI end to end for rpi5 with --bundle and no device: the estimate is said so, and the cross-compiled
+    bundle computes under qemu-aarch64 (empty sysroot) what the chosen ONNX computes in onnxruntime."""
+    import subprocess
+
+    if shutil.which("qemu-aarch64") is None:
+        pytest.fail("install qemu-user (apt; scripts/install-system-deps.sh) to run aarch64 bundles")
+    out = tmp_path / "out"
+    r = invoke(["optimize", tiny / "mlp.onnx", "-t", "rpi5", "--calib", tiny / "calib.npz", "--eval",
+                tiny / "eval.npz", "--max-drop", "1%", "--ladder", "0.5,0.9", "--bundle", "-o", out])
+    assert r.exit_code == 0, r.output
+    assert "ESTIMATE of its prunable layers (rpi5 cost model, 4 cores; not measured)" in r.output
+    assert "onnxruntime: not measured and not estimated" in r.output
+    x = np.load(tiny / "eval.npz")["x"][:1]
+    np.savez(tmp_path / "in.npz", x=x)
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run(["qemu-aarch64", "-L", str(tmp_path / "empty"), "./run", "-i", str(tmp_path / "in.npz"),
+                           "-o", str(tmp_path / "y.npz")], cwd=out / "artifact", capture_output=True, text=True,
+                          timeout=300, env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "y.npz")["y"], ort_run(out / "model.onnx", {"x": x})[0],
+                               rtol=1e-3, atol=1e-4)
+
+
+def test_target_without_device_rejects_what_needs_one(tiny, tmp_path):
+    base = ["optimize", tiny / "mlp.onnx", "-t", "rpi5", "--calib", tiny / "calib.npz", "--eval", tiny / "eval.npz",
+            "-o", tmp_path / "o", "--quiet"]
+    for extra, words in ((["--latency-ms", "5"], "--latency-ms needs the model measured on 'rpi5'"),
+                         (["--max-drop", "1%", "--threads", "1"], "cost model estimates all its 4 cores")):
+        r = invoke(base + extra)
+        assert r.exit_code == 2 and r.output.startswith("error: ") and words in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+    with pytest.raises(O.UserError, match="can be timed only on the device"):
+        _run(tiny, tmp_path / "o", target="rpi5", max_drop=0.01, measure=True)
+
+
 # ---------------------------------------------------------------------------------------------------- progress
 class _Tty:
     def __init__(self):
