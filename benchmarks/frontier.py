@@ -4,14 +4,16 @@
 
 Data (``edge_sparse.models.data``, from packages, never a hub; calibration, selection and test samples disjoint):
 
-- ``--calib N`` calibration samples (``data.dataset(model, "calib")``: WordNet glosses for MiniLM, rendered trdg
-  lines for PP-OCR) feed the latency/sensitivity tables, the pruning statistics and the int8 ranges;
+- ``--calib N`` calibration samples (``data.dataset(model, "calib")``: Wikipedia passages from gensim's test data
+  for MiniLM, rendered trdg lines for PP-OCR) feed the latency/sensitivity tables, the pruning statistics and the
+  int8 ranges;
 - ``--select N`` held-out samples (the first N of the ``eval`` split) are what ``optimize`` measures its candidates
   on (``--metric``, label-free, against the dense model) to pick the fastest one within ``--max-drop``;
 - ``--eval N`` further held-out samples (the next N of the ``eval`` split, never seen by the search) give the
   reported real metrics through ``data.score``: MiniLM cosine to dense and Spearman on the 1,225 human-scored Lee
   document pairs; PP-OCR rec line accuracy and CER against the ground truth; cls accuracy on lines rotated 0/180.
   The dense model's own score, onnxruntime int8's and ours (the compiled artifact's outputs) stand side by side.
+  The three sets are checked disjoint sample by sample; the JSON lists each set's per-sample digests.
 
 Metrics for the search (``--metric``; default per model): ``pooled-cosine`` (MiniLM), ``line-agreement``
 (PP-OCR rec: share of lines whose greedy CTC decode equals the dense model's), ``top1`` (PP-OCR cls).
@@ -40,14 +42,93 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["main", "real_scores", "pi_estimates"]
+__all__ = ["main", "split_data", "sample_digests", "summarize_rounds", "headline_row", "real_scores", "pi_estimates"]
 
 METRIC = {"minilm-l6": "pooled-cosine", "ppocr-rec": "line-agreement", "ppocr-cls": "top1"}
 CNN = {"ppocr-cls"}                        # static QDQ baseline as well (onnxruntime's recommended int8 for CNNs)
+# the real metric the README's headline quotes per model (a key of data.score's result)
+HEADLINE_METRIC = {"minilm-l6": "cosine", "ppocr-rec": "line_accuracy", "ppocr-cls": "accuracy"}
 
 
 def _median(xs):
     return float(np.median(xs)) if xs else None
+
+
+def sample_digests(inputs: dict[str, np.ndarray]) -> list[str]:
+    """One short sha256 per sample (over every input's row, inputs in name order): what identifies a sample."""
+    import hashlib
+
+    n = int(next(iter(inputs.values())).shape[0])
+    out = []
+    for i in range(n):
+        h = hashlib.sha256()
+        for name in sorted(inputs):
+            row = np.ascontiguousarray(inputs[name][i])
+            h.update(f"{name}|{row.dtype}|{row.shape}|".encode())
+            h.update(row.tobytes())
+        out.append(h.hexdigest()[:16])
+    return out
+
+
+def split_data(model: str, n_calib: int, n_select: int, n_eval: int) -> dict:
+    """The benchmark's disjoint sample sets of a zoo ``model``: ``calib`` (the calib split), ``select`` (inputs of the
+    first ``n_select`` eval samples: what optimize selects on) and ``test`` (the next ``n_eval``: the reported real
+    metrics), ``pairs`` (MiniLM's Lee pairs, else None) and ``digests`` (per set, one per sample). Raises
+    SystemExit when two sets share a sample (or calibration shares a text with the held-out ones)."""
+    from edge_sparse import models
+    from edge_sparse.models import data
+
+    calib = data.dataset(model, "calib", n_calib)
+    held = data.dataset(model, "eval", n_select + n_eval)
+    select = {k: v[:n_select] for k, v in held.inputs.items()}
+    test = data.Dataset(model, "eval", {k: v[n_select:] for k, v in held.inputs.items()}, held.texts[n_select:],
+                        labels=held.labels[n_select:] if held.labels is not None else None, source=held.source)
+    pairs = data.dataset(model, "pairs") if models.recipes()[model].task == "sentence-embedding" else None
+    if set(held.texts) & set(calib.texts):
+        raise SystemExit("held-out and calibration texts overlap: the data loaders are broken")
+    digests = {"calib": sample_digests(calib.inputs), "select": sample_digests(select),
+               "test": sample_digests(test.inputs)}
+    names = list(digests)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if set(digests[a]) & set(digests[b]):
+                raise SystemExit(f"the {a} and {b} samples overlap: the data loaders are broken")
+    return {"calib": calib, "select": select, "test": test, "pairs": pairs, "held_source": held.source,
+            "digests": digests}
+
+
+def summarize_rounds(rounds: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """(median per runtime over the alternating rounds, our speedup over each onnxruntime baseline from those
+    medians)."""
+    med = {k: _median([r[k] for r in rounds]) for k in rounds[0]}
+    speed = {"vs_onnxruntime_fp32": round(med["ort_fp32_ms"] / med["ours_ms"], 3),
+             "vs_onnxruntime_int8": round(med["ort_int8_ms"] / med["ours_ms"], 3)}
+    if "ort_int8_qdq_ms" in med:
+        speed["vs_onnxruntime_int8_qdq"] = round(med["ort_int8_qdq_ms"] / med["ours_ms"], 3)
+    return med, speed
+
+
+def headline_row(result: dict) -> str:
+    """The README headline table's row for a result written by :func:`main` (markdown)."""
+    model = result["model"].split()[0]
+    key = HEADLINE_METRIC[model]
+    real = result["real_metrics"]
+    ours = real["ours"]
+    int8 = real.get("onnxruntime int8", {})
+    med, sp = result["median_ms"], result["speedup"]
+    chosen = ", ".join(f"{n} x {k}" for k, n in sorted(result["chosen"]["summary"].items(), key=lambda kv: -kv[1]))
+    metric = (f"{key}, {result['data']['test']['samples']} held-out test samples: "
+              f"{real['dense fp32 (onnxruntime)'][key]:.4g} / {int8.get(key, float('nan')):.4g} / **{ours[key]:.4g}**")
+    if "spearman_human" in ours:
+        metric += (f"; Spearman vs human scores: {real['dense fp32 (onnxruntime)']['spearman_human']:.4f} / "
+                   f"{int8.get('spearman_human', float('nan')):.4f} / **{ours['spearman_human']:.4f}**")
+    vs_int8 = f"**{sp['vs_onnxruntime_int8']:.2f}x** ({med['ort_int8_ms']:.3g} ms)"
+    if "vs_onnxruntime_int8_qdq" in sp:
+        vs_int8 += f", {sp['vs_onnxruntime_int8_qdq']:.2f}x static QDQ ({med['ort_int8_qdq_ms']:.3g} ms)"
+    pis = result.get("raspberry_pi_estimates", {})
+    pi = " / ".join(f"{pis[n]['ours_ms']:.3g} ms" for n in ("rpi5", "rpi4") if n in pis)
+    return (f"| {model} ({result['metric']}) | {chosen} | {metric} | **{sp['vs_onnxruntime_fp32']:.2f}x** "
+            f"({med['ours_ms']:.3g} vs {med['ort_fp32_ms']:.3g} ms) | {vs_int8} | {pi} |")
 
 
 def _artifact_runner(art):
@@ -178,6 +259,7 @@ def main(argv=None) -> int:
     p.add_argument("--select", type=int, default=64, help="held-out samples optimize selects the configuration on")
     p.add_argument("--eval", type=int, default=200, help="further held-out samples for the reported real metrics")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--min-seconds", type=float, default=1.0, help="timing per runtime and round (after warm-up)")
     p.add_argument("--samples", type=int, default=16, help="calibration samples per sensitivity run")
     p.add_argument("--ladder", default="0.5,0.6,0.7,0.8,0.9", help="sparsities tried per layer")
     p.add_argument("--max-evals", type=int, default=12, help="configurations measured on the held-out data")
@@ -189,12 +271,10 @@ def main(argv=None) -> int:
     if args.reestimate:
         return _reestimate(Path(args.reestimate))
 
-    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from edge_sparse import models
     from edge_sparse.benchmark import bench, run_ort
-    from edge_sparse.models import data
     from edge_sparse.models.zoo import ocr_charset
     from edge_sparse.optimize import optimize
     from edge_sparse.quantization import DYNAMIC_OPS, _quiet_ort_logging
@@ -207,17 +287,11 @@ def main(argv=None) -> int:
     out = Path(args.out or f"benchmarks/results/frontier-{model}-t{args.threads}")
     out.parent.mkdir(parents=True, exist_ok=True)
     t_data = time.perf_counter()
-    calib = data.dataset(model, "calib", args.calib)
-    held = data.dataset(model, "eval", args.select + args.eval)
-    select = {k: v[:args.select] for k, v in held.inputs.items()}
-    test = data.Dataset(model, "eval", {k: v[args.select:] for k, v in held.inputs.items()}, held.texts[args.select:],
-                        labels=held.labels[args.select:] if held.labels is not None else None, source=held.source)
-    pairs = data.dataset(model, "pairs") if rec.task == "sentence-embedding" else None
+    splits = split_data(model, args.calib, args.select, args.eval)
+    calib, select, test, pairs = splits["calib"], splits["select"], splits["test"], splits["pairs"]
     charset = ocr_charset(src) if rec.task == "ocr-rec" else None
-    if set(held.texts) & set(calib.texts):
-        raise SystemExit("held-out and calibration texts overlap: the data loaders are broken")
     print(f"data: {args.calib} calib ({calib.source}), {args.select} select + {args.eval} test held out "
-          f"({held.source}) in {time.perf_counter() - t_data:.1f} s", flush=True)
+          f"({splits['held_source']}) in {time.perf_counter() - t_data:.1f} s", flush=True)
     shapes = {k: tuple(v) for k, v in rec.input_shapes.items()}
     with tempfile.TemporaryDirectory(prefix="frontier-") as tmp:
         tmp = Path(tmp)
@@ -249,30 +323,29 @@ def main(argv=None) -> int:
         x = {k: v[:1] for k, v in test.inputs.items()}
         rounds = []
         for r in range(args.rounds):                 # alternate the runtimes; medians per round
-            b = bench(art, threads=args.threads, compare=str(src), energy="none", inputs=x, quiet=True)
+            b = bench(art, threads=args.threads, compare=str(src), energy="none", inputs=x, quiet=True,
+                      min_seconds=args.min_seconds)
             row = {"ours_ms": b["runs"][0]["latency"]["median_ms"], "ort_fp32_ms": b["runs"][1]["latency"]["median_ms"]}
             for name, path in int8.items():
-                q = run_ort(str(path), x, args.threads, 10, 50, 1.0, None, None)
+                q = run_ort(str(path), x, args.threads, 10, 50, args.min_seconds, None, None)
                 row["ort_int8_qdq_ms" if "QDQ" in name else "ort_int8_ms"] = latency_stats(q["samples_s"])["median_ms"]
             rounds.append(row)
             print(f"round {r + 1}: " + ", ".join(f"{k[:-3]} {v:.3f} ms" for k, v in row.items()), flush=True)
-        med = {k: _median([r[k] for r in rounds]) for k in rounds[0]}
+        med, speed = summarize_rounds(rounds)
         pis = pi_estimates(src, front, med["ours_ms"], shapes)
-        speed = {"vs_onnxruntime_fp32": round(med["ort_fp32_ms"] / med["ours_ms"], 3),
-                 "vs_onnxruntime_int8": round(med["ort_int8_ms"] / med["ours_ms"], 3)}
-        if "ort_int8_qdq_ms" in med:
-            speed["vs_onnxruntime_int8_qdq"] = round(med["ort_int8_qdq_ms"] / med["ours_ms"], 3)
         result = {
             "model": f"{model} ({src.name}, input {shapes})", "threads": args.threads, "host_shared": True,
             "note": "host: 2 cores shared with 3 other jobs during the run; only the side-by-side ratios are "
                     "meaningful, not the absolute times",
-            "data": {"calib": calib.describe(), "select": {"samples": args.select, "source": held.source,
-                                                           "split": "eval[:select]"},
-                     "test": {"samples": args.eval, "source": held.source, "split": "eval[select:]"},
-                     **({"pairs": pairs.describe()} if pairs is not None else {})},
+            "data": {"calib": calib.describe(),
+                     "select": {"samples": args.select, "source": splits["held_source"], "split": "eval[:select]"},
+                     "test": {"samples": args.eval, "source": splits["held_source"], "split": "eval[select:]"},
+                     **({"pairs": pairs.describe()} if pairs is not None else {}),
+                     "sample_sha256_16": splits["digests"]},
             "max_drop": args.max_drop, "metric": metric, "optimize_seconds": round(seconds, 1),
             "settings": {"sensitivity_samples": args.samples, "ladder": args.ladder, "max_evals": args.max_evals,
-                         "rounds": args.rounds, "calib": args.calib, "select": args.select, "eval": args.eval},
+                         "rounds": args.rounds, "min_seconds": args.min_seconds, "calib": args.calib,
+                         "select": args.select, "eval": args.eval},
             "chosen": {k: front["chosen"][k] for k in ("summary", "drop", "latency_ms", "predicted_ms")},
             "select_drops": {"ours": front["chosen"]["drop"],
                              **{k: v.get("drop") for k, v in front["baselines"].items()}},
@@ -290,6 +363,7 @@ def main(argv=None) -> int:
         e = pis[name]
         print(f"{name} (estimate, {e['threads']} threads): ours {e['ours_ms']} ms, our dense fp32 "
               f"{e['ours_dense_fp32_ms']} ms")
+    print(f"README headline row:\n{headline_row(result)}")
     print(f"wrote {out.with_suffix('.json')}")
     return 0
 

@@ -124,13 +124,17 @@ def test_line_agreement_counts_identical_greedy_decodes():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 2-block MLP (int8 kernels need K % 4 == 0 and N % 16 == 0) with disjoint calibration and evaluation sets."""
+    return _mlp_dir(tmp_path_factory.mktemp("optimize"), seq=8, samples=24, seed=0)
+
+
+def _mlp_dir(d: Path, seq: int, samples: int, seed: int) -> Path:
+    """``d`` with ``mlp.onnx`` (the synthetic 2-block MLP at ``seq`` tokens), ``calib.npz`` and ``eval.npz``."""
     from edge_sparse.models import synthetic
 
-    d = tmp_path_factory.mktemp("optimize")
-    synthetic.save(synthetic.mlp(seq=8, d_in=64, hidden=128, d_out=64, layers=2, seed=3), d / "mlp.onnx")
-    rng = np.random.default_rng(0)
-    np.savez(d / "calib.npz", x=rng.standard_normal((24, 8, 64)).astype(np.float32))
-    np.savez(d / "eval.npz", x=rng.standard_normal((24, 8, 64)).astype(np.float32))
+    synthetic.save(synthetic.mlp(seq=seq, d_in=64, hidden=128, d_out=64, layers=2, seed=3), d / "mlp.onnx")
+    rng = np.random.default_rng(seed)
+    np.savez(d / "calib.npz", x=rng.standard_normal((samples, seq, 64)).astype(np.float32))
+    np.savez(d / "eval.npz", x=rng.standard_normal((samples, seq, 64)).astype(np.float32))
     return d
 
 
@@ -278,14 +282,7 @@ def test_rpc_run_chooses_what_the_local_run_chooses(tiny, tmp_path):
 def wide(tmp_path_factory):
     """The MLP at 64 tokens: compute-bound enough that rpi4's cost model puts dense int8 behind fp32 (no dotprod)
     and rpi5's ahead of it (sdot)."""
-    from edge_sparse.models import synthetic
-
-    d = tmp_path_factory.mktemp("optimize-wide")
-    synthetic.save(synthetic.mlp(seq=64, d_in=64, hidden=128, d_out=64, layers=2, seed=3), d / "mlp.onnx")
-    rng = np.random.default_rng(1)
-    np.savez(d / "calib.npz", x=rng.standard_normal((16, 64, 64)).astype(np.float32))
-    np.savez(d / "eval.npz", x=rng.standard_normal((16, 64, 64)).astype(np.float32))
-    return d
+    return _mlp_dir(tmp_path_factory.mktemp("optimize-wide"), seq=64, samples=16, seed=1)
 
 
 def test_target_without_device_chooses_from_its_own_cost_model(wide, tmp_path, monkeypatch):
