@@ -462,7 +462,7 @@ def _warn(warnings, quiet: bool) -> None:
 
 def _print_accuracy(accuracy: dict) -> None:
     for split, part in accuracy.items():
-        if not part:
+        if not part or split == "eval":              # the held-out evaluation: _print_eval
             continue
         for name, m in part["outputs"].items():
             if "cosine_mean" not in m:
@@ -471,6 +471,19 @@ def _print_accuracy(accuracy: dict) -> None:
             top1 = f"  top-1 agreement {m['top1_agreement']:.2%}" if "top1_agreement" in m else ""
             click.echo(f"{split:<12} {name[:30]}: cosine {m['cosine_mean']:.5f} (min {m['cosine_min']:.5f})  "
                        f"rel L2 {m['rel_l2']:.4g}  max abs {m['max_abs']:.4g}{top1}  [{part['samples']} samples]")
+
+
+def _print_eval(section: dict, names: tuple[str, ...]) -> None:
+    """Every metric of the dense model and of ``names`` on the held-out data, and where the data came from."""
+    d = section["data"]
+    src = f"{d['origin']}" + (f" {d['file']}" if d.get("file") else "") + f": {d['source']}"
+    if "pairs" in d:
+        src += f"; {d['pairs']['pairs']:,d} document pairs"
+    click.echo(f"held-out     {d['samples']} samples ({src})" +
+               ("" if section["labelled"] else "; no labels: metrics against the dense model"))
+    for name in ("dense", *names):
+        if name in section:
+            click.echo(f"  {name:<10} " + "  ".join(f"{k} {v:.4g}" for k, v in section[name].items()))
 
 
 @cli.command("prune")
@@ -482,8 +495,14 @@ def _print_accuracy(accuracy: dict) -> None:
                                       "or N:M along the input dimension (2:4).")
 @click.option("--allocate", help="uniform (default: every layer at the target) or sensitivity (measured per layer "
                                  "on calibration data; sensitive layers keep more weights).")
-@click.option("--holdout", default=0.25, show_default=True, type=float,
-              help="Fraction of calibration samples held out of the statistics and reported separately.")
+@click.option("--eval", "eval_data", type=click.Path(dir_okay=False),
+              help="Held-out samples for the accuracy report, disjoint from --calib: the <model>.eval.npz of "
+                   "'edge-sparse models get NAME --eval N' (real metrics against its labels, read from the "
+                   "<model>.data.json beside it) or any .npz of model inputs (cosine / top-1 agreement with the dense "
+                   "model). Without it the report uses the --holdout part of --calib.")
+@click.option("--holdout", type=float,
+              help="Fraction of calibration samples held out of the statistics and reported separately "
+                   "[default: 0.25 without --eval, 0 with it].")
 @click.option("--report", type=click.Path(dir_okay=False), help="JSON report path [default: OUTPUT.report.json].")
 @_prune_options
 @click.option("--force", is_flag=True, help="Overwrite existing output and report files.")
@@ -495,8 +514,8 @@ def _print_accuracy(accuracy: dict) -> None:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where --recover-steps trains.")
 @quiet_option
-def prune_cmd(model, output, sparsity, pattern, allocate, holdout, report, calib, calib_random, method, recipe, skip,
-              no_default_skips, batch, seed, force, verbose, recover_steps, recover_data, device, quiet):
+def prune_cmd(model, output, sparsity, pattern, allocate, eval_data, holdout, report, calib, calib_random, method,
+              recipe, skip, no_default_skips, batch, seed, force, verbose, recover_steps, recover_data, device, quiet):
     """Prune an ONNX MODEL one-shot (see --method) and report the accuracy cost."""
     from pathlib import Path
 
@@ -515,12 +534,13 @@ def prune_cmd(model, output, sparsity, pattern, allocate, holdout, report, calib
 
         require_torch()                               # fail before pruning, not after
     result = prune(model, output, sparsity=sparsity, pattern=pattern, method=method, recipe=recipe, calib=calib,
-                   calib_random=calib_random, holdout=holdout, allocate_by=allocate,
+                   calib_random=calib_random, eval_data=eval_data, holdout=holdout, allocate_by=allocate,
                    default_skips=not no_default_skips, skip=skip, report_path=report, force=force, seed=seed,
                    batch=batch, quiet=quiet)
     if recover_steps:
-        result.report["recover"] = _recover_after_prune(model, output, result, recover_steps, recover_data, calib,
-                                                        holdout, device, seed, batch, quiet)
+        result.report["recover"] = _recover_after_prune(model, output, result, recover_steps, recover_data, device,
+                                                        seed, batch, quiet)
+        _warn(result.report["recover"].get("warnings", []), quiet)
         atomic_write(report, json.dumps(result.report, indent=2) + "\n")
     rep = result.report
     _warn(rep["warnings"], quiet)
@@ -532,41 +552,37 @@ def prune_cmd(model, output, sparsity, pattern, allocate, holdout, report, calib
             shape = "x".join(map(str, row["weight_shape"]))
             click.echo(f"{row['name'][:44]:<44} {row['op']:<6} {shape:<14} {str(row['pattern'] or '-'):<12} "
                        f"{row['sparsity']:>8.1%}  {row['skipped'] or ''}")
+    from edge_sparse.evaluation import summary_text
+
     sp = rep["sparsity"]
+    final = ("recovered", rep["recover"]["accuracy"]["eval"]) if "recover" in rep else \
+        ("pruned", rep["accuracy"]["eval"])
     click.echo(f"{output}: {rep['method']} {rep['pattern']}, {sp['pruned_layers']} layers pruned, "
                f"{sp['skipped_layers']} skipped; {sp['overall']:.1%} of {sp['prunable_params']:,d} prunable weights "
-               f"are zero")
+               f"are zero; {summary_text(final[1], (final[0],))}")
+    _print_eval(rep["accuracy"]["eval"], ("pruned",))
     _print_accuracy(rep["accuracy"])
     if "recover" in rep:
         r = rep["recover"]
         click.echo(f"recovered: {r['steps']} steps, distillation loss {r['loss']['before']:.4g} -> "
                    f"{r['loss']['after']:.4g}; accuracy after:")
-        _print_accuracy(r["accuracy"])
+        _print_eval(r["accuracy"]["eval"], ("pruned", "recovered"))
     click.echo(f"report: {report}")
 
 
-def _recover_after_prune(model, output, result, steps, data_path, calib, holdout, device, seed, batch, quiet) -> dict:
+def _recover_after_prune(model, output, result, steps, data_path, device, seed, batch, quiet) -> dict:
     """``prune --recover-steps``: distil the pruned model written to ``output`` (replaced in place, atomically)
-    against ``model``; trains on ``data_path`` or on the calibration part of ``calib`` (never the held-out part)."""
+    against ``model``; trains on ``data_path`` or on the part of ``calib`` the pruning statistics used (never the
+    held-out part); scores on the samples the pruning report used (``result.eval_set``)."""
     import onnx
 
-    from edge_sparse.passes import calibrate
     from edge_sparse.recover import recover
 
     dense = onnx.load(str(model))
-    specs = calibrate.input_specs(dense)
-    cal = calibrate.load_calibration(calib, specs) if calib is not None else None
-    train = data_path if data_path is not None else calibrate.split_holdout(cal, specs, holdout)[0]
-    rec = recover(result.model, dense, train, output, steps=steps, device=device, seed=seed, force=True, quiet=quiet)
-    accuracy = {}
-    if cal is not None:
-        classifiers = calibrate.classifier_outputs(dense)
-        for split, part in zip(("calibration", "holdout"), calibrate.split_holdout(cal, specs, holdout)):
-            if part:
-                accuracy[split] = {"samples": calibrate.sample_count(part), "outputs": calibrate.compare(
-                    calibrate.run_model(dense, part, batch), calibrate.run_model(rec.model, part, batch),
-                    classifiers)}
-    return {**rec.report, "accuracy": accuracy}
+    train = data_path if data_path is not None else result.calib_part
+    rec = recover(result.model, dense, train, output, steps=steps, device=device, seed=seed, eval_data=result.eval_set,
+                  batch=batch, force=True, quiet=quiet)
+    return rec.report
 
 
 @cli.command("quantize")
@@ -611,6 +627,11 @@ def quantize_cmd(model, output, calib, scheme, per_channel, holdout, report, bat
 @click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False),
               help=".npz of unlabeled inputs by name, samples on the first axis (e.g. 'models get NAME --train N').")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Recovered ONNX file to write.")
+@click.option("--eval", "eval_data", type=click.Path(dir_okay=False),
+              help="Held-out samples, disjoint from --data, to score the teacher, MODEL and the recovered model on: the "
+                   "<model>.eval.npz of 'edge-sparse models get NAME --eval N' (real metrics against its labels) or "
+                   "any .npz of model inputs (cosine / top-1 agreement with the teacher).")
+@click.option("--batch", type=int, help="Samples per onnxruntime call for --eval when the batch dim is dynamic.")
 @click.option("--steps", default=1000, show_default=True, type=int, help="Optimizer steps.")
 @click.option("--batch-size", default=32, show_default=True, type=int, help="Samples per step.")
 @click.option("--lr", default=1e-4, show_default=True, type=float, help="Peak AdamW learning rate (warm-up, cosine).")
@@ -629,8 +650,8 @@ def quantize_cmd(model, output, calib, scheme, per_channel, holdout, report, bat
 @click.option("--report", type=click.Path(dir_okay=False), help="JSON report path [default: OUTPUT.report.json].")
 @click.option("--force", is_flag=True, help="Overwrite existing output and report files.")
 @quiet_option
-def recover_cmd(model, teacher, data_path, output, steps, batch_size, lr, device, match_layers, gradual, precision,
-                checkpoint, checkpoint_every, threads, seed, report, force, quiet):
+def recover_cmd(model, teacher, data_path, output, eval_data, batch, steps, batch_size, lr, device, match_layers, gradual,
+                precision, checkpoint, checkpoint_every, threads, seed, report, force, quiet):
     """Recover a pruned MODEL's accuracy by label-free distillation from its dense teacher (masks frozen).
 
     Needs the 'recover' extra (PyTorch). Every pruned weight stays exactly zero; the graph is unchanged."""
@@ -645,16 +666,24 @@ def recover_cmd(model, teacher, data_path, output, steps, batch_size, lr, device
     if checkpoint_every < 1:
         raise UserError(f"--checkpoint-every must be >= 1, got {checkpoint_every}")
     result = recover(model, teacher, data_path, output, steps=steps, batch_size=batch_size, lr=lr, device=device,
-                     match_layers=match_layers, gradual=gradual, precision=precision, seed=seed, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-                     threads=threads, force=force, quiet=quiet)
+                     match_layers=match_layers, gradual=gradual, precision=precision, seed=seed, eval_data=eval_data,
+                     batch=batch, checkpoint=checkpoint, checkpoint_every=checkpoint_every, threads=threads,
+                     force=force, quiet=quiet)
     atomic_write(report, json.dumps(result.report, indent=2) + "\n")
+    _warn(result.report["warnings"], quiet)
     if quiet:
         return
+    from edge_sparse.evaluation import summary_text
+
     loss = result.report["loss"]
     before = "resumed" if loss["before"] is None else f"{loss['before']:.4g}"
+    acc = result.report.get("accuracy", {}).get("eval")
     click.echo(f"{output}: {steps} steps on {result.report['data']['samples']} samples ({device}, "
                f"{result.report['train_seconds']} s); distillation loss {before} -> {loss['after']:.4g} "
-               f"on {loss['probe_samples']} samples; {result.report['masked_tensors']} pruned tensors kept their zeros")
+               f"on {loss['probe_samples']} samples; {result.report['masked_tensors']} pruned tensors kept their zeros"
+               + (f"; {summary_text(acc, ('pruned', 'recovered'))}" if acc else "; no accuracy (pass --eval FILE.npz)"))
+    if acc:
+        _print_eval(acc, ("pruned", "recovered"))
     click.echo(f"report: {report}")
 
 

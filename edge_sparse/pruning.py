@@ -5,7 +5,9 @@ Flow of :func:`prune`: load the ONNX file as is (no folding: the output keeps th
 MatMul/Gemm/Conv weights -> apply default skips, the recipe and ``--skip`` -> split calibration samples into a
 calibration part and a held-out part -> the method's statistics on the calibration part -> per-layer sparsity
 (uniform, or by measured sensitivity) -> zero weights, record facts in ``metadata_props`` -> onnx.checker ->
-compare against the dense model on both parts -> write the model and the JSON report.
+compare against the dense model on held-out data (``--eval``: real metrics on labelled zoo data, label-free ones on
+other samples; else the held-out part, :mod:`edge_sparse.evaluation`) and on the calibration part -> write the model
+and the JSON report.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ __all__ = ["prune", "analyze", "allocate", "layer_errors", "method_statistics", 
 
 SENSITIVITY_LEVELS = (0.5, 0.7, 0.8, 0.9)
 ALLOCATIONS = ("uniform", "sensitivity")
+DEFAULT_HOLDOUT = 0.25                # share of --calib held out when there is no --eval
 RANDOM_SAMPLES = 8                    # random samples used for the accuracy report when no calibration is given
 RANDOM_WARNING = "calibration on random inputs: a poor proxy for real data; pass --calib FILE.npz with real samples"
 
@@ -35,6 +38,8 @@ RANDOM_WARNING = "calibration on random inputs: a poor proxy for real data; pass
 class PruneResult:
     model: onnx.ModelProto            # the pruned model (also written to ``output`` when given)
     report: dict                      # what was pruned and what it cost; also written to ``report_path``
+    eval_set: object = None           # the samples the accuracy report used (edge_sparse.evaluation.EvalSet)
+    calib_part: dict | None = None    # the calibration samples the statistics used (None: random inputs)
 
     @property
     def warnings(self) -> list[str]:
@@ -264,8 +269,8 @@ def method_statistics(method, proto, layers, data, batch, progress) -> dict | No
 # ------------------------------------------------------------------------------------------------------- prune
 def prune(model, output=None, *, sparsity: float | None = None, pattern: str | None = None,
           method: str | None = None, recipe=None, calib=None, calib_random: int | None = None,
-          holdout: float = 0.25, allocate_by: str | None = None, default_skips: bool = True, skip=(),
-          report_path=None, force: bool = False, seed: int = 0, batch: int | None = None,
+          eval_data=None, holdout: float | None = None, allocate_by: str | None = None, default_skips: bool = True,
+          skip=(), report_path=None, force: bool = False, seed: int = 0, batch: int | None = None,
           sensitivity_samples: int = 16, quiet: bool | None = None) -> PruneResult:
     """Prune ``model`` (path or ModelProto) one-shot and report the accuracy cost.
 
@@ -274,7 +279,11 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
     method: a registered pruning method (:func:`edge_sparse.passes.methods.names`) or a ``PruningMethod`` object;
     default :func:`edge_sparse.passes.methods.default` (the preferred method the calibration data allows).
     calib: ``.npz`` path or ``{input: array}`` with samples on the first axis; calib_random: N random samples.
-    holdout: fraction of the calibration samples kept out of the statistics and reported separately.
+    eval_data: held-out samples for the accuracy report (:func:`edge_sparse.evaluation.load_eval`): the
+    ``<stem>.eval.npz`` of ``edge-sparse models get NAME --eval N`` (real metrics against its labels), another
+    ``.npz`` or ``{input: array}`` (label-free metrics against the dense model), or an ``EvalSet``.
+    holdout: fraction of the calibration samples kept out of the statistics and reported separately; without
+    ``eval_data`` the accuracy report falls back to them. Default 0.25 without ``eval_data``, 0 with it.
     allocate_by: ``uniform`` (every layer at the target) or ``sensitivity`` (measured; needs calibration).
     """
     import onnx_ir as ir
@@ -309,11 +318,13 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
             and abs(sparsity - pattern_obj.fixed_sparsity) > 1e-9:
         raise UserError(f"pattern {pattern_obj} prunes every layer to exactly {pattern_obj.fixed_sparsity:.0%}; "
                         f"for a lower global target use --allocate sensitivity (it leaves some layers dense)")
+    if holdout is None:
+        holdout = 0.0 if eval_data is not None else DEFAULT_HOLDOUT
     if not 0.0 <= holdout < 1.0:
         raise UserError(f"--holdout must be in [0, 1), got {holdout}")
 
     src_path = None if isinstance(model, onnx.ModelProto) else Path(model)
-    ins = [x for x in (src_path, calib, recipe) if isinstance(x, (str, os.PathLike))]
+    ins = [x for x in (src_path, calib, recipe, eval_data) if isinstance(x, (str, os.PathLike))]
     out_path = check_output(output, force=force, inputs=ins)
     rep_path = check_output(report_path, force=force, inputs=ins, what="report")
     if out_path is not None and rep_path is not None and out_path.resolve() == rep_path.resolve():
@@ -323,17 +334,31 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
     method = M.get(method or rec.method or M.default(setup.data is not None, real=calib_random is None))
     warnings = list(setup.warnings)
     specs = calibrate.input_specs(setup.proto)
+    eval_set = None
+    if eval_data is not None:                 # read and checked before minutes of pruning
+        from edge_sparse import evaluation
+
+        eval_set = evaluation.load_eval(eval_data, setup.proto, calib=calib)
+        shared = evaluation.overlap(eval_set, setup.data)
+        if shared:
+            warnings.append(f"{shared} of the {eval_set.info['samples']} --eval samples also occur in the calibration "
+                            f"data: the accuracy is not on held-out data only")
     data = setup.data
     if data is None:
         if method.needs_calibration or allocate_by == "sensitivity":
             need = f"method {method.name}" if method.needs_calibration else "--allocate sensitivity"
             raise UserError(f"{need} needs calibration data: pass --calib FILE.npz (or --calib-random N, a poor proxy)")
-        data = calibrate.random_calibration(specs, RANDOM_SAMPLES, seed)
-        warnings.append("no calibration data: the accuracy report uses random inputs; pass --calib FILE.npz")
-        calib_desc = f"random ({RANDOM_SAMPLES})"
+    if data is None and eval_set is not None:      # nothing to calibrate, and the report has its held-out data
+        calib_desc, calib_part, held_part = None, {}, {}
     else:
-        calib_desc = setup.calib_desc
-    calib_part, held_part = calibrate.split_holdout(data, specs, holdout)
+        if data is None:
+            data = calibrate.random_calibration(specs, RANDOM_SAMPLES, seed)
+            warnings.append("no calibration data: the accuracy report uses random inputs; pass --calib FILE.npz "
+                            "and --eval FILE.npz")
+            calib_desc = f"random ({RANDOM_SAMPLES})"
+        else:
+            calib_desc = setup.calib_desc
+        calib_part, held_part = calibrate.split_holdout(data, specs, holdout)
 
     active = [layer for layer in setup.layers if setup.settings[layer.name].skip is None]
     if not active:
@@ -396,19 +421,28 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
         except onnx.checker.ValidationError as e:  # a bug, not user input: keep the traceback
             raise RuntimeError(f"pruned model fails onnx.checker: {e}") from e
 
-    classifiers = calibrate.classifier_outputs(setup.proto)
+    from edge_sparse import evaluation
+
+    if eval_set is None:                      # the fallback: held-out calibration samples, label-free
+        origin = "random" if setup.data is None else ("holdout" if held_part else "calibration")
+        eval_set = evaluation.from_arrays(held_part or calib_part, origin, calib_desc)
+        if not held_part:
+            warnings.append("no held-out split (too few samples, --holdout 0, or every held-out sample repeats a "
+                            "calibration sample): accuracy is on calibration data only; pass --eval FILE.npz")
     accuracy = {}
-    with progress.step("accuracy versus the dense model"):
+    with progress.step(f"accuracy versus the dense model on {eval_set.info['samples']} samples "
+                       f"({eval_set.info['origin']})"):
+        accuracy["eval"] = evaluation.evaluate(setup.proto, {"pruned": pruned}, eval_set, batch)
+        classifiers = calibrate.classifier_outputs(setup.proto)
         for split, part in (("calibration", calib_part), ("holdout", held_part)):
             if not part:                      # no held-out split: the key is absent
                 continue
-            dense_out = calibrate.run_model(setup.proto, part, batch)
-            pruned_out = calibrate.run_model(pruned, part, batch)
-            accuracy[split] = {"samples": calibrate.sample_count(part),
-                               "outputs": calibrate.compare(dense_out, pruned_out, classifiers)}
-    if not held_part:
-        warnings.append("no held-out split (too few samples, --holdout 0, or every held-out sample repeats a calibration "
-                        "sample): accuracy is on calibration data only")
+            if part is held_part and eval_set.origin == "holdout":
+                outputs = accuracy["eval"]["outputs"]["pruned"]     # the same samples: not run twice
+            else:
+                outputs = calibrate.compare(calibrate.run_model(setup.proto, part, batch),
+                                            calibrate.run_model(pruned, part, batch), classifiers)
+            accuracy[split] = {"samples": calibrate.sample_count(part), "outputs": outputs}
 
     from edge_sparse.passes.prune import get_weight
 
@@ -454,7 +488,7 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
         atomic_write(out_path, lambda f: onnx.save(pruned, f), replace=force)
     if rep_path is not None:
         atomic_write(rep_path, json_text(report) + "\n", replace=force)
-    return PruneResult(pruned, report)
+    return PruneResult(pruned, report, eval_set, calib_part if setup.data is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------------- analyze

@@ -228,7 +228,7 @@ def _load_checkpoint(path: Path, student, opt, names: list[str], config: dict) -
 
 def recover(student, teacher, data, output=None, *, steps: int = 1000, batch_size: int = 32, lr: float = 1e-4,
             device: str = "cpu", precision: str | None = None, gradual: float = 0.0, match_layers: bool = False,
-            layer_weight: float = 1.0, seed: int = 0,
+            layer_weight: float = 1.0, seed: int = 0, eval_data=None, batch: int | None = None,
             checkpoint=None, checkpoint_every: int = 200, threads: int | None = None, force: bool = False,
             quiet: bool | None = None) -> RecoverResult:
     """Distil ``teacher`` (dense ONNX) into ``student`` (pruned ONNX), masks frozen; write ``output`` if given.
@@ -242,6 +242,9 @@ def recover(student, teacher, data, output=None, *, steps: int = 1000, batch_siz
     from the student's, sparsity and pattern do not.
     precision: ``fp32`` or ``bf16`` (autocast of both forward passes; losses and weights stay fp32); default bf16 on
     cuda, fp32 on cpu.
+    eval_data: held-out samples (:func:`edge_sparse.evaluation.load_eval`: a zoo ``.eval.npz`` for the real metrics,
+    another ``.npz``, arrays or an ``EvalSet``): the report's ``accuracy.eval`` then scores the teacher, the student
+    as given and the recovered model side by side (onnxruntime; ``batch`` samples per call).
     """
     from edge_sparse.onnx_torch import OnnxModule, masked_constants, require_torch, trainable_constants
     from edge_sparse.passes import calibrate
@@ -286,6 +289,15 @@ def recover(student, teacher, data, output=None, *, steps: int = 1000, batch_siz
         feeds = calibrate.load_calibration(data, specs)
         data_desc = str(data)
     n = calibrate.sample_count(feeds)
+    eval_set, warnings = None, []
+    if eval_data is not None:                     # read and checked before training
+        from edge_sparse import evaluation
+
+        eval_set = evaluation.load_eval(eval_data, t_proto, calib=data, calib_flag="--data")
+        shared = evaluation.overlap(eval_set, feeds)
+        if shared:
+            warnings.append(f"{shared} of the {eval_set.info['samples']} --eval samples also occur in the "
+                            f"distillation data: the accuracy is not on held-out data only")
 
     names = trainable_constants(s_proto)
     masked = masked_constants(s_proto)
@@ -487,6 +499,7 @@ def recover(student, teacher, data, output=None, *, steps: int = 1000, batch_siz
         "loss": {"probe_samples": len(probe), "before": before, "after": after,
                  "train_curve": [float(np.mean(losses[i:i + 50])) for i in range(0, len(losses), 50)]},
         "train_seconds": round(train_s, 1), "seconds": round(time.perf_counter() - t0, 1),
+        "warnings": warnings,
     }
     meta = {p.key: p for p in result.metadata_props}
     record = json.dumps({k: report[k] for k in ("steps", "batch_size", "lr", "data")} | {"loss_after": after},
@@ -499,6 +512,13 @@ def recover(student, teacher, data, output=None, *, steps: int = 1000, batch_siz
         onnx.checker.check_model(result, full_check=False)
     except onnx.checker.ValidationError as e:       # a bug, not a user error
         raise RuntimeError(f"recover produced an invalid model: {e}") from None
+    if eval_set is not None:
+        from edge_sparse import evaluation
+
+        with progress.step(f"accuracy on {eval_set.info['samples']} held-out samples ({eval_set.info['origin']})"):
+            report["accuracy"] = {"eval": evaluation.evaluate(t_proto, {"pruned": s_proto, "recovered": result},
+                                                              eval_set, batch)}
+        report["seconds"] = round(time.perf_counter() - t0, 1)
     if out_path is not None:
         atomic_write(out_path, lambda f: onnx.save(result, f))
         if ckpt is not None and ckpt.exists():

@@ -45,10 +45,12 @@ from edge_sparse.errors import UserError
 from edge_sparse.models.zoo import Wheel, cache_root, ctc_decode, ocr_charset, recipes
 from edge_sparse.progress import Progress
 
-__all__ = ["Dataset", "SPLITS", "dataset", "read_written", "lee_pairs", "minilm_texts", "ocr_lines", "score",
-           "WORDNET_DIR"]
+__all__ = ["Dataset", "SPLITS", "PRIMARY", "dataset", "read_written", "read_eval", "lee_pairs", "minilm_texts",
+           "ocr_lines", "score", "score_splits", "WORDNET_DIR"]
 
 SPLITS = ("calib", "train", "eval", "pairs")
+# the task's headline metric (the first one a summary line shows)
+PRIMARY = {"sentence-embedding": "cosine", "ocr-rec": "line_accuracy", "ocr-cls": "accuracy"}
 GENSIM = Wheel("gensim", "4.4.0")
 TRDG = Wheel("trdg", "1.8.0")
 WORDNET_DIR = Path(os.environ.get("EDGE_SPARSE_WORDNET", "/usr/share/wordnet"))
@@ -372,25 +374,81 @@ def dataset(model: str, split: str, count: int | None = None, cache_dir=None) ->
                    source=src)
 
 
-def read_written(directory, model: str) -> dict[str, Dataset]:
-    """The splits ``edge-sparse models get MODEL --calib/--train/--eval`` wrote into ``directory``, by split name."""
+def _info_path(directory: Path, model: str) -> Path:
+    return directory / f"{Path(recipes()[model].filename).stem}.data.json"
+
+
+def _read_info(info_path: Path) -> dict:
     import json
 
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        if not isinstance(info.get("splits"), dict) or info.get("model") not in recipes():
+            raise ValueError
+    except (OSError, ValueError, AttributeError):
+        raise UserError(f"{info_path} is not a data file written by 'edge-sparse models get' (unreadable, or no "
+                        f"model / splits); rewrite it with 'edge-sparse models get NAME -o DIR --eval N'") from None
+    return info
+
+
+def _written_split(directory: Path, info: dict, split: str, info_path: Path) -> Dataset:
+    from edge_sparse.runtime import read_arrays
+
+    e = info["splits"][split]
+    path = directory / e["file"]
+    if not path.is_file():
+        raise UserError(f"{path} not found: {info_path.name} lists it as the '{split}' split of {info['model']}; "
+                        f"rewrite both with 'edge-sparse models get {info['model']} -o {directory} --eval N'")
+    inputs = read_arrays(path, f"{split} data")
+    ds = Dataset(info["model"], split, inputs, e["texts"], labels=e.get("labels"),
+                 pairs=np.array(e["pairs"]) if "pairs" in e else None,
+                 human=np.array(e["human"]) if "human" in e else None, source=e["source"])
+    if len(ds) != e["samples"] or len(ds.texts) != len(ds) or (ds.labels is not None and len(ds.labels) != len(ds)):
+        raise UserError(f"{path} holds {len(ds)} samples but {info_path.name} describes {e['samples']} (with "
+                        f"{len(ds.texts)} texts): the files come from different runs; rewrite both with "
+                        f"'edge-sparse models get {info['model']} -o {directory} --eval N'")
+    return ds
+
+
+def read_written(directory, model: str) -> dict[str, Dataset]:
+    """The splits ``edge-sparse models get MODEL --calib/--train/--eval`` wrote into ``directory``, by split name."""
     directory = Path(directory)
-    stem = Path(recipes()[model].filename).stem
-    info_path = directory / f"{stem}.data.json"
+    info_path = _info_path(directory, model)
     if not info_path.is_file():
         raise UserError(f"{info_path} not found: write it with 'edge-sparse models get {model} -o {directory} "
                         f"--calib N --eval N'")
-    info = json.loads(info_path.read_text())
-    out = {}
-    for split, e in info["splits"].items():
-        with np.load(directory / e["file"], allow_pickle=False) as z:
-            inputs = {k: z[k] for k in z.files}
-        out[split] = Dataset(model, split, inputs, e["texts"], labels=e.get("labels"),
-                             pairs=np.array(e["pairs"]) if "pairs" in e else None,
-                             human=np.array(e["human"]) if "human" in e else None, source=e["source"])
-    return out
+    info = _read_info(info_path)
+    return {split: _written_split(directory, info, split, info_path) for split in info["splits"]}
+
+
+EVAL_SUFFIX = ".eval.npz"
+
+
+def read_eval(path) -> dict[str, Dataset] | None:
+    """The labelled held-out sets behind an ``--eval`` file: ``{"eval": ..., "pairs": ...}`` (pairs when written)
+    for the ``<stem>.eval.npz`` that ``edge-sparse models get NAME --eval N`` writes, whose labels, texts and source
+    are in ``<stem>.data.json`` beside it. None for any other ``.npz`` (model inputs without labels).
+
+    A zoo model's ``<stem>.eval.npz`` without its side file, a side file that does not list this file as its
+    ``eval`` split, and a listed pairs file that is missing are errors (the labels would be silently lost)."""
+    path = Path(path)
+    if not path.name.endswith(EVAL_SUFFIX):
+        return None
+    stem = path.name[:-len(EVAL_SUFFIX)]
+    info_path = path.with_name(stem + ".data.json")
+    if not info_path.is_file():
+        zoo_model = next((r.name for r in recipes().values() if Path(r.filename).stem == stem), None)
+        if zoo_model is None:
+            return None
+        raise UserError(f"{info_path.name} not found beside {path}: it holds the labels of {zoo_model}'s held-out "
+                        f"samples; copy it with the .npz or rewrite both with 'edge-sparse models get {zoo_model} "
+                        f"-o {path.parent} --eval N'")
+    info = _read_info(info_path)
+    if info["splits"].get("eval", {}).get("file") != path.name:
+        raise UserError(f"{info_path} does not list {path.name} as its eval split; rewrite both with "
+                        f"'edge-sparse models get {info['model']} -o {path.parent} --eval N'")
+    return {split: _written_split(path.parent, info, split, info_path) for split in ("eval", "pairs")
+            if split in info["splits"]}
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -458,3 +516,23 @@ def score(data: Dataset, outputs: dict[str, np.ndarray], dense: dict[str, np.nda
         (d,) = dense.values()
         res["agreement"] = float(np.mean([t == g.strip() for t, g in zip(texts, ctc_decode(d, charset))]))
     return res
+
+
+def score_splits(sets: dict[str, Dataset], outputs: dict[str, np.ndarray], dense: dict[str, np.ndarray] | None = None,
+                 charset: list[str] | None = None) -> dict[str, dict]:
+    """:func:`score` per split of ``sets`` (e.g. ``eval`` and ``pairs``), with ``outputs`` (and the dense model's
+    ``dense``) stacked over the splits' samples in the order of ``sets``, as one run over :func:`stack` gives them."""
+    res, start = {}, 0
+    for split, ds in sets.items():
+        n = len(ds)
+        part = {k: v[start:start + n] for k, v in outputs.items()}
+        ref = {k: v[start:start + n] for k, v in dense.items()} if dense is not None else None
+        res[split] = score(ds, part, dense=ref, charset=charset)
+        start += n
+    return res
+
+
+def stack(sets: dict[str, Dataset]) -> dict[str, np.ndarray]:
+    """The inputs of every split of ``sets`` concatenated in order (one model run scores them all)."""
+    first = next(iter(sets.values()))
+    return {k: np.concatenate([ds.inputs[k] for ds in sets.values()]) for k in first.inputs}

@@ -236,13 +236,16 @@ def _ocr_tensor(img: np.ndarray, height: int, width: int) -> np.ndarray:
     return out
 
 
-def ocr_charset(model_path: str | os.PathLike) -> list[str]:
-    """PP-OCR rec's CTC classes: blank, the ``character`` list stored in the ONNX metadata, then space."""
+def ocr_charset(model) -> list[str]:
+    """PP-OCR rec's CTC classes: blank, the ``character`` list stored in the ONNX metadata, then space.
+    ``model``: a path or an ``onnx.ModelProto``."""
     import onnx
 
-    meta = {p.key: p.value for p in onnx.load(str(model_path), load_external_data=False).metadata_props}
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+    meta = {p.key: p.value for p in proto.metadata_props}
     if "character" not in meta:
-        raise UserError(f"{model_path} has no 'character' metadata: not a PP-OCR rec model from rapidocr")
+        what = proto.graph.name or "the model" if isinstance(model, onnx.ModelProto) else str(model)
+        raise UserError(f"{what} has no 'character' metadata: not a PP-OCR rec model from rapidocr")
     return ["<blank>", *meta["character"].splitlines(), " "]
 
 

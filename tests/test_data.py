@@ -111,3 +111,60 @@ def test_models_get_writes_data_files(tmp_path):
     assert r.exit_code == 2 and "exists" in r.output
     r = invoke(["models", "get", "ppocr-cls", "-o", tmp_path / "x", "--eval", "0"])
     assert r.exit_code == 2 and "at least 1" in r.output
+
+
+def test_read_eval_finds_labels_beside_the_eval_file_and_refuses_mismatches(tmp_path):
+    import shutil
+
+    r = invoke(["models", "get", "ppocr-cls", "-o", tmp_path, "--eval", "4", "-q"])
+    assert r.exit_code == 0, r.output
+    ev_path = tmp_path / "ch_ppocr_mobile_v2.0_cls_infer.eval.npz"
+    sets = data.read_eval(ev_path)
+    assert list(sets) == ["eval"] and sets["eval"].labels == [0, 1, 0, 1] and sets["eval"].model == "ppocr-cls"
+    np.testing.assert_array_equal(sets["eval"].inputs["x"], data.dataset("ppocr-cls", "eval", 4).inputs["x"])
+    plain = tmp_path / "mine.npz"
+    shutil.copy(ev_path, plain)
+    assert data.read_eval(plain) is None                          # any other .npz: inputs without labels
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(ev_path, lone / ev_path.name)
+    with pytest.raises(data.UserError, match="data.json not found beside .* ppocr-cls"):
+        data.read_eval(lone / ev_path.name)
+    info_path = tmp_path / "ch_ppocr_mobile_v2.0_cls_infer.data.json"
+    info = json.loads(info_path.read_text())
+    np.savez(ev_path, x=sets["eval"].inputs["x"][:3])             # the .npz rewritten without its side file
+    with pytest.raises(data.UserError, match="holds 3 samples but .* describes 4"):
+        data.read_eval(ev_path)
+    info["splits"]["eval"]["file"] = "other.eval.npz"
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(data.UserError, match="does not list"):
+        data.read_eval(ev_path)
+    info_path.write_text("{not json")
+    with pytest.raises(data.UserError, match="not a data file written by"):
+        data.read_eval(ev_path)
+
+
+def test_score_splits_scores_each_split_of_stacked_outputs():
+    """Outputs stacked over eval + pairs (one model run) score exactly as each split scored on its own."""
+    rng = np.random.default_rng(3)
+    ev = data.Dataset("minilm-l6", "eval", {"input_ids": np.zeros((6, 4), np.int64)}, ["t"] * 6)
+    docs = data.Dataset("minilm-l6", "pairs", {"input_ids": np.ones((5, 4), np.int64)}, ["d"] * 5,
+                        pairs=np.array([[0, 1], [0, 2], [1, 3], [2, 4], [3, 4]]), human=rng.random(5))
+    sets = {"eval": ev, "pairs": docs}
+    assert data.stack(sets)["input_ids"].shape == (11, 4) and data.stack(sets)["input_ids"][6:].all()
+    out = {"sentence_embedding": rng.standard_normal((11, 8))}
+    dense = {"sentence_embedding": rng.standard_normal((11, 8))}
+    got = data.score_splits(sets, out, dense)
+    assert got["eval"] == data.score(ev, {k: v[:6] for k, v in out.items()}, {k: v[:6] for k, v in dense.items()})
+    assert got["pairs"] == data.score(docs, {k: v[6:] for k, v in out.items()}, {k: v[6:] for k, v in dense.items()})
+    assert set(got["pairs"]) >= {"spearman_human", "spearman_dense"} and got["eval"]["cosine"] < 0.9
+    # the report's merge (edge_sparse.evaluation): eval's metrics plus the pairs' Spearman, per model
+    from edge_sparse.evaluation import EvalSet, score_outputs
+
+    token = {"token_embeddings": rng.standard_normal((11, 4, 8))}
+    res = score_outputs(EvalSet(data.stack(sets), "eval", {}, sets=sets),
+                        {"dense": {**dense, **token}, "pruned": {**out, **token}})
+    want = dict(got["eval"], spearman_human=got["pairs"]["spearman_human"],
+                spearman_dense=got["pairs"]["spearman_dense"])
+    assert res["pruned"] == pytest.approx(want, abs=1e-6)
+    assert res["dense"]["cosine"] == pytest.approx(1.0) and res["dense"]["spearman_dense"] == pytest.approx(1.0)

@@ -296,6 +296,40 @@ def test_report_accuracy_matches_onnxruntime(tiny, tmp_path):
         assert m["rel_l2"] == pytest.approx(np.linalg.norm(d - p) / np.linalg.norm(d), rel=1e-5)
         assert m["max_abs"] == pytest.approx(np.abs(d - p).max(), rel=1e-5, abs=1e-9)
         assert m["top1_agreement"] == pytest.approx(np.mean(d.argmax(1) == p.argmax(1)))
+    # without --eval the held-out evaluation falls back to the held-out part, label-free, and says so
+    ev = res.report["accuracy"]["eval"]
+    assert ev["data"]["origin"] == "held-out part of --calib (--holdout)" and ev["data"]["samples"] == 5
+    assert not ev["labelled"] and ev["metric"] == "top1_agreement"
+    assert ev["pruned"] == pytest.approx(label_free(path, out, {"x": x[15:]}), rel=1e-5)
+    assert ev["dense"] == {"cosine": 1.0, "cosine_min": 1.0, "top1_agreement": 1.0}
+
+
+def label_free(dense, pruned, inputs) -> dict:
+    """Worst output's mean / min per-sample cosine and top-1 agreement, from onnxruntime and numpy (one output)."""
+    d = ort_run(dense, inputs)[0].astype(np.float64)
+    p = ort_run(pruned, inputs)[0].astype(np.float64)
+    d, p = d.reshape(len(d), -1), p.reshape(len(p), -1)
+    cos = (d * p).sum(1) / np.linalg.norm(d, axis=1) / np.linalg.norm(p, axis=1)
+    return {"cosine": cos.mean(), "cosine_min": cos.min(), "top1_agreement": np.mean(d.argmax(1) == p.argmax(1))}
+
+
+def test_eval_npz_without_labels_scores_against_dense(tiny, tmp_path):
+    """``--eval`` with a plain .npz: label-free metrics on those samples; no held-out part is taken from --calib."""
+    path, calib = tiny
+    x = np.random.default_rng(7).standard_normal((12, 3, 8, 8)).astype(np.float32)
+    ev_path = tmp_path / "held.npz"
+    np.savez(ev_path, x=x)
+    out = tmp_path / "p.onnx"
+    r = invoke(["prune", path, "-o", out, "-s", "0.7", "-m", "wanda", "--calib", calib, "--eval", ev_path])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(out.with_suffix(".report.json").read_text())
+    ev = rep["accuracy"]["eval"]
+    want = label_free(path, out, {"x": x})
+    assert ev["pruned"] == pytest.approx(want, rel=1e-5) and want["cosine"] < 0.999     # pruning changed the outputs
+    assert ev["data"] == {"origin": "--eval", "source": str(ev_path), "samples": 12, "file": str(ev_path)}
+    assert rep["calibration"]["samples"] == 20 and "holdout" not in rep["accuracy"]    # all of --calib calibrates
+    first = r.output.splitlines()[0]
+    assert f"top1_agreement: pruned {want['top1_agreement']:.4g}, dense 1 on 12 samples (--eval held.npz)" in first
 
 
 # ------------------------------------------------------------------------------------------- recipes
@@ -572,3 +606,69 @@ def test_a_new_method_is_one_class(tiny, tmp_path):
         assert "method test-halve-kept needs calibration data" in _bad(tmp_path, [path, "-s", "0.5", "-m", "test-halve-kept"])
     finally:
         M._REGISTRY.pop("test-halve-kept", None)
+
+
+# ------------------------------------------------------------------------------------ real metrics (--eval)
+@pytest.fixture(scope="module")
+def zoo_eval(tmp_path_factory):
+    """``models get NAME --calib N --eval N`` for the two OCR models (the zoo files are in the user cache)."""
+    d = tmp_path_factory.mktemp("zoo-eval")
+    for name, n in (("ppocr-cls", 16), ("ppocr-rec", 4)):
+        r = invoke(["models", "get", name, "-o", d / name, "--calib", "8", "--eval", str(n), "-q"])
+        assert r.exit_code == 0, r.output
+    return d
+
+
+def _zoo_files(zoo_eval, name):
+    from edge_sparse.models import recipes
+
+    d, stem = zoo_eval / name, recipes()[name].filename[:-len(".onnx")]
+    return d / f"{stem}.onnx", d / f"{stem}.calib.npz", d / f"{stem}.eval.npz"
+
+
+@pytest.mark.parametrize("name", ["ppocr-cls", "ppocr-rec"])
+def test_eval_report_has_the_real_metric_of_dense_and_pruned(zoo_eval, tmp_path, name):
+    """The report's real metric (cls accuracy; rec line accuracy and CER against the rendered ground truth) for the
+    dense and the pruned model equals data.score of their onnxruntime outputs on the labelled held-out lines."""
+    from edge_sparse.models import data, zoo
+
+    model, calib, ev_path = _zoo_files(zoo_eval, name)
+    out = tmp_path / "p.onnx"
+    r = invoke(["prune", model, "-o", out, "-s", "0.5", "-m", "magnitude", "--calib", calib, "--eval", ev_path])
+    assert r.exit_code == 0, r.output
+    ev = json.loads(out.with_suffix(".report.json").read_text())["accuracy"]["eval"]
+    ds = data.read_written(zoo_eval / name, name)["eval"]
+    charset = zoo.ocr_charset(model) if name == "ppocr-rec" else None
+    d, p = ort_run(model, ds.inputs)[0], ort_run(out, ds.inputs)[0]
+    want_dense = data.score(ds, {"y": d}, dense={"y": d}, charset=charset)
+    want = data.score(ds, {"y": p}, dense={"y": d}, charset=charset)
+    assert ev["dense"] == pytest.approx(want_dense, abs=1e-6) and ev["pruned"] == pytest.approx(want, abs=1e-6)
+    metric = "accuracy" if name == "ppocr-cls" else "line_accuracy"
+    assert ev["labelled"] and ev["metric"] == metric and want[metric] < want_dense[metric]   # 50% costs accuracy
+    if name == "ppocr-rec":
+        assert set(want) == {"line_accuracy", "cer", "agreement"} and want["cer"] > want_dense["cer"]
+    assert ev["data"]["samples"] == len(ds) and ev["data"]["source"] == ds.source and ev["data"]["model"] == name
+    first = r.output.splitlines()[0]
+    assert f"{metric}: pruned {want[metric]:.4g}, dense {want_dense[metric]:.4g} on {len(ds)} samples" in first
+
+
+def test_eval_errors_are_one_line(zoo_eval, tiny, tmp_path):
+    import shutil
+
+    model, calib, ev_path = _zoo_files(zoo_eval, "ppocr-cls")
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(ev_path, lone / ev_path.name)                         # the labels' side file left behind
+    tiny_path, tiny_calib = tiny
+    rec_eval = _zoo_files(zoo_eval, "ppocr-rec")[2]
+    cases = [
+        ([model, "--calib", calib, "--eval", calib], "--eval and --calib are the same file"),
+        ([model, "--calib", calib, "--eval", lone / ev_path.name], ".data.json not found beside"),
+        ([model, "--calib", calib, "--eval", rec_eval], "holds ppocr-rec's held-out data, but the model is not"),
+        ([tiny_path, "--calib", tiny_calib, "--eval", ev_path], "holds ppocr-cls's held-out data, but the model is not"),
+    ]
+    for args, msg in cases:
+        out = tmp_path / "e.onnx"
+        r = invoke(["prune", args[0], "-o", out, "-s", "0.5", "-m", "magnitude", *args[1:]])
+        assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1 and not out.exists()

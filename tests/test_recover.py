@@ -20,7 +20,7 @@ from edge_sparse.onnx_torch import OnnxModule, masked_constants, trainable_const
 from edge_sparse.recover import METADATA_KEY, recover               # noqa: E402
 
 from conftest import invoke, ort_run                                # noqa: E402
-from test_prune import save_tiny, weights                           # noqa: E402
+from test_prune import label_free, save_tiny, weights               # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -107,7 +107,25 @@ def test_recover_cli(pruned, tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads(out.with_suffix(".report.json").read_text())
     assert rep["steps"] == 5 and rep["match_layers"] and rep["masked_tensors"] == 4
+    assert "accuracy" not in rep                                        # no --eval: no held-out data to score
+    # --eval: the teacher, the student as given and the recovered model scored side by side on held-out samples
+    held = tmp_path / "held.npz"
+    x = np.random.default_rng(11).standard_normal((10, 3, 8, 8)).astype(np.float32)
+    np.savez(held, x=x)
+    out2 = tmp_path / "r2.onnx"
+    r = invoke(["recover", student, "--teacher", dense, "--data", data, "-o", out2, "--steps", "5", "--threads", "1",
+                "--batch-size", "8", "--eval", held])
+    assert r.exit_code == 0, r.output
+    ev = json.loads(out2.with_suffix(".report.json").read_text())["accuracy"]["eval"]
+    want = label_free(dense, out2, {"x": x})
+    assert ev["recovered"] == pytest.approx(want, rel=1e-5)
+    assert ev["pruned"] == pytest.approx(label_free(dense, student, {"x": x}), rel=1e-5)
+    assert ev["data"]["samples"] == 10 and ev["dense"]["cosine"] == 1.0
+    assert f"top1_agreement: pruned {ev['pruned']['top1_agreement']:.4g}, recovered {want['top1_agreement']:.4g}, " \
+           f"dense 1 on 10 samples (--eval held.npz)" in r.output.splitlines()[0]
     cases = [
+        (["recover", student, "--teacher", dense, "--data", data, "-o", tmp_path / "g.onnx", "--eval", data],
+         "--eval and --data are the same file"),
         (["recover", student, "--teacher", dense, "--data", data, "-o", out], "already exists"),
         (["recover", student, "--teacher", dense, "--data", data, "-o", student, "--force"], "is an input model"),
         (["recover", dense, "--teacher", dense, "--data", data, "-o", tmp_path / "d.onnx"], "no pruned weights"),
@@ -143,7 +161,14 @@ def test_prune_then_recover_in_one_command(pruned, tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads(out.with_suffix(".report.json").read_text())["recover"]
     assert rep["steps"] == 20 and rep["data"]["samples"] == 72            # the calibration part, not the held-out 24
-    assert rep["loss"]["after"] < rep["loss"]["before"] and rep["accuracy"]["holdout"]["samples"] == 24
+    assert rep["loss"]["after"] < rep["loss"]["before"]
+    # scored on the samples the pruning report used (no --eval: the held-out 24), the dense model beside it
+    ev = rep["accuracy"]["eval"]
+    assert ev["data"]["origin"] == "held-out part of --calib (--holdout)" and ev["data"]["samples"] == 24
+    held = {"x": np.load(data)["x"][72:]}
+    assert ev["recovered"] == pytest.approx(label_free(dense, out, held), rel=1e-5)
+    assert ev["pruned"] == pytest.approx(
+        json.loads(out.with_suffix(".report.json").read_text())["accuracy"]["eval"]["pruned"], rel=1e-9)
     plain = pruning.prune(dense, sparsity=0.75, pattern="4x1", method="magnitude", calib=data, quiet=True).model
     a, b = weights(plain), weights(onnx.load(str(out)))
     for name in masked_constants(plain):                                   # the same zeros as pruning alone
