@@ -68,7 +68,6 @@ CONFIGS = {
     "b90": ("90% 16x1", "16x1", 0.9),
 }
 EST_THREADS = 4
-PRIMARY = {"sentence-embedding": "cosine", "ocr-rec": "line_accuracy", "ocr-cls": "accuracy"}
 
 # ---------------------------------------------------------------------------------------------- cost model
 # Ops that are not weight layers (activation x activation matmuls, k x k and depthwise convs, elementwise,
@@ -243,15 +242,8 @@ def _accuracy(sets: dict, dense: dict | None, got: dict, charset) -> dict:
     split; ``value``/``metric``: the task's primary score on the eval split. ``dense`` None: the dense model itself."""
     from edge_sparse.models import data
 
-    res, start = {}, 0
-    for split, ds in sets.items():
-        n = len(next(iter(ds.inputs.values())))
-        part = {k: v[start:start + n] for k, v in got.items()}
-        ref = {k: v[start:start + n] for k, v in dense.items()} if dense is not None else None
-        res[split] = data.score(ds, part, dense=ref, charset=charset)
-        start += n
-    task = data.recipes()[sets["eval"].model].task
-    metric = PRIMARY[task]
+    res = data.score_splits(sets, got, dense, charset)
+    metric = data.PRIMARY[data.recipes()[sets["eval"].model].task]
     value = res["eval"].get(metric, 1.0 if dense is None and metric == "cosine" else None)
     return {"metric": metric, "value": value, **res}
 
@@ -540,7 +532,7 @@ def main(argv=None) -> int:
             calib = data.dataset(name, "calib", args.calib).inputs
             result["data"][name] = {"calib": data.dataset(name, "calib", args.calib).describe(),
                                     **{k: v.describe() for k, v in sets.items()}}
-            stacked = {k: np.concatenate([ds.inputs[k] for ds in sets.values()]) for k in sets["eval"].inputs}
+            stacked = data.stack(sets)
             args.eval_count = len(next(iter(stacked.values())))
             np.savez(work / "eval_inputs.npz", **stacked)
             # the accuracy reference: the dense zoo model in onnxruntime (in this process; nothing is timed here)

@@ -161,20 +161,16 @@ def _outputs(run, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def real_scores(model: str, runners: dict, test, pairs=None, charset=None) -> dict[str, dict]:
     """``data.score`` of every runtime in ``runners`` (the first is the dense reference) on ``test`` (and the Lee
-    ``pairs`` for MiniLM): ``{runtime: metrics}``."""
+    ``pairs`` for MiniLM), as the pruning report scores them (:func:`edge_sparse.evaluation.score_outputs`):
+    ``{runtime: metrics}``."""
+    from edge_sparse.evaluation import EvalSet, score_outputs
     from edge_sparse.models import data
 
-    ref_name = next(iter(runners))
-    outs = {name: _outputs(run, test.inputs) for name, run in runners.items()}
-    pair_outs = {name: _outputs(run, pairs.inputs) for name, run in runners.items()} if pairs is not None else {}
-    res = {}
-    for name in runners:
-        s = data.score(test, outs[name], dense=outs[ref_name], charset=charset)
-        if pairs is not None:
-            p = data.score(pairs, pair_outs[name], dense=pair_outs[ref_name])
-            s.update(spearman_human=p["spearman_human"], spearman_dense=p["spearman_dense"])
-        res[name] = {k: round(float(v), 6) for k, v in s.items()}
-    return res
+    sets = {"eval": test, **({"pairs": pairs} if pairs is not None else {})}
+    ev = EvalSet(data.stack(sets), "eval", test.describe(), sets=sets, charset=charset)
+    scores = score_outputs(ev, {name: _outputs(run, ev.inputs) for name, run in runners.items()})
+    scores.pop("outputs")                                     # per-output cosine detail: not part of this table
+    return scores
 
 
 def pi_estimates(src: Path, front: dict, ours_ms: float, input_shapes, presets=("rpi4", "rpi5")) -> dict:

@@ -41,15 +41,12 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _score(name, proto, sets, dense_outs, charset, batch):
+def _score(proto, sets, dense_outs, charset, batch):
+    """``data.score`` per held-out split of ``proto``'s outputs (one onnxruntime run over every split)."""
     from edge_sparse.models import data
     from edge_sparse.passes import calibrate
 
-    res = {}
-    for split, ds in sets.items():
-        out = calibrate.run_model(proto, ds.inputs, batch)
-        res[split] = data.score(ds, out, dense=dense_outs.get(split), charset=charset)
-    return res
+    return data.score_splits(sets, calibrate.run_model(proto, data.stack(sets), batch), dense_outs, charset)
 
 
 def main(argv=None) -> int:
@@ -107,14 +104,14 @@ def main(argv=None) -> int:
               "data": {"calib": calib.describe(), **{k: v.describe() for k, v in held.items()},
                        **({"train": train.describe()} if train is not None else {})},
               "host": {"machine": platform.machine(), "cpus": os.cpu_count()}, "rows": []}
-    dense_outs = {k: calibrate.run_model(dense, v.inputs, args.batch) for k, v in held.items()}
-    result["rows"].append({"variant": "dense", **_score(args.model, dense, held, {}, charset, args.batch)})
+    dense_outs = calibrate.run_model(dense, data.stack(held), args.batch)
+    result["rows"].append({"variant": "dense", **_score(dense, held, None, charset, args.batch)})
     print(json.dumps(result["rows"][-1]), flush=True)
     last = None
     if args.pruned_file:
         given = onnx.load(args.pruned_file)
         result["rows"].append({"variant": f"given:{Path(args.pruned_file).name}",
-                               **_score(args.model, given, held, dense_outs, charset, args.batch)})
+                               **_score(given, held, dense_outs, charset, args.batch)})
         print(json.dumps(result["rows"][-1]), flush=True)
         last = (Path(args.pruned_file).stem, given)
     from edge_sparse.passes import methods as registry
@@ -126,7 +123,7 @@ def main(argv=None) -> int:
                             holdout=0.0, allocate_by=args.allocate, batch=args.batch, quiet=True)
         row = {"variant": f"{method}", "prune_seconds": round(time.perf_counter() - t, 1),
                "overall_sparsity": res.report["sparsity"]["overall"], "peak_rss_mib": round(_peak_mib()),
-               **_score(args.model, res.model, held, dense_outs, charset, args.batch)}
+               **_score(res.model, held, dense_outs, charset, args.batch)}
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
         atomic_write(args.out, json.dumps(result, indent=2) + "\n")          # partial results survive a time limit
@@ -146,7 +143,7 @@ def main(argv=None) -> int:
         row = {"variant": f"{last[0]}+recover{steps}{tag}", "lr": args.lr, "batch_size": args.batch_size,
                "precision": rec.report["precision"], "recover_seconds": round(time.perf_counter() - t, 1),
                "loss": {k: rec.report["loss"][k] for k in ("before", "after")},
-               **_score(args.model, rec.model, held, dense_outs, charset, args.batch)}
+               **_score(rec.model, held, dense_outs, charset, args.batch)}
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
         atomic_write(args.out, json.dumps(result, indent=2) + "\n")

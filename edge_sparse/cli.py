@@ -981,6 +981,9 @@ def optimize_cmd(model, target, target_file, calib, eval_data, max_drop, latency
     else:
         lat = f"{ch['latency_ms']:.4g} ms ({front['threads']} thread(s), {front['where']})"
     click.echo(f"  {lat}, {front['metric']} drop {100 * ch['drop']:.3f}% on {front['eval_samples']} held-out samples")
+    from edge_sparse.evaluation import summary_text
+
+    click.echo(f"  {summary_text(front['accuracy'], ('chosen',))}")
     for name, b in front["baselines"].items():
         click.echo(f"  {name}: {b['latency_ms']:.4g} ms, drop {100 * b['drop']:.3f}%")
     if not front["baselines"]:

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from edge_sparse import evaluation
 from edge_sparse.errors import UserError, check_number
 from edge_sparse.progress import Progress
 from edge_sparse.util import atomic_dir, atomic_write, check_output, json_text, sha256_bytes, sha256_file
@@ -569,10 +570,11 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
         return calibrate.load_calibration(data, specs)
 
     calib_data = load(calib, "calibration data")
-    eval_set = load(eval_data, "evaluation data")
-    if isinstance(calib, (str, os.PathLike)) and isinstance(eval_data, (str, os.PathLike)) and \
-            Path(calib).resolve() == Path(eval_data).resolve():
-        raise UserError("--calib and --eval are the same file; the evaluation samples must be held out (disjoint)")
+    if eval_data is None:
+        raise UserError("optimize needs evaluation data: pass --eval FILE.npz")
+    # the held-out samples (labelled zoo data: the real metrics of the chosen model are reported too)
+    held = evaluation.load_eval(eval_data, proto, calib=calib)
+    eval_set = held.sets["eval"].inputs if held.labelled else held.inputs
     method_obj = M.get(method or M.default(True, many=True))   # --method sparsegpt to reconstruct
     session = where = None
     if remote:
@@ -703,7 +705,10 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
             raise UserError(f"no configuration meets --latency-ms {latency_ms:g}: the last one measured "
                             f"{res['latency_ms']:.4g} ms at {metric} drop {100 * evaluate(choice)['drop']:.2f}%")
         chosen_ev = evaluate(choice) if choice != dense_choice else {"config": {la.name: "fp32" for la in layers},
-                                                                       "drop": 0.0}
+                                                                       "drop": 0.0, "model": work}
+        with progress.step(f"accuracy of the chosen model on {held.info['samples']} held-out samples"):
+            accuracy = evaluation.evaluate(work, {"chosen": chosen_ev["model"]}, held, batch,
+                                           dense_outputs=None if held.labelled else dense_eval)
         base = {}
         if not baselines:
             base_note = "not run (baselines=False)"
@@ -769,6 +774,7 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
                        "latency_source": ESTIMATE if estimate else f"measured ({where})",
                        "drop": round(chosen_ev["drop"], 6), "layers": res["manifest"].get("layers", [])},
             "baselines": base, "baselines_note": base_note,
+            "accuracy": accuracy,
             "layers": [{"name": la.name, "node": la.node, "K": la.kernel.K, "N": la.kernel.N,
                         "latency_us": lat[la.name], "sensitivity": sens[la.name]} for la in layers],
             "seconds": round(time.perf_counter() - t0, 1),

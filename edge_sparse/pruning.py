@@ -437,8 +437,8 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
         for split, part in (("calibration", calib_part), ("holdout", held_part)):
             if not part:                      # no held-out split: the key is absent
                 continue
-            if part is held_part and eval_set.origin == "holdout":
-                outputs = accuracy["eval"]["outputs"]["pruned"]     # the same samples: not run twice
+            if part is eval_set.inputs:       # the fallback's samples: not run twice
+                outputs = accuracy["eval"]["outputs"]["pruned"]
             else:
                 outputs = calibrate.compare(calibrate.run_model(setup.proto, part, batch),
                                             calibrate.run_model(pruned, part, batch), classifiers)

@@ -179,6 +179,10 @@ def test_budget_holds_on_held_out_data(tiny, tmp_path, budget):
     assert (out / "frontier.png").stat().st_size > 1000
     assert set(data["baselines"]) == {"onnxruntime fp32", "onnxruntime int8"}
     assert all(b["latency_ms"] > 0 for b in data["baselines"].values())
+    # the chosen model beside the dense one on the --eval samples, as the pruning report scores them (no labels here)
+    acc = data["accuracy"]
+    assert acc["data"]["origin"] == "--eval" and acc["data"]["samples"] == 24 and not acc["labelled"]
+    assert acc["chosen"]["cosine"] == pytest.approx(1 - drop, abs=1e-6) and acc["dense"]["cosine"] == 1.0
     chosen = [p for p in data["points"] if p["chosen"]]
     assert len(chosen) == 1 or data["chosen"]["summary"] == {"fp32": len(data["layers"])}
     assert all(p["drop"] <= budget for p in data["points"] if p["pareto"] and p["chosen"])
