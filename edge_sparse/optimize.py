@@ -5,7 +5,8 @@ Phases, each reusing the project's own stages:
 1. latency table: for every prunable layer that has a kernel, the time of each option -- dense fp32, dense int8,
    every sparse pattern at a ladder of sparsities in fp32 (BSR Rx1 kernels) and int8 (BSR 16x4) -- from the
    sparsify/QDQ cost models, refined by timing the kernels on the target (this machine when the target is native,
-   or a TVM RPC device). Measurements are cached per target and layer shape (one JSON file, written after each
+   or a TVM RPC device; a target that does not run here, with no device given: its cost model alone, and every
+   latency of the run is labelled an estimate). Measurements are cached per target and layer shape (one JSON file, written after each
    measurement), so an interrupted run resumes where it stopped and later runs reuse it.
 2. sensitivity table: the model's output error on calibration data with only one layer changed to each option
    (:func:`edge_sparse.pruning.layer_errors`, the code of ``analyze``); squared relative L2 errors add up across
@@ -16,8 +17,8 @@ Phases, each reusing the project's own stages:
    ``quantize`` static QDQ of the chosen nodes) and the real metric is measured on held-out data (``--eval``);
    a bisection finds the fastest candidate within ``--max-drop`` (or the most accurate under ``--latency-ms``).
 5. the chosen model is compiled (sparse and int8 kernels chosen by the compiler), measured (locally with
-   onnxruntime fp32 and int8 side by side, or over RPC), and if a latency budget is missed the search repeats with
-   the measured rest-of-model time.
+   onnxruntime fp32 and int8 side by side, or over RPC; cross-compiled only, when there is no device), and if a
+   latency budget is missed the search repeats with the measured rest-of-model time.
 
 ``optimize(...)`` returns the frontier dict (also ``OUT/frontier.json``); budgets no configuration can meet raise
 :class:`~edge_sparse.errors.UserError` naming the best reachable accuracy and latency.
@@ -496,7 +497,9 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
     statistics and int8 ranges; evaluation held out for the real metric). max_drop: fraction or ``"1%"`` of
     ``metric`` (``cosine``: worst output's mean cosine vs the dense model; ``top1``: top-1 agreement with the dense
     model on classifier outputs). latency_ms: a latency budget (alone: best accuracy under it).
-    measure: time the kernels on the target (here when it is native, else over RPC); False: the cost model alone.
+    measure: time the kernels on the target (here when it is native, else over RPC); False: the cost model alone;
+    None: measure, except for a target that does not run here with no ``rpc``/``tracker`` (its cost model; the
+    chosen model is cross-compiled, not benchmarked, and no onnxruntime point is made).
     recover_steps: distil every evaluated pruned configuration this many steps on the calibration samples
     (:func:`edge_sparse.recover.recover`, needs the recover extra) before it is quantized and measured.
     repeat / min_seconds: the model benchmarks' settings (:func:`edge_sparse.benchmark.bench`'s defaults when None).
