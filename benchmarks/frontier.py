@@ -27,6 +27,11 @@ Raspberry Pi 4 / 5 figures are estimates, not measurements: the chosen configura
 model ``optimize`` uses (``--no-measure`` path, all the preset's cores), times the whole model's measured time here
 over its layers' measured latency-table time here (the rest of the model as a proportional overhead).
 ``--reestimate RESULT.json`` recomputes them for a written result without re-timing.
+Each Pi's own choice (``--pi-targets``, default rpi4,rpi5): ``optimize -t PRESET`` without the device, i.e. its cost
+model's latency table, the same calibration and selection samples and budget, accuracy measured here; the JSON's
+``raspberry_pi_choices`` has the chosen configuration, its estimated layer time (and whole-model time by the same
+ratio as above) and its real metrics on the test samples (the chosen ONNX in onnxruntime on this host).
+``--pi-only RESULT.json`` runs just these searches for a written result (same settings and samples).
 
 Writes ``--out`` (default ``benchmarks/results/frontier-MODEL-tTHREADS``) ``.json`` and ``.png``.
 """
@@ -108,6 +113,10 @@ def summarize_rounds(rounds: list[dict[str, float]]) -> tuple[dict[str, float], 
     return med, speed
 
 
+def _short(summary: dict[str, int]) -> str:
+    return ", ".join(f"{n} x {k}" for k, n in sorted(summary.items(), key=lambda kv: -kv[1]))
+
+
 def headline_row(result: dict) -> str:
     """The README headline table's row for a result written by :func:`main` (markdown)."""
     model = result["model"].split()[0]
@@ -116,7 +125,7 @@ def headline_row(result: dict) -> str:
     ours = real["ours"]
     int8 = real.get("onnxruntime int8", {})
     med, sp = result["median_ms"], result["speedup"]
-    chosen = ", ".join(f"{n} x {k}" for k, n in sorted(result["chosen"]["summary"].items(), key=lambda kv: -kv[1]))
+    chosen = _short(result["chosen"]["summary"])
     metric = (f"{key}, {result['data']['test']['samples']} held-out test samples: "
               f"{real['dense fp32 (onnxruntime)'][key]:.4g} / {int8.get(key, float('nan')):.4g} / **{ours[key]:.4g}**")
     if "spearman_human" in ours:
@@ -125,8 +134,13 @@ def headline_row(result: dict) -> str:
     vs_int8 = f"**{sp['vs_onnxruntime_int8']:.2f}x** ({med['ort_int8_ms']:.3g} ms)"
     if "vs_onnxruntime_int8_qdq" in sp:
         vs_int8 += f", {sp['vs_onnxruntime_int8_qdq']:.2f}x static QDQ ({med['ort_int8_qdq_ms']:.3g} ms)"
+    own = result.get("raspberry_pi_choices") or {}
     pis = result.get("raspberry_pi_estimates", {})
-    pi = " / ".join(f"{pis[n]['ours_ms']:.3g} ms" for n in ("rpi5", "rpi4") if n in pis)
+    if own:             # each Pi's own choice: estimated whole-model time, and what it chose
+        pi = " / ".join(f"{own[n]['whole_model_ms']:.3g} ms ({_short(own[n]['chosen'])})"
+                        for n in ("rpi5", "rpi4") if n in own)
+    else:               # the host's choice through the Pis' cost models
+        pi = " / ".join(f"{pis[n]['ours_ms']:.3g} ms" for n in ("rpi5", "rpi4") if n in pis)
     return (f"| {model} ({result['metric']}) | {chosen} | {metric} | **{sp['vs_onnxruntime_fp32']:.2f}x** "
             f"({med['ours_ms']:.3g} vs {med['ort_fp32_ms']:.3g} ms) | {vs_int8} | {pi} |")
 
@@ -205,7 +219,43 @@ def pi_estimates(src: Path, front: dict, ours_ms: float, input_shapes, presets=(
                      "through optimize's cost model on the preset (all its cores), times whole_model_factor = the "
                      "whole model's time measured here / its layers' latency-table time measured here (the rest of "
                      "the model as a proportional overhead); the configuration is the one chosen for this host "
-                     "(optimize -t rpi4/rpi5 would choose per target); no onnxruntime figure on the Pi")
+                     "(each Pi's own choice: raspberry_pi_choices); no onnxruntime figure on the Pi")
+    return out
+
+
+def pi_choices(src: Path, calib_npz: Path, select_npz: Path, test, pairs, charset, work: Path, *, model: str,
+               metric: str, max_drop, samples: int, max_evals: int, ladder, shapes, cache=None,
+               whole_model_factor: float | None = None, presets=("rpi4", "rpi5")) -> dict:
+    """Each Raspberry Pi's own choice: ``optimize -t PRESET`` without the device (its cost model's latency table,
+    accuracy measured here on the same selection samples), then the chosen ONNX's real metrics on the test samples
+    in onnxruntime beside the dense model's."""
+    from edge_sparse.optimize import optimize
+
+    out: dict = {}
+    runners = {"dense fp32 (onnxruntime)": _ort_runner(src)}
+    for name in presets:
+        front = optimize(src, work / f"opt-{name}", target=name, calib=calib_npz, eval_data=select_npz,
+                         max_drop=max_drop, metric=metric, cache_dir=cache, quiet=False, sensitivity_samples=samples,
+                         max_evals=max_evals, ladder=ladder, input_shapes=shapes)
+        runners[name] = _ort_runner(work / f"opt-{name}" / "model.onnx")
+        ch = front["chosen"]
+        dense_ms = sum(la["latency_us"]["fp32"]["us"] for la in front["layers"]) / 1e3
+        out[name] = {"latency_source": front["latency_source"], "threads": front["threads"],
+                     "chosen": ch["summary"], "select_drop": ch["drop"], "layers_ms": ch["latency_ms"],
+                     "dense_fp32_layers_ms": round(dense_ms, 5),
+                     "speedup_vs_dense_fp32_layers": round(dense_ms / max(ch["latency_ms"], 1e-12), 3)}
+        if whole_model_factor is not None:
+            out[name]["whole_model_ms"] = round(ch["latency_ms"] * whole_model_factor, 3)
+    print(f"real metrics of the Raspberry Pi choices on {len(test)} test samples (onnxruntime)", flush=True)
+    scores = real_scores(model, runners, test, pairs, charset)
+    for name in presets:
+        out[name]["real_metrics"] = scores[name]
+    out["dense_real_metrics"] = scores["dense fp32 (onnxruntime)"]
+    out["method"] = ("estimate, not a measurement: optimize -t PRESET with no device (its cost model's latency table; "
+                     "all its cores); layers_ms covers the prunable layers only, whole_model_ms scales it by the "
+                     "whole-model / table-layers time ratio measured on this host; select_drop is the search metric on "
+                     "the selection samples, real_metrics the chosen ONNX in onnxruntime on this host on the test "
+                     "samples (the same numerics the search evaluated); no onnxruntime latency on the Pi")
     return out
 
 
@@ -224,6 +274,47 @@ def _reestimate(path: Path) -> int:
                                                     {k: tuple(v) for k, v in rec.input_shapes.items()})
     atomic_write(path, json_text(result, indent=1) + "\n")
     print(f"{path}: {result['raspberry_pi_estimates']}")
+    return 0
+
+
+def _pi_only(path: Path, presets, cache) -> int:
+    """Run the Raspberry Pi searches of a written result again (its settings, the same samples: their digests are
+    checked) and write them into it; the host figures are kept as they are."""
+    import json
+
+    from edge_sparse import models
+    from edge_sparse.models.zoo import ocr_charset
+    from edge_sparse.util import atomic_write, json_text
+
+    result = json.loads(path.read_text())
+    model, st = result["model"].split()[0], result["settings"]
+    rec = models.recipes()[model]
+    src = Path(models.get(model, quiet=True))
+    splits = split_data(model, st["calib"], st["select"], st["eval"])
+    recorded = result["data"].get("sample_sha256_16")
+    same = recorded == splits["digests"] if recorded is not None else \
+        result["data"]["calib"]["source"] == splits["calib"].source and \
+        result["data"]["test"]["source"] == splits["held_source"]      # older results: the sources, at least
+    if not same:
+        raise SystemExit(f"{path}: the data loaders now give other samples than the result used; rerun it whole")
+    shapes = {k: tuple(v) for k, v in rec.input_shapes.items()}
+    factor = result["raspberry_pi_estimates"]["rpi5"]["whole_model_factor"]
+    with tempfile.TemporaryDirectory(prefix="frontier-pi-") as tmp:
+        tmp = Path(tmp)
+        np.savez(tmp / "calib.npz", **splits["calib"].inputs)
+        np.savez(tmp / "select.npz", **splits["select"])
+        result["raspberry_pi_choices"] = pi_choices(
+            src, tmp / "calib.npz", tmp / "select.npz", splits["test"], splits["pairs"],
+            ocr_charset(src) if rec.task == "ocr-rec" else None, tmp, model=model, metric=result["metric"],
+            max_drop=result["max_drop"], samples=st["sensitivity_samples"], max_evals=st["max_evals"],
+            ladder=[float(x) for x in str(st["ladder"]).split(",")], shapes=shapes, cache=cache,
+            whole_model_factor=factor, presets=presets)
+    if recorded is None:
+        result["data"]["sample_sha256_16"] = splits["digests"]
+    atomic_write(path, json_text(result, indent=1) + "\n")
+    for name in presets:
+        c = result["raspberry_pi_choices"][name]
+        print(f"{name}: {c['chosen']}, drop {c['select_drop']}, layers {c['layers_ms']} ms (estimate)")
     return 0
 
 
@@ -260,12 +351,22 @@ def main(argv=None) -> int:
     p.add_argument("--ladder", default="0.5,0.6,0.7,0.8,0.9", help="sparsities tried per layer")
     p.add_argument("--max-evals", type=int, default=12, help="configurations measured on the held-out data")
     p.add_argument("--cache", default=None, help="latency cache directory (default: the user cache)")
+    p.add_argument("--no-measure", action="store_true",
+                   help="host latency table from the cost model, kernels not timed (quick runs; the chosen model and "
+                        "onnxruntime are still timed side by side)")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/frontier-MODEL-tTHREADS)")
     p.add_argument("--reestimate", metavar="JSON", help="only recompute the Raspberry Pi estimates of a result file")
+    p.add_argument("--pi-targets", default="rpi4,rpi5",
+                   help="presets searched without the device (optimize -t PRESET, cost model); '' for none")
+    p.add_argument("--pi-only", metavar="JSON",
+                   help="only (re)run the --pi-targets searches of a result file, on its settings and samples")
     args = p.parse_args(argv)
     os.environ.setdefault("TVM_BIND_THREADS", "0")
+    pi_targets = tuple(t.strip() for t in args.pi_targets.split(",") if t.strip())
     if args.reestimate:
         return _reestimate(Path(args.reestimate))
+    if args.pi_only:
+        return _pi_only(Path(args.pi_only), pi_targets, args.cache)
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -289,6 +390,7 @@ def main(argv=None) -> int:
     print(f"data: {args.calib} calib ({calib.source}), {args.select} select + {args.eval} test held out "
           f"({splits['held_source']}) in {time.perf_counter() - t_data:.1f} s", flush=True)
     shapes = {k: tuple(v) for k, v in rec.input_shapes.items()}
+    ladder = [float(x) for x in args.ladder.split(",")]
     with tempfile.TemporaryDirectory(prefix="frontier-") as tmp:
         tmp = Path(tmp)
         np.savez(tmp / "calib.npz", **calib.inputs)
@@ -297,7 +399,7 @@ def main(argv=None) -> int:
         front = optimize(src, tmp / "opt", calib=tmp / "calib.npz", eval_data=tmp / "select.npz",
                          max_drop=args.max_drop, metric=metric, threads=args.threads, cache_dir=args.cache,
                          quiet=False, sensitivity_samples=args.samples, max_evals=args.max_evals,
-                         ladder=[float(x) for x in args.ladder.split(",")], input_shapes=shapes)
+                         ladder=ladder, input_shapes=shapes, measure=False if args.no_measure else None)
         seconds = time.perf_counter() - t0
         art = tmp / "opt" / "artifact"
         int8 = {"onnxruntime int8": tmp / "int8.onnx"}
@@ -329,6 +431,11 @@ def main(argv=None) -> int:
             print(f"round {r + 1}: " + ", ".join(f"{k[:-3]} {v:.3f} ms" for k, v in row.items()), flush=True)
         med, speed = summarize_rounds(rounds)
         pis = pi_estimates(src, front, med["ours_ms"], shapes)
+        choices = pi_choices(src, tmp / "calib.npz", tmp / "select.npz", test, pairs, charset, tmp, model=model,
+                             metric=metric, max_drop=args.max_drop, samples=args.samples, max_evals=args.max_evals,
+                             ladder=ladder, shapes=shapes, cache=args.cache,
+                             whole_model_factor=pis["rpi5"]["whole_model_factor"],
+                             presets=pi_targets) if pi_targets else {}
         result = {
             "model": f"{model} ({src.name}, input {shapes})", "threads": args.threads, "host_shared": True,
             "note": "host: 2 cores shared with 3 other jobs during the run; only the side-by-side ratios are "
@@ -340,13 +447,14 @@ def main(argv=None) -> int:
                      "sample_sha256_16": splits["digests"]},
             "max_drop": args.max_drop, "metric": metric, "optimize_seconds": round(seconds, 1),
             "settings": {"sensitivity_samples": args.samples, "ladder": args.ladder, "max_evals": args.max_evals,
-                         "rounds": args.rounds, "min_seconds": args.min_seconds, "calib": args.calib,
+                         "rounds": args.rounds, "min_seconds": args.min_seconds, "measure_kernels": not args.no_measure,
+                         "pi_targets": list(pi_targets), "calib": args.calib,
                          "select": args.select, "eval": args.eval},
             "chosen": {k: front["chosen"][k] for k in ("summary", "drop", "latency_ms", "predicted_ms")},
             "select_drops": {"ours": front["chosen"]["drop"],
                              **{k: v.get("drop") for k, v in front["baselines"].items()}},
             "real_metrics": scores, "rounds": rounds, "median_ms": med, "speedup": speed,
-            "raspberry_pi_estimates": pis, "frontier": front,
+            "raspberry_pi_estimates": pis, "raspberry_pi_choices": choices, "frontier": front,
         }
         atomic_write(out.with_suffix(".json"), json_text(result, indent=1) + "\n")
         if (tmp / "opt" / "frontier.png").is_file():
@@ -359,6 +467,11 @@ def main(argv=None) -> int:
         e = pis[name]
         print(f"{name} (estimate, {e['threads']} threads): ours {e['ours_ms']} ms, our dense fp32 "
               f"{e['ours_dense_fp32_ms']} ms")
+    for name in pi_targets:
+        c = choices[name]
+        print(f"{name} own choice (optimize -t {name}, cost-model estimate): {c['chosen']}, {metric} drop "
+              f"{100 * c['select_drop']:.3f}%, layers {c['layers_ms']} ms vs their dense fp32 "
+              f"{c['dense_fp32_layers_ms']} ms")
     print(f"README headline row:\n{headline_row(result)}")
     print(f"wrote {out.with_suffix('.json')}")
     return 0

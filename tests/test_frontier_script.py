@@ -1,7 +1,9 @@
 """Issue 16: ``benchmarks/frontier.py`` itself, end to end on the smallest zoo model (PP-OCR cls) with a handful of
-real samples and a one-rung ladder: the JSON's schema, ratios that are the measured medians' ratios, the onnxruntime
-fp32 / int8 (dynamic and static QDQ) points, disjoint calibration / selection / test samples (checked against the data
-loaders independently), the dense model's real metric recomputed with onnxruntime, and the README headline row."""
+real samples, a one-rung ladder, the cost-model kernel table (``--no-measure``: the models are still timed) and one
+Pi search (rpi5; rpi4 vs rpi5 choices are tests/test_optimize.py's): the JSON's schema, ratios that are the measured
+medians' ratios, the onnxruntime fp32 / int8 (dynamic and static QDQ) points, disjoint calibration / selection / test
+samples (checked against the data loaders independently), the dense model's real metric recomputed with onnxruntime,
+the Pi's own choice labelled an estimate, and the README headline row."""
 from __future__ import annotations
 
 import importlib.util
@@ -30,7 +32,8 @@ def run(tmp_path_factory):
     fr = _script()
     rc = fr.main(["--model", "ppocr-cls", "--threads", "1", "--calib", str(N_CALIB), "--select", str(N_SELECT),
                   "--eval", str(N_EVAL), "--samples", "1", "--ladder", "0.5", "--max-evals", "2", "--rounds", "3",
-                  "--min-seconds", "0.1", "--cache", str(d / "cache"), "--out", str(d / "result")])
+                  "--min-seconds", "0.1", "--no-measure", "--pi-targets", "rpi5", "--cache", str(d / "cache"),
+                  "--out", str(d / "result")])
     assert rc == 0
     return fr, json.loads((d / "result.json").read_text()), d
 
@@ -56,6 +59,26 @@ def test_result_schema_and_onnxruntime_points(run):
     for name in ("rpi4", "rpi5"):
         pi = res["raspberry_pi_estimates"][name]
         assert pi["estimate"] is True and pi["ours_ms"] > 0 and pi["threads"] == 4
+
+
+def test_each_pi_gets_its_own_choice_labelled_an_estimate(run):
+    """optimize -t rpi4 / rpi5 without the device: cost-model latencies (labelled), the same budget met on the
+    selection samples, the chosen ONNX's real metric on the test samples, whole-model time by the host's ratio."""
+    fr, res, _ = run
+    own = res["raspberry_pi_choices"]
+    factor = res["raspberry_pi_estimates"]["rpi5"]["whole_model_factor"]
+    assert factor > 0 and "estimate, not a measurement" in own["method"]
+    assert own["dense_real_metrics"] == res["real_metrics"]["dense fp32 (onnxruntime)"]
+    assert set(own) == {"rpi5", "dense_real_metrics", "method"}
+    for name in ("rpi5",):
+        c = own[name]
+        assert c["latency_source"] == "estimate (cost model)" and c["threads"] == 4
+        assert c["select_drop"] <= 0.01 and sum(c["chosen"].values()) == len(res["frontier"]["layers"])
+        assert 0 < c["layers_ms"] and c["whole_model_ms"] == pytest.approx(c["layers_ms"] * factor, abs=2e-3)
+        assert c["speedup_vs_dense_fp32_layers"] == pytest.approx(c["dense_fp32_layers_ms"] / c["layers_ms"],
+                                                                  rel=1e-3)
+        assert 0.0 <= c["real_metrics"]["accuracy"] <= 1.0
+        assert f"{c['whole_model_ms']:.3g} ms ({fr._short(c['chosen'])})" in fr.headline_row(res)
 
 
 def test_ratios_are_the_measured_medians_ratios(run):
