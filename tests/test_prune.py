@@ -672,3 +672,38 @@ def test_eval_errors_are_one_line(zoo_eval, tiny, tmp_path):
         r = invoke(["prune", args[0], "-o", out, "-s", "0.5", "-m", "magnitude", *args[1:]])
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output
         assert len(r.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_eval_report_on_minilm_has_cosine_and_spearman_on_the_lee_pairs(tmp_path):
+    """minilm-l6's --eval (with the pairs file beside it): cosine to dense on the held-out sentences and Spearman
+    against the human scores and against the dense model on the 1,225 Lee pairs, as data.score computes them."""
+    from edge_sparse.models import data
+
+    d = tmp_path / "m"
+    r = invoke(["models", "get", "minilm-l6", "-o", d, "--calib", "2", "--eval", "4", "-q"])
+    assert r.exit_code == 0, r.output
+    stem = d / "all-MiniLM-L6-v2-seq128"
+    out = tmp_path / "p.onnx"
+    r = invoke(["prune", f"{stem}.onnx", "-o", out, "-s", "0.5", "-m", "magnitude", "--calib", f"{stem}.calib.npz",
+                "--eval", f"{stem}.eval.npz"])
+    assert r.exit_code == 0, r.output
+    ev = json.loads(out.with_suffix(".report.json").read_text())["accuracy"]["eval"]
+    import onnxruntime as ort
+
+    sets = data.read_written(d, "minilm-l6")
+    sessions = [ort.InferenceSession(str(m), providers=["CPUExecutionProvider"]) for m in (f"{stem}.onnx", out)]
+
+    def run(sess, inputs):                           # the model's batch is 1: one sample per call
+        n = len(next(iter(inputs.values())))
+        rows = [sess.run(["sentence_embedding"], {k: v[i:i + 1] for k, v in inputs.items()})[0] for i in range(n)]
+        return {"sentence_embedding": np.concatenate(rows)}
+
+    want = {}
+    for split in ("eval", "pairs"):
+        ds = sets[split]
+        want[split] = data.score(ds, run(sessions[1], ds.inputs), dense=run(sessions[0], ds.inputs))
+    assert ev["pruned"]["cosine"] == pytest.approx(want["eval"]["cosine"], abs=1e-6) and want["eval"]["cosine"] < 0.99
+    for k in ("spearman_human", "spearman_dense"):
+        assert ev["pruned"][k] == pytest.approx(want["pairs"][k], abs=1e-6)
+    assert ev["dense"]["spearman_dense"] == pytest.approx(1.0) and ev["dense"]["cosine"] == pytest.approx(1.0)
+    assert ev["data"]["pairs"]["pairs"] == 1225 and ev["data"]["samples"] == 4 and ev["metric"] == "cosine"
