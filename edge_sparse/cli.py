@@ -481,7 +481,7 @@ def _print_eval(section: dict, names: tuple[str, ...]) -> None:
         src += f"; {d['pairs']['pairs']:,d} document pairs"
     click.echo(f"held-out     {d['samples']} samples ({src})" +
                ("" if section["labelled"] else "; no labels: metrics against the dense model"))
-    for name in ("dense", *names):
+    for name in (section.get("reference", "dense"), *names):
         if name in section:
             click.echo(f"  {name:<10} " + "  ".join(f"{k} {v:.4g}" for k, v in section[name].items()))
 
@@ -593,13 +593,17 @@ def _recover_after_prune(model, output, result, steps, data_path, device, seed, 
 @click.option("--scheme", type=click.Choice(["dynamic", "static"]), default="static", show_default=True,
               help="static: QDQ with calibrated activation ranges; dynamic: onnxruntime's per-call ranges.")
 @click.option("--per-channel", is_flag=True, help="One weight scale per output channel (default: per tensor).")
-@click.option("--holdout", default=0.25, show_default=True, type=float,
-              help="Fraction of the samples kept out of calibration and reported separately.")
+@click.option("--eval", "eval_data", type=click.Path(dir_okay=False),
+              help="Held-out samples, disjoint from --calib, for the accuracy report (as 'prune --eval': a zoo "
+                   "<model>.eval.npz gives the real metrics, any other .npz cosine / top-1 agreement).")
+@click.option("--holdout", type=float,
+              help="Fraction of the samples kept out of calibration and reported separately "
+                   "[default: 0.25 without --eval, 0 with it].")
 @click.option("--report", type=click.Path(dir_okay=False), help="JSON report path [default: OUTPUT.report.json].")
 @click.option("--batch", type=int, help="Samples per onnxruntime call when the batch dim is dynamic.")
 @click.option("--force", is_flag=True, help="Overwrite existing output and report files.")
 @quiet_option
-def quantize_cmd(model, output, calib, scheme, per_channel, holdout, report, batch, force, quiet):
+def quantize_cmd(model, output, calib, scheme, per_channel, eval_data, holdout, report, batch, force, quiet):
     """Quantize an ONNX MODEL to int8 (onnxruntime.quantization; symmetric int8 weights keep pruned zeros)."""
     from pathlib import Path
 
@@ -607,16 +611,19 @@ def quantize_cmd(model, output, calib, scheme, per_channel, holdout, report, bat
 
     _quiet(quiet)
     report = report or str(Path(output).with_suffix(".report.json"))
-    result = quantize(model, output, calib=calib, scheme=scheme, per_channel=per_channel, holdout=holdout,
-                      report_path=report, force=force, batch=batch, quiet=quiet)
+    result = quantize(model, output, calib=calib, eval_data=eval_data, scheme=scheme, per_channel=per_channel,
+                      holdout=holdout, report_path=report, force=force, batch=batch, quiet=quiet)
     rep = result.report
     _warn(rep["warnings"], quiet)
     if quiet:
         return
     q, sp = rep["quantization"], rep["sparsity"]
     zeros = f"; {sp['int8_zeros']:,d} of {sp['int8_weights']:,d} int8 weights are zero" if sp["int8_zeros"] else ""
+    from edge_sparse.evaluation import summary_text
+
     click.echo(f"{output}: int8 {q['scheme']} ({q['format']}, {'per channel' if q['per_channel'] else 'per tensor'}), "
-               f"{q['layers']} layers{zeros}")
+               f"{q['layers']} layers{zeros}; {summary_text(rep['accuracy']['eval'], ('int8',))}")
+    _print_eval(rep["accuracy"]["eval"], ("int8",))
     _print_accuracy(rep["accuracy"])
     click.echo(f"report: {report}")
 

@@ -28,7 +28,8 @@ import onnx
 
 from edge_sparse.errors import UserError
 
-__all__ = ["EvalSet", "load_eval", "from_arrays", "evaluate", "score_outputs", "summary_text", "ORIGINS"]
+__all__ = ["EvalSet", "load_eval", "from_arrays", "fallback", "evaluate", "compare_parts", "score_outputs", "summary_text",
+           "ORIGINS"]
 
 # where the samples came from (the report's ``data.origin``)
 ORIGINS = {"eval": "--eval", "holdout": "held-out part of --calib (--holdout)",
@@ -80,12 +81,22 @@ def from_arrays(inputs: dict[str, np.ndarray], origin: str, source: str) -> Eval
                                     "samples": calibrate.sample_count(inputs)})
 
 
+def fallback(calib_part: dict, held_part: dict, source: str, random: bool = False) -> tuple[EvalSet, list[str]]:
+    """Without ``--eval``: the ``--holdout`` part of the calibration data (label-free), else the calibration part
+    itself with a warning; ``random``: the calibration data are random inputs. Returns (samples, warnings)."""
+    origin = "random" if random else ("holdout" if held_part else "calibration")
+    warnings = [] if held_part else [
+        "no held-out split (too few samples, --holdout 0, or every held-out sample repeats a calibration sample): "
+        "accuracy is on calibration data only; pass --eval FILE.npz"]
+    return from_arrays(held_part or calib_part, origin, source), warnings
+
+
 def load_eval(data, proto: onnx.ModelProto, *, calib=None, calib_flag: str = "--calib") -> EvalSet:
     """The ``--eval`` samples for the dense model ``proto``: a path (labelled zoo data with its side file, or a plain
     ``.npz`` of model inputs), ``{input: array}``, or an :class:`EvalSet` (returned as is).
 
     ``calib`` (the calibration or training data, ``calib_flag`` names its option): refused when it is the same file;
-    samples occurring in both are counted by :func:`overlap` (the caller warns)."""
+    samples occurring in both are counted by :func:`overlap_warnings`."""
     from edge_sparse.models import data as zoo_data
     from edge_sparse.passes import calibrate
 
@@ -121,15 +132,17 @@ def load_eval(data, proto: onnx.ModelProto, *, calib=None, calib_flag: str = "--
     return EvalSet(zoo_data.stack(sets), "eval", info, sets=sets, charset=charset)
 
 
-def overlap(ev: EvalSet, calib: dict[str, np.ndarray] | None) -> int:
-    """How many evaluation samples also occur (byte for byte) among the calibration samples."""
+def overlap_warnings(ev: EvalSet, calib: dict[str, np.ndarray] | None, what: str = "calibration data") -> list[str]:
+    """A warning when evaluation samples also occur (byte for byte) among the calibration (or training) samples."""
     from edge_sparse.passes import calibrate
 
     if calib is None or set(calib) != set(ev.inputs):
-        return 0
+        return []
     seen = set(calibrate.sample_hashes(calib))
     n = len(ev.sets["eval"]) if ev.labelled else ev.samples
-    return sum(h in seen for h in calibrate.sample_hashes({k: v[:n] for k, v in ev.inputs.items()}))
+    shared = sum(h in seen for h in calibrate.sample_hashes({k: v[:n] for k, v in ev.inputs.items()}))
+    return [f"{shared} of the {n} --eval samples also occur in the {what}: the accuracy is not on held-out data "
+            f"only"] if shared else []
 
 
 def _label_free(dense: dict, out: dict, classifiers) -> tuple[dict, dict]:
@@ -193,27 +206,53 @@ def primary_metric(ev: EvalSet, metrics: dict) -> str:
     return next((k for k in ("top1_agreement", "cosine", "exact_match") if k in metrics), "cosine")
 
 
-def evaluate(dense: onnx.ModelProto, candidates: dict[str, onnx.ModelProto], ev: EvalSet, batch: int | None = None,
-             dense_outputs: dict[str, np.ndarray] | None = None) -> dict:
-    """The report section ``accuracy.eval``: the dense model and each candidate (``{"pruned": proto}``, ...) run in
-    onnxruntime on ``ev`` and scored side by side by :func:`score_outputs`.
+def evaluate(reference: onnx.ModelProto, candidates: dict[str, onnx.ModelProto], ev: EvalSet,
+             batch: int | None = None, reference_outputs: dict[str, np.ndarray] | None = None,
+             reference_name: str = "dense") -> dict:
+    """The report section ``accuracy.eval``: the reference model (the dense one; the float one for ``quantize``) and
+    each candidate (``{"pruned": proto}``, ...) run in onnxruntime on ``ev`` and scored side by side by
+    :func:`score_outputs`.
 
-    ``{"data": {origin, source, samples, ...}, "labelled": bool, "metric": headline metric, "dense": {...},
-    "<candidate>": {...}, "outputs": {"<candidate>": per-output label-free detail}}``."""
+    ``{"data": {origin, source, samples, ...}, "labelled": bool, "metric": headline metric, "reference": name,
+    "<reference>": {...}, "<candidate>": {...}, "outputs": {"<candidate>": per-output label-free detail}}``."""
     from edge_sparse.passes import calibrate
 
-    outs = {"dense": dense_outputs if dense_outputs is not None else calibrate.run_model(dense, ev.inputs, batch)}
+    outs = {reference_name: reference_outputs if reference_outputs is not None else
+            calibrate.run_model(reference, ev.inputs, batch)}
     for name, proto in candidates.items():
         outs[name] = calibrate.run_model(proto, ev.inputs, batch)
-    scored = score_outputs(ev, outs, calibrate.classifier_outputs(dense))
-    return {"data": ev.info, "labelled": ev.labelled, "metric": primary_metric(ev, scored["dense"]), **scored}
+    scored = score_outputs(ev, outs, calibrate.classifier_outputs(reference))
+    return {"data": ev.info, "labelled": ev.labelled, "metric": primary_metric(ev, scored[reference_name]),
+            "reference": reference_name, **scored}
+
+
+def compare_parts(reference: onnx.ModelProto, candidate: onnx.ModelProto, parts: dict[str, dict], batch=None,
+                  section: dict | None = None, ev: EvalSet | None = None, name: str = "pruned") -> dict:
+    """``{split: {"samples", "outputs": per-output label-free metrics}}`` of ``candidate`` against ``reference`` on
+    each non-empty part (the calibration and ``--holdout`` parts). A part that is ``ev``'s samples takes the per-output
+    detail ``section`` (:func:`evaluate`'s result on ``ev``) already holds for ``name`` instead of running again."""
+    from edge_sparse.passes import calibrate
+
+    classifiers = calibrate.classifier_outputs(reference)
+    res = {}
+    for split, part in parts.items():
+        if not part:                              # e.g. no held-out split: the key is absent
+            continue
+        if ev is not None and section is not None and part is ev.inputs:
+            outputs = section["outputs"][name]
+        else:
+            outputs = calibrate.compare(calibrate.run_model(reference, part, batch),
+                                        calibrate.run_model(candidate, part, batch), classifiers)
+        res[split] = {"samples": calibrate.sample_count(part), "outputs": outputs}
+    return res
 
 
 def summary_text(section: dict, names: tuple[str, ...]) -> str:
     """``line_accuracy: pruned 0.812, dense 0.875 on 500 samples (--eval X.eval.npz)``: the headline metric of
-    ``names`` and of the dense model, for the CLI's summary line."""
+    ``names`` and of the reference model, for the CLI's summary line."""
     metric = section["metric"]
-    vals = ", ".join(f"{n} {section[n].get(metric, float('nan')):.4g}" for n in (*names, "dense") if n in section)
+    shown = (*names, section.get("reference", "dense"))
+    vals = ", ".join(f"{n} {section[n].get(metric, float('nan')):.4g}" for n in shown if n in section)
     d = section["data"]
     where = d["origin"] if d["origin"] != ORIGINS["eval"] else f"--eval {Path(d.get('file') or 'arrays').name}"
     return f"{metric}: {vals} on {d['samples']} samples ({where})"

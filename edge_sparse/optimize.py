@@ -711,7 +711,7 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
                                                                        "drop": 0.0, "model": work}
         with progress.step(f"accuracy of the chosen model on {held.info['samples']} held-out samples"):
             accuracy = evaluation.evaluate(work, {"chosen": chosen_ev["model"]}, held, batch,
-                                           dense_outputs=None if held.labelled else dense_eval)
+                                           reference_outputs=None if held.labelled else dense_eval)
         base = {}
         if not baselines:
             base_note = "not run (baselines=False)"

@@ -339,10 +339,7 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
         from edge_sparse import evaluation
 
         eval_set = evaluation.load_eval(eval_data, setup.proto, calib=calib)
-        shared = evaluation.overlap(eval_set, setup.data)
-        if shared:
-            warnings.append(f"{shared} of the {eval_set.info['samples']} --eval samples also occur in the calibration "
-                            f"data: the accuracy is not on held-out data only")
+        warnings += evaluation.overlap_warnings(eval_set, setup.data)
     data = setup.data
     if data is None:
         if method.needs_calibration or allocate_by == "sensitivity":
@@ -424,25 +421,13 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
     from edge_sparse import evaluation
 
     if eval_set is None:                      # the fallback: held-out calibration samples, label-free
-        origin = "random" if setup.data is None else ("holdout" if held_part else "calibration")
-        eval_set = evaluation.from_arrays(held_part or calib_part, origin, calib_desc)
-        if not held_part:
-            warnings.append("no held-out split (too few samples, --holdout 0, or every held-out sample repeats a "
-                            "calibration sample): accuracy is on calibration data only; pass --eval FILE.npz")
-    accuracy = {}
+        eval_set, more = evaluation.fallback(calib_part, held_part, calib_desc, random=setup.data is None)
+        warnings += more
     with progress.step(f"accuracy versus the dense model on {eval_set.info['samples']} samples "
                        f"({eval_set.info['origin']})"):
-        accuracy["eval"] = evaluation.evaluate(setup.proto, {"pruned": pruned}, eval_set, batch)
-        classifiers = calibrate.classifier_outputs(setup.proto)
-        for split, part in (("calibration", calib_part), ("holdout", held_part)):
-            if not part:                      # no held-out split: the key is absent
-                continue
-            if part is eval_set.inputs:       # the fallback's samples: not run twice
-                outputs = accuracy["eval"]["outputs"]["pruned"]
-            else:
-                outputs = calibrate.compare(calibrate.run_model(setup.proto, part, batch),
-                                            calibrate.run_model(pruned, part, batch), classifiers)
-            accuracy[split] = {"samples": calibrate.sample_count(part), "outputs": outputs}
+        section = evaluation.evaluate(setup.proto, {"pruned": pruned}, eval_set, batch)
+        accuracy = {"eval": section, **evaluation.compare_parts(
+            setup.proto, pruned, {"calibration": calib_part, "holdout": held_part}, batch, section, eval_set)}
 
     from edge_sparse.passes.prune import get_weight
 

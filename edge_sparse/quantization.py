@@ -206,13 +206,16 @@ def _prepare_float(proto, scheme: str, per_channel: bool):
     return proto
 
 
-def quantize(model, output=None, *, calib=None, scheme: str = "static", per_channel: bool = False,
-             holdout: float = 0.25, report_path=None, force: bool = False, batch: int | None = None,
+def quantize(model, output=None, *, calib=None, eval_data=None, scheme: str = "static", per_channel: bool = False,
+             holdout: float | None = None, report_path=None, force: bool = False, batch: int | None = None,
              nodes=None, quiet: bool | None = None) -> QuantizeResult:
     """Quantize ``model`` (path or ModelProto) to int8 with onnxruntime and report the accuracy cost.
 
     calib: ``.npz`` path or ``{input: array}`` (samples on the first axis); required (static ranges come from it, and
-    accuracy is always measured). The last ``holdout`` fraction is kept out of calibration and reported separately.
+    accuracy is always measured). The last ``holdout`` fraction is kept out of calibration and reported separately
+    (default 0.25 without ``eval_data``, 0 with it).
+    eval_data: held-out samples for ``accuracy.eval`` (:func:`edge_sparse.evaluation.load_eval`: a zoo
+    ``.eval.npz`` gives the real metrics); without it the held-out part of ``calib``, label-free.
     nodes: names of the nodes to quantize (default: every MatMul/Gemm[/Conv]); the others stay float.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -231,7 +234,7 @@ def quantize(model, output=None, *, calib=None, scheme: str = "static", per_chan
     proto, name, sha, path = _load(model)
     if METADATA_KEY in {p.key for p in proto.metadata_props}:
         raise UserError(f"{name} is already quantized (metadata '{METADATA_KEY}'); quantize the float model")
-    ins = [x for x in (path, calib) if isinstance(x, (str, os.PathLike))]
+    ins = [x for x in (path, calib, eval_data) if isinstance(x, (str, os.PathLike))]
     out_path = check_output(output, force=force, inputs=ins)
     rep_path = check_output(report_path, force=force, inputs=ins, what="report")
     if out_path is not None and rep_path is not None and out_path.resolve() == rep_path.resolve():
@@ -241,10 +244,18 @@ def quantize(model, output=None, *, calib=None, scheme: str = "static", per_chan
         data, calib_desc = calibrate.check_calibration(calib, specs, "calibration data"), "arrays"
     else:
         data, calib_desc = calibrate.load_calibration(calib, specs), str(calib)
-    calib_part, held_part = calibrate.split_holdout(data, specs, holdout)
+    from edge_sparse import evaluation
+
     warnings = []
-    if not held_part:
-        warnings.append("no held-out split (too few samples or --holdout 0): accuracy is on calibration data only")
+    if holdout is None:
+        holdout = 0.0 if eval_data is not None else 0.25
+    calib_part, held_part = calibrate.split_holdout(data, specs, holdout)
+    if eval_data is not None:                 # read and checked before quantizing
+        eval_set = evaluation.load_eval(eval_data, proto, calib=calib)
+        warnings += evaluation.overlap_warnings(eval_set, data)
+    else:
+        eval_set, more = evaluation.fallback(calib_part, held_part, calib_desc)
+        warnings += more
 
     with tempfile.TemporaryDirectory(prefix="edge-sparse-quant-") as tmp:
         src = Path(tmp) / "float.onnx"
@@ -293,16 +304,11 @@ def quantize(model, output=None, *, calib=None, scheme: str = "static", per_chan
     if fz and qz < fz:
         raise RuntimeError(f"quantization lost pruned zeros ({qz} < {fz}); weights must be symmetric")
 
-    classifiers = calibrate.classifier_outputs(proto)
-    accuracy = {}
-    with progress.step("accuracy versus the float model"):
-        for split, part in (("calibration", calib_part), ("holdout", held_part)):
-            if not part:
-                continue
-            ref = calibrate.run_model(proto, part, batch)
-            got = calibrate.run_model(qmodel, part, batch)
-            accuracy[split] = {"samples": calibrate.sample_count(part),
-                               "outputs": calibrate.compare(ref, got, classifiers)}
+    with progress.step(f"accuracy versus the float model on {eval_set.info['samples']} samples "
+                       f"({eval_set.info['origin']})"):
+        section = evaluation.evaluate(proto, {"int8": qmodel}, eval_set, batch, reference_name="float")
+        accuracy = {"eval": section, **evaluation.compare_parts(
+            proto, qmodel, {"calibration": calib_part, "holdout": held_part}, batch, section, eval_set, "int8")}
 
     from edge_sparse import __version__
 

@@ -294,10 +294,7 @@ def recover(student, teacher, data, output=None, *, steps: int = 1000, batch_siz
         from edge_sparse import evaluation
 
         eval_set = evaluation.load_eval(eval_data, t_proto, calib=data, calib_flag="--data")
-        shared = evaluation.overlap(eval_set, feeds)
-        if shared:
-            warnings.append(f"{shared} of the {eval_set.info['samples']} --eval samples also occur in the "
-                            f"distillation data: the accuracy is not on held-out data only")
+        warnings = evaluation.overlap_warnings(eval_set, feeds, "distillation data")
 
     names = trainable_constants(s_proto)
     masked = masked_constants(s_proto)

@@ -330,6 +330,11 @@ def test_eval_npz_without_labels_scores_against_dense(tiny, tmp_path):
     assert rep["calibration"]["samples"] == 20 and "holdout" not in rep["accuracy"]    # all of --calib calibrates
     first = r.output.splitlines()[0]
     assert f"top1_agreement: pruned {want['top1_agreement']:.4g}, dense 1 on 12 samples (--eval held.npz)" in first
+    # the calibration samples under another name: scored, with a warning that they are not held out
+    copy = tmp_path / "copy.npz"
+    np.savez(copy, x=np.load(calib)["x"][:6])
+    r = invoke(["prune", path, "-o", out, "-s", "0.7", "-m", "wanda", "--calib", calib, "--eval", copy, "--force"])
+    assert r.exit_code == 0 and "warning: 6 of the 6 --eval samples also occur in the calibration data" in r.output
 
 
 # ------------------------------------------------------------------------------------------- recipes

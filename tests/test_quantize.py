@@ -64,6 +64,10 @@ def test_quantize_matches_onnxruntime_quantizer(mlp_files, scheme, per_channel):
     assert acc["samples"] == len(held["x"]) == 6
     assert acc["outputs"]["y"]["cosine_mean"] == pytest.approx(float(cos.mean()), abs=1e-6)
     assert 0.99 < acc["outputs"]["y"]["cosine_mean"] < 1.0        # int8 changes the output, a little
+    # the held-out evaluation (no --eval: the holdout part, label-free) scores the float and the int8 model side by side
+    ev = res.report["accuracy"]["eval"]
+    assert ev["reference"] == "float" and ev["data"]["origin"] == "held-out part of --calib (--holdout)"
+    assert ev["int8"]["cosine"] == pytest.approx(float(cos.mean()), abs=1e-6) and ev["float"]["cosine"] == 1.0
 
 
 def test_prune_then_quantize_keeps_zeros(mlp_files):
@@ -95,6 +99,20 @@ def test_cli_quantize_and_errors(mlp_files):
     assert "int8 dynamic" in r.output and "holdout" in r.output
     rep = json.loads((d / "cli_q.report.json").read_text())
     assert rep["quantization"]["format"] == "QOperator"
+    # --eval: the float and the int8 model on those samples; every calibration sample sets ranges (no holdout)
+    held = d / "held.npz"
+    x = np.random.default_rng(5).standard_normal((4, *np.load(calib)["x"].shape[1:])).astype(np.float32)
+    np.savez(held, x=x)
+    out2 = d / "cli_q2.onnx"
+    r = invoke(["quantize", model, "-o", out2, "--calib", calib, "--eval", held, "--force"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((d / "cli_q2.report.json").read_text())
+    ref = np.concatenate([ort_run(model, {"x": x[i:i + 1]})[0] for i in range(4)]).reshape(4, -1)
+    got = np.concatenate([ort_run(out2, {"x": x[i:i + 1]})[0] for i in range(4)]).reshape(4, -1)
+    cos = np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+    assert rep["accuracy"]["eval"]["int8"]["cosine"] == pytest.approx(float(cos.mean()), abs=1e-6)
+    assert "holdout" not in rep["accuracy"] and rep["calibration"]["holdout_samples"] == 0
+    assert f"cosine: int8 {cos.mean():.4g}, float 1 on 4 samples (--eval held.npz)" in r.output.splitlines()[0]
     # existing output without --force; quantizing twice; missing calibration; a bad scheme
     for args, needle in [
         (["quantize", model, "-o", out, "--calib", calib], "already exists"),
