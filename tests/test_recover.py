@@ -173,6 +173,19 @@ def test_prune_then_recover_in_one_command(pruned, tmp_path):
     a, b = weights(plain), weights(onnx.load(str(out)))
     for name in masked_constants(plain):                                   # the same zeros as pruning alone
         assert np.array_equal(a[name] == 0, b[name] == 0), name
+    # with --eval: all of --calib trains (nothing held out), the recovered model is scored on the --eval samples
+    held = tmp_path / "held.npz"
+    x = np.random.default_rng(12).standard_normal((10, 3, 8, 8)).astype(np.float32)
+    np.savez(held, x=x)
+    out2 = tmp_path / "pr2.onnx"
+    r = invoke(["prune", dense, "-o", out2, "-s", "0.75", "-p", "4x1", "-m", "magnitude", "--calib", data,
+                "--recover-steps", "5", "--eval", held])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(out2.with_suffix(".report.json").read_text())["recover"]
+    assert rep["data"]["samples"] == 96 and rep["accuracy"]["eval"]["data"]["origin"] == "--eval"
+    want = label_free(dense, out2, {"x": x})
+    assert rep["accuracy"]["eval"]["recovered"] == pytest.approx(want, rel=1e-5)
+    assert f"top1_agreement: recovered {want['top1_agreement']:.4g}, dense 1 on 10 samples" in r.output.splitlines()[0]
 
 
 def _block_constant(model: onnx.ModelProto, name: str, weight: np.ndarray, rows: int) -> bool:
