@@ -309,6 +309,10 @@ def _pi_only(path: Path, presets, cache) -> int:
             max_drop=result["max_drop"], samples=st["sensitivity_samples"], max_evals=st["max_evals"],
             ladder=[float(x) for x in str(st["ladder"]).split(",")], shapes=shapes, cache=cache,
             whole_model_factor=factor, presets=presets)
+    was, now = result["real_metrics"]["dense fp32 (onnxruntime)"], result["raspberry_pi_choices"]["dense_real_metrics"]
+    if any(abs(was[k] - now[k]) > 1e-6 for k in set(was) & set(now)):
+        raise SystemExit(f"{path}: the dense model scores {now} on the test samples now, {was} in the result: other "
+                         f"samples; rerun it whole")
     if recorded is None:
         result["data"]["sample_sha256_16"] = splits["digests"]
     atomic_write(path, json_text(result, indent=1) + "\n")
