@@ -457,7 +457,8 @@ def _plot(frontier: dict, path: Path) -> None:
     ch = frontier.get("chosen")
     if ch:
         ax.scatter([ch["latency_ms"]], [100 * (1 - ch["drop"])], marker="*", s=180, color="tab:red", zorder=5,
-                   label=f"chosen ({ch['latency_ms']:.3g} ms)")
+                   label=f"chosen ({ch['latency_ms']:.3g} ms"
+                         f"{', estimate' if ch.get('latency_source') == ESTIMATE else ''})")
     for name, b in frontier["baselines"].items():
         if b.get("latency_ms") is not None:
             ax.scatter([b["latency_ms"]], [100 * (1 - b["drop"])], marker="s", s=50, zorder=4, label=name)
@@ -473,7 +474,7 @@ def _plot(frontier: dict, path: Path) -> None:
     if not frontier["baselines"] and frontier.get("baselines_note"):
         import textwrap
 
-        title += "\n" + "\n".join(textwrap.wrap(f"onnxruntime fp32/int8: {frontier['baselines_note']}", 110))
+        title += "\n" + "\n".join(textwrap.wrap(f"onnxruntime fp32/int8: {frontier['baselines_note']}", 90))
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
