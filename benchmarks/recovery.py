@@ -57,6 +57,9 @@ def main(argv=None) -> int:
     ap.add_argument("--pattern", default="unstructured")
     ap.add_argument("--sparsity", type=float, required=True)
     ap.add_argument("--allocate", default="uniform", choices=["uniform", "sensitivity"])
+    ap.add_argument("--permute", default="off",
+                    help="output-channel permutation before pruning (prune --permute): off, on, or off,on (each "
+                         "method once per setting, side by side)")
     ap.add_argument("--methods", default="DEFAULT,sparsegpt",
                     help="pruning methods to compare (comma-separated; DEFAULT: prune's default with calibration data)")
     ap.add_argument("--calib", type=int, default=128, help="calibration samples")
@@ -117,18 +120,27 @@ def main(argv=None) -> int:
     from edge_sparse.passes import methods as registry
 
     chosen = [registry.default(calibrated=True) if m == "DEFAULT" else m for m in args.methods.split(",") if m]
-    for method in [m for m in chosen if not args.pruned_file]:
+    settings = {"on": True, "off": False}
+    permutes = [p for p in args.permute.split(",") if p]
+    if not permutes or any(p not in settings for p in permutes):
+        sys.exit(f"--permute takes on, off or off,on, got {args.permute!r}")
+    for method, permute in [(m, p) for m in chosen if not args.pruned_file for p in permutes]:
         t = time.perf_counter()
         res = pruning.prune(dense, sparsity=args.sparsity, pattern=args.pattern, method=method, calib=calib.inputs,
-                            holdout=0.0, allocate_by=args.allocate, batch=args.batch, quiet=True)
-        row = {"variant": f"{method}", "prune_seconds": round(time.perf_counter() - t, 1),
+                            holdout=0.0, allocate_by=args.allocate, batch=args.batch, permute=settings[permute],
+                            quiet=True)
+        perm = res.report["permutation"] or {}
+        row = {"variant": f"{method}" + ("" if len(permutes) == 1 and permute == "off" else f" permute={permute}"),
+               "permuted_groups": perm.get("applied", 0),
+               "prune_seconds": round(time.perf_counter() - t, 1),
                "overall_sparsity": res.report["sparsity"]["overall"], "peak_rss_mib": round(_peak_mib()),
                **_score(res.model, held, dense_outs, charset, args.batch)}
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
         atomic_write(args.out, json.dumps(result, indent=2) + "\n")          # partial results survive a time limit
         if args.save_dir:
-            onnx.save(res.model, str(Path(args.save_dir) / f"{args.model}-{method}-{args.sparsity:g}.onnx"))
+            tag = "-permute" if permute == "on" else ""
+            onnx.save(res.model, str(Path(args.save_dir) / f"{args.model}-{method}-{args.sparsity:g}{tag}.onnx"))
         last = (method, res.model)
     for steps in [int(s) for s in args.recover_steps.split(",") if s]:
         from edge_sparse.recover import recover

@@ -505,6 +505,10 @@ def _print_eval(section: dict, names: tuple[str, ...]) -> None:
                    "[default: 0.25 without --eval, 0 with it].")
 @click.option("--report", type=click.Path(dir_okay=False), help="JSON report path [default: OUTPUT.report.json].")
 @_prune_options
+@click.option("--permute/--no-permute", default=False, show_default=True,
+              help="Reorder output channels (FFN hidden units; attention head dimensions, Q with K and V with O's "
+                   "inputs) before Rx1 block pruning where the block masks then keep more saliency; the dense "
+                   "model's outputs are unchanged.")
 @click.option("--force", is_flag=True, help="Overwrite existing output and report files.")
 @click.option("--verbose", "-v", is_flag=True, help="Print the per-layer table.")
 @click.option("--recover-steps", type=int, default=0, metavar="N",
@@ -515,7 +519,8 @@ def _print_eval(section: dict, names: tuple[str, ...]) -> None:
               help="Where --recover-steps trains.")
 @quiet_option
 def prune_cmd(model, output, sparsity, pattern, allocate, eval_data, holdout, report, calib, calib_random, method,
-              recipe, skip, no_default_skips, batch, seed, force, verbose, recover_steps, recover_data, device, quiet):
+              recipe, skip, no_default_skips, batch, seed, permute, force, verbose, recover_steps, recover_data, device,
+              quiet):
     """Prune an ONNX MODEL one-shot (see --method) and report the accuracy cost."""
     from pathlib import Path
 
@@ -536,7 +541,7 @@ def prune_cmd(model, output, sparsity, pattern, allocate, eval_data, holdout, re
     result = prune(model, output, sparsity=sparsity, pattern=pattern, method=method, recipe=recipe, calib=calib,
                    calib_random=calib_random, eval_data=eval_data, holdout=holdout, allocate_by=allocate,
                    default_skips=not no_default_skips, skip=skip, report_path=report, force=force, seed=seed,
-                   batch=batch, quiet=quiet)
+                   batch=batch, permute=permute, quiet=quiet)
     if recover_steps:
         result.report["recover"] = _recover_after_prune(model, output, result, recover_steps, recover_data, device,
                                                         seed, batch, quiet)

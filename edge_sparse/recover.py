@@ -281,6 +281,12 @@ def recover(student, teacher, data, output=None, *, steps: int = 1000, batch_siz
         if not out_path.parent.exists():
             raise UserError(f"output directory {out_path.parent} does not exist")
     _same_graph(s_proto, t_proto)
+    from edge_sparse.passes.permute import align
+
+    try:                    # the pruner may have reordered channels (prune --permute): reorder the teacher alike
+        t_proto = align(t_proto, s_proto)
+    except ValueError as e:
+        raise UserError(f"{e}; pass the dense model the student was pruned from") from None
     specs = calibrate.input_specs(s_proto)
     if isinstance(data, dict):
         feeds = calibrate.check_calibration(data, specs, "distillation data")

@@ -109,6 +109,16 @@ class PruningMethod:
         """Importance of every element of the canonical ``[N, K]`` ``weight`` (higher is kept first)."""
         raise NotImplementedError(f"{type(self).__name__} overrides neither score() nor prune()")
 
+    def saliency(self, layer: PrunableLayer, weight: np.ndarray, norm: np.ndarray | None) -> np.ndarray:
+        """Importance of every element of the canonical ``[N, K]`` ``weight`` for choosing the order of its output
+        channels before block pruning (:mod:`edge_sparse.passes.permute`). ``norm``: each input feature's L2 norm
+        over the calibration data (:class:`InputNorm`), given when :meth:`statistic` is not None. Default:
+        ``|W| x norm`` (the activation-aware score) for methods with calibration statistics, :meth:`score`
+        otherwise."""
+        if norm is None:
+            return np.asarray(self.score(layer, weight, None), dtype=np.float64)
+        return np.abs(weight.astype(np.float64)) * canonical_feature_norm(layer, np.asarray(norm, np.float64))[None, :]
+
     def prune(self, layer: PrunableLayer, weight: np.ndarray, pattern: Pattern, sparsity: float,
               statistic: Any = None) -> np.ndarray:
         """The pruned canonical ``[N, K]`` matrix: zeros in ``pattern`` at ``sparsity`` (ignored for N:M), kept
