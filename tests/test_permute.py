@@ -251,3 +251,13 @@ def test_recover_reorders_the_teacher_like_the_student(tmp_path):
         res = recover(s, model, data, steps=1, batch_size=16, lr=1e-9, match_layers=True, threads=1, quiet=True)
         losses[name] = res.report["loss"]["before"]
     assert losses["recorded"] < 0.5 * losses["stripped"], losses
+
+
+def test_permute_without_calibration_uses_the_eval_samples():
+    """Magnitude needs no calibration data: shapes and the unchanged-outputs check then run on the --eval samples."""
+    x = np.random.default_rng(4).standard_normal((8, 8, 16)).astype(np.float32)
+    res = pruning.prune(_structured_ffn(), sparsity=0.5, pattern="16x1", method="magnitude", eval_data={"x": x},
+                        permute=True, quiet=True)
+    assert res.report["permutation"]["applied"] == 1
+    _block_rows_share_masks(to_canonical(numpy_helper.to_array(
+        next(i for i in res.model.graph.initializer if i.name == "w1")), "MatMul"), 16)
