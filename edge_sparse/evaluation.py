@@ -1,5 +1,8 @@
-"""Accuracy of pruned / recovered models beside the dense model's on held-out data: the one code path behind the
-accuracy sections of ``edge-sparse prune`` (``--eval``), ``prune --recover-steps`` and ``edge-sparse recover``.
+"""Accuracy of pruned / recovered / quantized models beside the reference model's on held-out data: the one code
+path behind the ``accuracy`` sections of ``edge-sparse prune`` (``--eval``), ``prune --recover-steps``,
+``edge-sparse recover --eval``, ``edge-sparse quantize --eval`` and ``optimize``'s ``frontier.json``, and behind the
+benchmarks' real-metric tables (``benchmarks/frontier.py``; ``e2e.py`` and ``recovery.py`` through
+:func:`edge_sparse.models.data.score_splits`).
 
 Held-out data, by what the user passes:
 
