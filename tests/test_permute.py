@@ -261,3 +261,33 @@ def test_permute_without_calibration_uses_the_eval_samples():
     assert res.report["permutation"]["applied"] == 1
     _block_rows_share_masks(to_canonical(numpy_helper.to_array(
         next(i for i in res.model.graph.initializer if i.name == "w1")), "MatMul"), 16)
+
+
+def test_gated_ffn_links_gate_and_up():
+    """SwiGLU (``silu(x W_gate) * (x W_up) W_down``): gate and up meet in an elementwise Mul, so they share one order."""
+    rng = np.random.default_rng(5)
+    d, h = 16, 32
+    inits = {"gate": rng.standard_normal((d, h)).astype(np.float32), "up": rng.standard_normal((d, h)).astype(np.float32),
+             "down": rng.standard_normal((h, d)).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "gate"], ["g"], name="gate"),
+             helper.make_node("Sigmoid", ["g"], ["gs"], name="sig"),
+             helper.make_node("Mul", ["g", "gs"], ["silu"], name="silu"),
+             helper.make_node("MatMul", ["x", "up"], ["u"], name="up"),
+             helper.make_node("Mul", ["silu", "u"], ["gu"], name="glu"),
+             helper.make_node("MatMul", ["gu", "down"], ["y"], name="down")]
+    graph = helper.make_graph(nodes, "swiglu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, d])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, d])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    _, groups, rejected = _groups(model)
+    (group,) = groups
+    assert sorted(group.producers) == ["gate", "up"] and group.consumers == ["down"]
+    assert group.edits == {"gate": 1, "up": 1, "down": 0}
+    data = calibrate.random_calibration(calibrate.input_specs(model), 2, seed=3)
+    _assert_same(_outputs(model, data), _outputs(_permuted(model, [(group, np.random.default_rng(0).permutation(h))]),
+                                                 data))
+    # the up projection alone cannot be reordered: the gate would no longer match
+    up_only = PM.ChannelGroup(["up"], ["down"], h, h, {"up": 1, "down": 0})
+    out = _outputs(_permuted(model, [(up_only, np.random.default_rng(0).permutation(h))]), data)
+    assert np.max(np.abs(out["y"] - _outputs(model, data)["y"])) > 1e-2
