@@ -51,8 +51,6 @@ __all__ = ["main", "split_data", "sample_digests", "summarize_rounds", "headline
 
 METRIC = {"minilm-l6": "pooled-cosine", "ppocr-rec": "line-agreement", "ppocr-cls": "top1"}
 CNN = {"ppocr-cls"}                        # static QDQ baseline as well (onnxruntime's recommended int8 for CNNs)
-# the real metric the README's headline quotes per model (a key of data.score's result)
-HEADLINE_METRIC = {"minilm-l6": "cosine", "ppocr-rec": "line_accuracy", "ppocr-cls": "accuracy"}
 
 
 def _median(xs):
@@ -60,19 +58,11 @@ def _median(xs):
 
 
 def sample_digests(inputs: dict[str, np.ndarray]) -> list[str]:
-    """One short sha256 per sample (over every input's row, inputs in name order): what identifies a sample."""
-    import hashlib
+    """One short content hash per sample (:func:`edge_sparse.passes.calibrate.sample_hashes`, first 16 hex digits):
+    what identifies a sample."""
+    from edge_sparse.passes import calibrate
 
-    n = int(next(iter(inputs.values())).shape[0])
-    out = []
-    for i in range(n):
-        h = hashlib.sha256()
-        for name in sorted(inputs):
-            row = np.ascontiguousarray(inputs[name][i])
-            h.update(f"{name}|{row.dtype}|{row.shape}|".encode())
-            h.update(row.tobytes())
-        out.append(h.hexdigest()[:16])
-    return out
+    return [h[:16] for h in calibrate.sample_hashes(inputs)]
 
 
 def split_data(model: str, n_calib: int, n_select: int, n_eval: int) -> dict:
@@ -119,8 +109,11 @@ def _short(summary: dict[str, int]) -> str:
 
 def headline_row(result: dict) -> str:
     """The README headline table's row for a result written by :func:`main` (markdown)."""
+    from edge_sparse import models
+    from edge_sparse.models import data
+
     model = result["model"].split()[0]
-    key = HEADLINE_METRIC[model]
+    key = data.PRIMARY[models.recipes()[model].task]          # the task's headline metric
     real = result["real_metrics"]
     ours = real["ours"]
     int8 = real.get("onnxruntime int8", {})

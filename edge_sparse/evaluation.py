@@ -38,6 +38,7 @@ __all__ = ["EvalSet", "load_eval", "from_arrays", "fallback", "evaluate", "compa
 ORIGINS = {"eval": "--eval", "holdout": "held-out part of --calib (--holdout)",
            "calibration": "calibration samples (nothing held out)", "random": "random inputs (no calibration data)"}
 LABEL_FREE = ("cosine", "cosine_min", "top1_agreement")
+DEFAULT_HOLDOUT = 0.25                # share of --calib held out for the report when there is no --eval
 
 
 @dataclasses.dataclass
@@ -82,6 +83,15 @@ def from_arrays(inputs: dict[str, np.ndarray], origin: str, source: str) -> Eval
 
     return EvalSet(inputs, origin, {"origin": ORIGINS[origin], "source": source,
                                     "samples": calibrate.sample_count(inputs)})
+
+
+def holdout_share(holdout: float | None, eval_data) -> float:
+    """The ``--holdout`` share of the calibration data to keep out: as given, else :data:`DEFAULT_HOLDOUT` without
+    ``eval_data`` (the report falls back to those samples) and 0 with it (every calibration sample feeds the
+    statistics)."""
+    if holdout is not None:
+        return holdout
+    return 0.0 if eval_data is not None else DEFAULT_HOLDOUT
 
 
 def fallback(calib_part: dict, held_part: dict, source: str, random: bool = False) -> tuple[EvalSet, list[str]]:

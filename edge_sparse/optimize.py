@@ -566,14 +566,10 @@ def optimize(model, out_dir, *, target: str = "host", calib, eval_data, max_drop
     proto = read_model(path)
     specs = calibrate.input_specs(proto)
 
-    def load(data, what):
-        if isinstance(data, dict):
-            return calibrate.check_calibration(data, specs, what)
-        if data is None:
-            raise UserError(f"optimize needs {what}: pass --{'calib' if 'calib' in what else 'eval'} FILE.npz")
-        return calibrate.load_calibration(data, specs)
-
-    calib_data = load(calib, "calibration data")
+    if calib is None:
+        raise UserError("optimize needs calibration data: pass --calib FILE.npz")
+    calib_data = calibrate.check_calibration(calib, specs, "calibration data") if isinstance(calib, dict) else \
+        calibrate.load_calibration(calib, specs)
     if eval_data is None:
         raise UserError("optimize needs evaluation data: pass --eval FILE.npz")
     # the held-out samples (labelled zoo data: the real metrics of the chosen model are reported too)

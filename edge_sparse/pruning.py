@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from edge_sparse import evaluation
 from edge_sparse.errors import UserError, check_number
 from edge_sparse.intake import read_model
 from edge_sparse.progress import Progress
@@ -30,7 +31,6 @@ __all__ = ["prune", "analyze", "allocate", "layer_errors", "method_statistics", 
 
 SENSITIVITY_LEVELS = (0.5, 0.7, 0.8, 0.9)
 ALLOCATIONS = ("uniform", "sensitivity")
-DEFAULT_HOLDOUT = 0.25                # share of --calib held out when there is no --eval
 RANDOM_SAMPLES = 8                    # random samples used for the accuracy report when no calibration is given
 RANDOM_WARNING = "calibration on random inputs: a poor proxy for real data; pass --calib FILE.npz with real samples"
 
@@ -400,8 +400,7 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
             and abs(sparsity - pattern_obj.fixed_sparsity) > 1e-9:
         raise UserError(f"pattern {pattern_obj} prunes every layer to exactly {pattern_obj.fixed_sparsity:.0%}; "
                         f"for a lower global target use --allocate sensitivity (it leaves some layers dense)")
-    if holdout is None:
-        holdout = 0.0 if eval_data is not None else DEFAULT_HOLDOUT
+    holdout = evaluation.holdout_share(holdout, eval_data)
     if not 0.0 <= holdout < 1.0:
         raise UserError(f"--holdout must be in [0, 1), got {holdout}")
 
@@ -418,8 +417,6 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
     specs = calibrate.input_specs(setup.proto)
     eval_set = None
     if eval_data is not None:                 # read and checked before minutes of pruning
-        from edge_sparse import evaluation
-
         eval_set = evaluation.load_eval(eval_data, setup.proto, calib=calib)
         warnings += evaluation.overlap_warnings(eval_set, setup.data)
     data = setup.data
@@ -503,8 +500,6 @@ def prune(model, output=None, *, sparsity: float | None = None, pattern: str | N
             onnx.checker.check_model(pruned)
         except onnx.checker.ValidationError as e:  # a bug, not user input: keep the traceback
             raise RuntimeError(f"pruned model fails onnx.checker: {e}") from e
-
-    from edge_sparse import evaluation
 
     if eval_set is None:                      # the fallback: held-out calibration samples, label-free
         eval_set, more = evaluation.fallback(calib_part, held_part, calib_desc, random=setup.data is None)

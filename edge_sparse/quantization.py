@@ -247,8 +247,7 @@ def quantize(model, output=None, *, calib=None, eval_data=None, scheme: str = "s
     from edge_sparse import evaluation
 
     warnings = []
-    if holdout is None:
-        holdout = 0.0 if eval_data is not None else 0.25
+    holdout = evaluation.holdout_share(holdout, eval_data)
     calib_part, held_part = calibrate.split_holdout(data, specs, holdout)
     if eval_data is not None:                 # read and checked before quantizing
         eval_set = evaluation.load_eval(eval_data, proto, calib=calib)

@@ -184,11 +184,14 @@ def _passages(paras: list[list[str]], words: int) -> list[str]:
     out = []
     for sents in paras:
         cur: list[str] = []
+        n = 0
         for s in sents:
-            if cur and len(" ".join(cur + [s]).split()) > words:
+            k = len(s.split())
+            if cur and n + k > words:
                 out.append(" ".join(cur))
-                cur = []
+                cur, n = [], 0
             cur.append(s)
+            n += k
         if cur:
             out.append(" ".join(cur))
     return out
