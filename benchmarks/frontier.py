@@ -92,6 +92,18 @@ def split_data(model: str, n_calib: int, n_select: int, n_eval: int) -> dict:
             "digests": digests}
 
 
+def host_load(loads: list[float], threads: int) -> dict:
+    """``host_shared`` and its note from the 1-minute load averages read before and after each timing round: shared
+    when the load (our own timing threads included) ever exceeded ``threads`` + 1."""
+    cores = os.cpu_count() or 1
+    peak = max(loads)
+    shared = peak > threads + 1.0
+    note = (f"host: {cores} cores, 1-minute load average up to {peak:.1f} during the timing rounds (other jobs "
+            "running): only the side-by-side ratios are meaningful, not the absolute times" if shared else
+            f"host: {cores} cores, 1-minute load average up to {peak:.1f} during the timing rounds (no other job)")
+    return {"host_shared": shared, "load_average_1min": [round(x, 2) for x in loads], "note": note}
+
+
 def summarize_rounds(rounds: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
     """(median per runtime over the alternating rounds, our speedup over each onnxruntime baseline from those
     medians)."""
@@ -101,6 +113,43 @@ def summarize_rounds(rounds: list[dict[str, float]]) -> tuple[dict[str, float], 
     if "ort_int8_qdq_ms" in med:
         speed["vs_onnxruntime_int8_qdq"] = round(med["ort_int8_qdq_ms"] / med["ours_ms"], 3)
     return med, speed
+
+
+def parse_extras(specs: list[str]) -> dict[str, Path]:
+    """``--extra NAME=MODEL.onnx`` values as {name: path}; a bad one exits with one line."""
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"error: --extra wants NAME=MODEL.onnx, got '{spec}'")
+        if name in out or name in ("ours", "dense fp32 (onnxruntime)") or name.startswith("onnxruntime"):
+            raise SystemExit(f"error: --extra name '{name}' is taken; choose another")
+        if not Path(path).is_file():
+            raise SystemExit(f"error: --extra {name}: no such file {path}")
+        out[name] = Path(path)
+    return out
+
+
+def extra_points(model: str, extras: dict[str, Path], scores: dict, med: dict, max_drop) -> dict:
+    """Each ``--extra`` model as a measured point: its real metrics, the headline metric's drop from the dense model
+    (absolute, as optimize's budget), and its speedups from the medians of the same alternating rounds."""
+    from edge_sparse import models
+    from edge_sparse.models import data
+    from edge_sparse.optimize import parse_drop
+    from edge_sparse.util import sha256_file
+
+    key = data.PRIMARY[models.recipes()[model].task]
+    dense = scores["dense fp32 (onnxruntime)"][key]
+    out = {}
+    for name, path in extras.items():
+        ms = med[f"extra:{name}_ms"]
+        drop = dense - scores[name][key]
+        out[name] = {"file": path.name, "sha256": sha256_file(path), "metric": key, "value": scores[name][key],
+                     "dense": dense, "drop": round(drop, 6), "within_budget": drop <= parse_drop(max_drop) + 1e-12,
+                     "real_metrics": scores[name], "median_ms": ms,
+                     "vs_onnxruntime_fp32": round(med["ort_fp32_ms"] / ms, 3),
+                     "vs_onnxruntime_int8": round(med["ort_int8_ms"] / ms, 3)}
+    return out
 
 
 def _short(summary: dict[str, int]) -> str:
@@ -355,9 +404,14 @@ def main(argv=None) -> int:
     p.add_argument("--reestimate", metavar="JSON", help="only recompute the Raspberry Pi estimates of a result file")
     p.add_argument("--pi-targets", default="rpi4,rpi5",
                    help="presets searched without the device (optimize -t PRESET, cost model); '' for none")
+    p.add_argument("--extra", action="append", default=[], metavar="NAME=MODEL.onnx",
+                   help="also compile this ONNX of the same model (e.g. a pruned model distilled with 'edge-sparse "
+                        "recover' on a GPU) for the host, score it on the test samples and time it in the same rounds "
+                        "(repeatable): a measured point beside optimize's choice")
     p.add_argument("--pi-only", metavar="JSON",
                    help="only (re)run the --pi-targets searches of a result file, on its settings and samples")
     args = p.parse_args(argv)
+    extras = parse_extras(args.extra)
     os.environ.setdefault("TVM_BIND_THREADS", "0")
     pi_targets = tuple(t.strip() for t in args.pi_targets.split(",") if t.strip())
     if args.reestimate:
@@ -411,20 +465,32 @@ def main(argv=None) -> int:
         runners = {"dense fp32 (onnxruntime)": _ort_runner(src)}
         runners.update({name: _ort_runner(path) for name, path in int8.items()})
         runners["ours"] = _artifact_runner(art)
+        extra_arts = {}
+        for name, path in extras.items():
+            from edge_sparse.compiler import compile as compile_model
+
+            extra_arts[name] = tmp / f"extra-{len(extra_arts)}"
+            compile_model(str(path), "host", extra_arts[name], input_shapes=shapes, threads=args.threads, quiet=True)
+            runners[name] = _artifact_runner(extra_arts[name])
         scores = real_scores(model, runners, test, pairs, charset)
         for name, s in scores.items():
             print(f"  {name}: {s}", flush=True)
 
         x = {k: v[:1] for k, v in test.inputs.items()}
         rounds = []
+        loads = [os.getloadavg()[0]]                 # 1-minute load average around the timing rounds
         for r in range(args.rounds):                 # alternate the runtimes; medians per round
             b = bench(art, threads=args.threads, compare=str(src), energy="none", inputs=x, quiet=True,
                       min_seconds=args.min_seconds)
             row = {"ours_ms": b["runs"][0]["latency"]["median_ms"], "ort_fp32_ms": b["runs"][1]["latency"]["median_ms"]}
+            for name, a in extra_arts.items():
+                e = bench(a, threads=args.threads, energy="none", inputs=x, quiet=True, min_seconds=args.min_seconds)
+                row[f"extra:{name}_ms"] = e["runs"][0]["latency"]["median_ms"]
             for name, path in int8.items():
                 q = run_ort(str(path), x, args.threads, 10, 50, args.min_seconds, None, None)
                 row["ort_int8_qdq_ms" if "QDQ" in name else "ort_int8_ms"] = latency_stats(q["samples_s"])["median_ms"]
             rounds.append(row)
+            loads.append(os.getloadavg()[0])
             print(f"round {r + 1}: " + ", ".join(f"{k[:-3]} {v:.3f} ms" for k, v in row.items()), flush=True)
         med, speed = summarize_rounds(rounds)
         pis = pi_estimates(src, front, med["ours_ms"], shapes)
@@ -434,9 +500,8 @@ def main(argv=None) -> int:
                              whole_model_factor=pis["rpi5"]["whole_model_factor"],
                              presets=pi_targets) if pi_targets else {}
         result = {
-            "model": f"{model} ({src.name}, input {shapes})", "threads": args.threads, "host_shared": True,
-            "note": "host: 2 cores shared with 3 other jobs during the run; only the side-by-side ratios are "
-                    "meaningful, not the absolute times",
+            "model": f"{model} ({src.name}, input {shapes})", "threads": args.threads,
+            **host_load(loads, args.threads),
             "data": {"calib": calib.describe(),
                      "select": {"samples": args.select, "source": splits["held_source"], "split": "eval[:select]"},
                      "test": {"samples": args.eval, "source": splits["held_source"], "split": "eval[select:]"},
@@ -453,13 +518,15 @@ def main(argv=None) -> int:
             "real_metrics": scores, "rounds": rounds, "median_ms": med, "speedup": speed,
             "raspberry_pi_estimates": pis, "raspberry_pi_choices": choices, "frontier": front,
         }
+        if extras:
+            result["extra_points"] = extra_points(model, extras, scores, med, args.max_drop)
         atomic_write(out.with_suffix(".json"), json_text(result, indent=1) + "\n")
         if (tmp / "opt" / "frontier.png").is_file():
             shutil.copyfile(tmp / "opt" / "frontier.png", out.with_suffix(".png"))
     print(f"chosen {result['chosen']['summary']}: {metric} drop {100 * result['chosen']['drop']:.3f}% on the "
           f"selection samples; {med['ours_ms']:.3f} ms vs onnxruntime fp32 {med['ort_fp32_ms']:.3f} ms "
           f"({speed['vs_onnxruntime_fp32']:.2f}x) and int8 {med['ort_int8_ms']:.3f} ms "
-          f"({speed['vs_onnxruntime_int8']:.2f}x), {args.threads} thread(s), shared host")
+          f"({speed['vs_onnxruntime_int8']:.2f}x), {args.threads} thread(s), {result['note']}")
     for name in ("rpi4", "rpi5"):
         e = pis[name]
         print(f"{name} (estimate, {e['threads']} threads): ours {e['ours_ms']} ms, our dense fp32 "
@@ -469,6 +536,11 @@ def main(argv=None) -> int:
         print(f"{name} own choice (optimize -t {name}, cost-model estimate): {c['chosen']}, {metric} drop "
               f"{100 * c['select_drop']:.3f}%, layers {c['layers_ms']} ms vs their dense fp32 "
               f"{c['dense_fp32_layers_ms']} ms")
+    for name, e in result.get("extra_points", {}).items():
+        print(f"extra {name}: {e['metric']} {e['value']:.4g} (dense {e['dense']:.4g}, drop {100 * e['drop']:.2f} "
+              f"points, {'within' if e['within_budget'] else 'outside'} the {args.max_drop} budget); "
+              f"{e['median_ms']:.3f} ms: {e['vs_onnxruntime_fp32']:.2f}x onnxruntime fp32, "
+              f"{e['vs_onnxruntime_int8']:.2f}x int8")
     print(f"README headline row:\n{headline_row(result)}")
     print(f"wrote {out.with_suffix('.json')}")
     return 0

@@ -315,15 +315,21 @@ def find_layers(func) -> list[Layer]:
 
 
 # ------------------------------------------------------------------------------------------------ cost model
-def _format_spec(layer: Layer, fmt: str, obj) -> KernelSpec:
+def _as_matmul(layer: Layer, family) -> bool:
+    """Whether ``layer`` (a 1x1 conv) runs as a matmul over its B*H*W pixels: on a 1x1 map, or where the family's
+    convolutions are channels-last (then the conv's NCHW input and output are a transpose away from the NHWC
+    neighbours, and those transposes fuse into them instead of costing a strided copy each)."""
+    return layer.op == "conv1x1" and (layer.spatial == 1 or getattr(family, "conv_layout", "NCHW") == "NHWC")
+
+
+def _format_spec(layer: Layer, fmt: str, obj, family=None) -> KernelSpec:
     if isinstance(obj, F.BSR):
         R, nnz = obj.R, obj.nnzb
     else:
         R, nnz = 1, obj.nnz
-    if layer.op == "conv1x1" and layer.spatial == 1:
-        # a 1x1 conv on a 1x1 map is a matmul over the batch
-        return KernelSpec("matmul", layer.M, layer.K, layer.N, fmt, R=R, nnz=nnz, has_bias=layer.bias is not None,
-                          activation=layer.activation)
+    if _as_matmul(layer, family):
+        return KernelSpec("matmul", layer.M * layer.spatial, layer.K, layer.N, fmt, R=R, nnz=nnz,
+                          has_bias=layer.bias is not None, activation=layer.activation)
     if layer.op == "conv1x1":
         return KernelSpec("conv1x1", layer.M, layer.K, layer.spatial, fmt, R=R, nnz=nnz,
                           has_bias=layer.bias is not None, activation=layer.activation, cout=layer.N)
@@ -380,16 +386,29 @@ def _stored_macs(obj) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ measurement
-def dense_layer_module(layer: Layer):
-    """A Relax module of the layer alone in its dense form (matmul or 1x1 conv, bias, activation)."""
+def _dense_x_shape(layer: Layer, layout: str = "NCHW") -> tuple[int, ...]:
+    if layer.op == "conv1x1" and layout == "NHWC":
+        b, c, h, w = layer.x_shape
+        return (b, h, w, c)
+    return tuple(layer.x_shape)
+
+
+def dense_layer_module(layer: Layer, layout: str = "NCHW"):
+    """A Relax module of the layer alone in its dense form (matmul or 1x1 conv, bias, activation); a 1x1 conv in
+    ``layout`` (a channels-last family runs the model's convs in NHWC: timing it in NCHW would add two transposes
+    the compiled model does not have)."""
     from tvm import relax
 
     bb = relax.BlockBuilder()
-    xs = layer.x_shape
-    x = relax.Var("x", relax.TensorType(list(xs), "float32"))
+    x = relax.Var("x", relax.TensorType(list(_dense_x_shape(layer, layout)), "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
-            if layer.op == "conv1x1":
+            if layer.op == "conv1x1" and layout == "NHWC":
+                w4 = layer.weight.reshape(1, 1, layer.K, layer.N).copy()
+                y = bb.emit(relax.op.nn.conv2d(x, relax.const(w4), data_layout="NHWC", kernel_layout="HWIO"))
+                if layer.bias is not None:
+                    y = bb.emit(relax.op.add(y, relax.const(layer.bias.reshape(1, 1, 1, -1))))
+            elif layer.op == "conv1x1":
                 w4 = layer.weight.T.reshape(layer.N, layer.K, 1, 1).copy()
                 y = bb.emit(relax.op.nn.conv2d(x, relax.const(w4)))
                 if layer.bias is not None:
@@ -409,8 +428,9 @@ def dense_layer_module(layer: Layer):
 
 def time_dense(layer: Layer, preset, family, repeats: int = 15, session=None) -> float:
     """Time (us) the layer's dense form through the family's normal build (its schedules)."""
-    x = np.random.default_rng(0).standard_normal(layer.x_shape).astype(np.float32)
-    return family.time_module(dense_layer_module(layer), [x], preset, repeats=repeats, session=session)
+    layout = getattr(family, "conv_layout", "NCHW")
+    x = np.random.default_rng(0).standard_normal(_dense_x_shape(layer, layout)).astype(np.float32)
+    return family.time_module(dense_layer_module(layer, layout), [x], preset, repeats=repeats, session=session)
 
 
 def _kernel_args(layer: Layer, spec: KernelSpec, obj) -> list[np.ndarray]:
@@ -440,7 +460,7 @@ def layer_time_us(layer: Layer, fmt: str, obj, preset, session=None, repeats: in
     family = targets.family_of(preset)
     if fmt == "dense":
         return time_dense(layer, preset, family, repeats=repeats, session=session)
-    spec = _format_spec(layer, fmt, obj)
+    spec = _format_spec(layer, fmt, obj, family)
     pf = family.make_sparse_kernel(spec, preset)
     if pf is None:
         return None
@@ -474,7 +494,7 @@ def _choose(layer: Layer, preset, family, mode: str, measure: bool, log, dense_t
     est = {}
     specs = {}
     for fmt, obj in cands.items():
-        spec = _format_spec(layer, fmt, obj)
+        spec = _format_spec(layer, fmt, obj, family)
         specs[fmt] = spec
         est[fmt] = estimate_us(layer, fmt, obj.nbytes, _stored_macs(obj), preset)
     # cheapest first; build kernels lazily (a family may decline a spec)
@@ -557,6 +577,12 @@ def _make_mutator():
                 b, c, h, w = layer.x_shape
                 x2 = self.builder_.emit(relax.op.reshape(x, (b, c, h * w)))
                 out_t = relax.TensorType((b, layer.N, h * w), "float32")
+            elif layer.op == "conv1x1" and layer.spatial > 1:
+                # channels-last: pixels are the matmul's rows; the transposes meet the pipeline's NHWC layout
+                b, c, h, w = layer.x_shape
+                xt = self.builder_.emit(relax.op.permute_dims(x, [0, 2, 3, 1]))
+                x2 = self.builder_.emit(relax.op.reshape(xt, (spec.M, spec.K)))
+                out_t = relax.TensorType((spec.M, spec.N), "float32")
             else:
                 x2 = x if len(layer.x_shape) == 2 and layer.x_shape[0] == spec.M else \
                     self.builder_.emit(relax.op.reshape(x, (spec.M, spec.K)))
@@ -564,6 +590,10 @@ def _make_mutator():
             bias = layer.bias if layer.bias is not None else np.zeros(layer.N, np.float32)
             args = [x2] + [relax.const(a) for a in obj.arrays()] + [relax.const(bias)]
             y = self.builder_.emit(relax.call_tir(gv, args, out_t))
+            if spec.op == "matmul" and layer.op == "conv1x1" and layer.spatial > 1:
+                b, n, h, w = layer.out_shape
+                y = self.builder_.emit(relax.op.reshape(y, (b, h, w, n)))
+                return relax.op.permute_dims(y, [0, 3, 1, 2])
             return relax.op.reshape(y, layer.out_shape)
 
         def visit_call_(self, call):

@@ -49,6 +49,9 @@ class TargetFamily:
     energy_meters: ClassVar[tuple[str, ...]] = ("jetson", "pi5-pmic", "android", "rapl")
     offloads: ClassVar[bool] = False             # kernels run on an accelerator; the host thread only launches them
     has_sparse_kernels: ClassVar[bool] = False   # make_sparse_kernel may return kernels (optimize lists options)
+    # the layout the family's pipeline runs convolutions in: "NHWC" routes a pruned 1x1 conv to the matmul kernels
+    # over its B*H*W rows (no NCHW transposes between it and its channels-last neighbours); "NCHW" to conv1x1 kernels
+    conv_layout: ClassVar[str] = "NCHW"
 
     # ------------------------------------------------------------------ compile
     def build(self, mod, preset, *, tuning_db: str | None = None):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ort_run
+from conftest import invoke, ort_run
 
 _ROOT = Path(__file__).resolve().parents[1]
 N_CALIB, N_SELECT, N_EVAL = 4, 8, 12
@@ -30,10 +30,19 @@ def _script():
 def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("frontier")
     fr = _script()
+    from edge_sparse import models
+
+    # an extra point: the model pruned elsewhere (here magnitude 16x1 at 50%; in practice a GPU-distilled model)
+    from edge_sparse.models import data
+
+    np.savez(d / "calib.npz", **data.dataset("ppocr-cls", "calib", N_CALIB).inputs)     # for prune's report
+    r = invoke(["prune", models.get("ppocr-cls", quiet=True), "-o", d / "pruned.onnx", "-s", "0.5", "-p", "16x1",
+                "-m", "magnitude", "--calib", d / "calib.npz", "-q"])
+    assert r.exit_code == 0, r.output
     rc = fr.main(["--model", "ppocr-cls", "--threads", "1", "--calib", str(N_CALIB), "--select", str(N_SELECT),
                   "--eval", str(N_EVAL), "--samples", "1", "--ladder", "0.5", "--max-evals", "2", "--rounds", "3",
                   "--min-seconds", "0.1", "--no-measure", "--pi-targets", "rpi5", "--cache", str(d / "cache"),
-                  "--out", str(d / "result")])
+                  "--extra", f"magnitude50={d / 'pruned.onnx'}", "--out", str(d / "result")])
     assert rc == 0
     return fr, json.loads((d / "result.json").read_text()), d
 
@@ -44,13 +53,15 @@ def test_result_schema_and_onnxruntime_points(run):
             "select_drops", "real_metrics", "rounds", "median_ms", "speedup", "raspberry_pi_estimates",
             "frontier"} <= set(res)
     assert res["model"].startswith("ppocr-cls") and res["metric"] == "top1" and res["threads"] == 1
+    assert len(res["load_average_1min"]) == len(res["rounds"]) + 1 and isinstance(res["host_shared"], bool)
     assert (d / "result.png").stat().st_size > 1000
     # onnxruntime fp32 and int8 (dynamic; static QDQ for this CNN): timed every round, scored on the test samples
     assert len(res["rounds"]) == 3
     for row in res["rounds"]:
-        assert set(row) == {"ours_ms", "ort_fp32_ms", "ort_int8_ms", "ort_int8_qdq_ms"}
+        assert set(row) == {"ours_ms", "ort_fp32_ms", "ort_int8_ms", "ort_int8_qdq_ms", "extra:magnitude50_ms"}
         assert all(v > 0 for v in row.values())
-    assert set(res["real_metrics"]) == {"dense fp32 (onnxruntime)", "onnxruntime int8", "onnxruntime int8 QDQ", "ours"}
+    assert set(res["real_metrics"]) == {"dense fp32 (onnxruntime)", "onnxruntime int8", "onnxruntime int8 QDQ", "ours",
+                                        "magnitude50"}
     for scores in res["real_metrics"].values():
         assert 0.0 <= scores["accuracy"] <= 1.0 and 0.0 <= scores["agreement"] <= 1.0
     base = res["frontier"]["baselines"]
@@ -144,3 +155,35 @@ def test_split_data_refuses_overlapping_sets(monkeypatch):
     monkeypatch.setattr(data, "dataset", leaky)
     with pytest.raises(SystemExit, match="calib and select samples overlap"):
         fr.split_data("ppocr-cls", 4, 2, 2)
+
+
+def test_host_load_labels_a_shared_host_from_the_load_averages():
+    fr = _script()
+    idle = fr.host_load([0.9, 1.4, 1.2], threads=1)
+    assert idle["host_shared"] is False and "no other job" in idle["note"]
+    busy = fr.host_load([0.9, 6.3, 5.0], threads=1)
+    assert busy["host_shared"] is True and "6.3" in busy["note"] and "only the side-by-side ratios" in busy["note"]
+    assert fr.host_load([2.9], threads=2)["host_shared"] is False and fr.host_load([3.1], threads=2)["host_shared"]
+
+
+def test_extra_point_is_scored_and_timed_beside_the_others(run):
+    """``--extra``: the pruned ONNX compiled for the host, its accuracy the onnxruntime accuracy of that ONNX on the
+    test samples (recomputed here), its ratios those of the round medians, its budget flag the drop from dense."""
+    fr, res, d = run
+    from edge_sparse.models import data
+
+    (name, e), = res["extra_points"].items()
+    assert name == "magnitude50" and e["metric"] == "accuracy" and e["file"] == "pruned.onnx"
+    held = data.dataset("ppocr-cls", "eval", N_SELECT + N_EVAL)
+    x = held.inputs["x"][N_SELECT:]
+    pred = [int(np.argmax(ort_run(d / "pruned.onnx", {"x": x[i:i + 1]})[0])) for i in range(len(x))]
+    assert e["value"] == pytest.approx(float(np.mean(np.array(pred) == np.array(held.labels[N_SELECT:]))))
+    assert e["dense"] == res["real_metrics"]["dense fp32 (onnxruntime)"]["accuracy"]
+    assert e["drop"] == pytest.approx(e["dense"] - e["value"]) and e["within_budget"] == (e["drop"] <= 0.01 + 1e-12)
+    med = res["median_ms"]
+    assert e["median_ms"] == med["extra:magnitude50_ms"]
+    assert e["vs_onnxruntime_fp32"] == round(med["ort_fp32_ms"] / e["median_ms"], 3)
+    assert e["vs_onnxruntime_int8"] == round(med["ort_int8_ms"] / e["median_ms"], 3)
+    for bad in (["--extra", "noequals"], ["--extra", f"ours={d / 'pruned.onnx'}"], ["--extra", "x=/no/such.onnx"]):
+        with pytest.raises(SystemExit, match="error: --extra"):
+            fr.main(["--model", "ppocr-cls", *bad])

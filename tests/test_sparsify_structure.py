@@ -2,8 +2,8 @@
 for the patterns it rewrites (MatMul + bias + ReLU, Gemm transB, 1x1 conv + bias) and for the ones it leaves.
 
 Expected modules are written by hand with the BlockBuilder: one call_tir to the family's kernel taking the activation
-(reshaped where the kernel wants [M, K] or [B, C, H*W]), the format's arrays and the bias as constants, a reshape back
-to the layer's output shape, and nothing left of the dense chain. Numerics are tested in test_sparse_pass.py.
+(reshaped where the kernel wants [M, K]; a 1x1 conv transposed to channels-last first), the format's arrays and the
+bias as constants, a reshape back to the layer's output shape, and nothing left of the dense chain. Numerics are tested in test_sparse_pass.py.
 """
 from __future__ import annotations
 
@@ -94,7 +94,10 @@ def test_gemm_transb_3d_input_is_reshaped_to_rows():
     tvm.ir.assert_structural_equal(after, _module((2, 3, 48), sparse))
 
 
-def test_conv1x1_bias_runs_over_flattened_spatial():
+def test_conv1x1_bias_runs_as_channels_last_matmul_over_pixels():
+    """The CPU family runs convs in NHWC, so a pruned 1x1 conv becomes the matmul kernel over its B*H*W pixels
+    between two transposes (which fuse into the channels-last neighbours), not an NCHW conv kernel."""
+    assert FAMILY.conv_layout == "NHWC"
     rng = np.random.default_rng(2)
     w = _bsr_weight(32, 64, rng)                              # [Cin, Cout]
     b = rng.standard_normal(64).astype(np.float32)
@@ -106,12 +109,14 @@ def test_conv1x1_bias_runs_over_flattened_spatial():
 
     after, layers = _run(_module((1, 32, 5, 5), dense))
     (layer,) = layers
-    assert layer["kind"] == "conv1x1" and layer["bias"]
-    spec = F.KernelSpec("conv1x1", 1, 32, 25, "bsr16x1", R=16, nnz=F.to_bsr(w, 16).nnzb, has_bias=True, cout=64)
+    assert layer["kind"] == "conv1x1" and layer["bias"] and layer["M"] == 25
+    spec = F.KernelSpec("matmul", 25, 32, 64, "bsr16x1", R=16, nnz=F.to_bsr(w, 16).nnzb, has_bias=True)
 
     def sparse(bb, x):
-        x2 = bb.emit(relax.op.reshape(x, (1, 32, 25)))
-        return _sparse_call(bb, spec, F.to_bsr(w, 16).arrays(), b, x2, (1, 64, 5, 5), layer["kernel"])
+        xt = bb.emit(relax.op.permute_dims(x, [0, 2, 3, 1]))
+        x2 = bb.emit(relax.op.reshape(xt, (25, 32)))
+        y = bb.emit(_sparse_call(bb, spec, F.to_bsr(w, 16).arrays(), b, x2, (1, 5, 5, 64), layer["kernel"]))
+        return relax.op.permute_dims(y, [0, 3, 1, 2])
 
     tvm.ir.assert_structural_equal(after, _module((1, 32, 5, 5), sparse))
 

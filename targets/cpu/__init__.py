@@ -202,6 +202,7 @@ class CPUFamily(TargetFamily):
     }
     supports_tuning = True
     has_sparse_kernels = True
+    conv_layout = CONV_LAYOUTS["relax.nn.conv2d"][0]
 
     def build(self, mod, preset, *, tuning_db=None):
         return build(mod, preset, tuning_db=tuning_db)
