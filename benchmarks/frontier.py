@@ -21,7 +21,13 @@ Metrics for the search (``--metric``; default per model): ``pooled-cosine`` (Min
 Timing: ``--rounds`` alternating rounds, each: our artifact and onnxruntime fp32 side by side in one
 ``bench --compare`` call, then onnxruntime int8 (``quantize_dynamic``, MatMul/Gemm) and, for CNNs, onnxruntime int8
 static QDQ (``quantize_static``, per-channel, calibrated on the same calibration samples); ratios come from the
-medians over rounds. The host may be shared with other jobs: only the side-by-side ratios are meaningful.
+medians over rounds. The JSON records the 1-minute load average before and after each round (``host_shared`` when
+it exceeded the thread count + 1): on a shared host only the side-by-side ratios are meaningful.
+
+``--extra NAME=MODEL.onnx`` (repeatable) adds a model prepared elsewhere, typically a pruned model distilled with
+``edge-sparse recover`` on a GPU (recovery the 2-core search cannot afford): compiled for the host, scored on the
+same test samples and timed in the same rounds; the JSON's ``extra_points`` gives its real metrics, its drop from the
+dense model on the headline metric against ``--max-drop``, and its ratios to onnxruntime fp32 / int8.
 
 Raspberry Pi 4 / 5 figures are estimates, not measurements: the chosen configuration's layers through the cost
 model ``optimize`` uses (``--no-measure`` path, all the preset's cores), times the whole model's measured time here
