@@ -947,6 +947,9 @@ def tune_cmd(model, target, target_file, output, trials, input_shapes, tracker, 
 @click.option("--ladder", default="0.5,0.6,0.7,0.8,0.9", show_default=True, help="Sparsities tried per layer.")
 @click.option("--patterns", default="16x1", show_default=True, help="Float block patterns tried (Rx1, comma list).")
 @click.option("--no-int8", is_flag=True, help="Leave int8 options out of the search.")
+@click.option("--int8-scheme", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
+              help="int8 layers' activation ranges: per call (dynamic) or calibrated QDQ (static); weights are per "
+                   "output channel either way.")
 @click.option("--method", help="Pruning method (see 'edge-sparse prune --help') [default: the best mask-only one, as the search "
                                     "prunes many configurations; --method sparsegpt reconstructs each].")
 @click.option("--samples", default=16, show_default=True, type=int, help="Calibration samples per sensitivity run.")
@@ -964,8 +967,8 @@ def tune_cmd(model, target, target_file, output, trials, input_shapes, tracker, 
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @quiet_option
 def optimize_cmd(model, target, target_file, calib, eval_data, max_drop, latency_ms, metric, rpc, tracker, key,
-                 threads, no_measure, ladder, patterns, no_int8, method, samples, recover_steps, max_evals, cache_dir,
-                 input_shapes, input_values, batch, bundle, output, force, quiet):
+                 threads, no_measure, ladder, patterns, no_int8, int8_scheme, method, samples, recover_steps, max_evals,
+                 cache_dir, input_shapes, input_values, batch, bundle, output, force, quiet):
     """The fastest version of MODEL on a target within an accuracy budget: per-layer latency and sensitivity
     tables, a Pareto search over pruning pattern, sparsity and int8 per layer, held-out evaluation, the compiled
     artifact, and frontier.json / frontier.png with onnxruntime fp32 and int8 measured side by side."""
@@ -979,7 +982,7 @@ def optimize_cmd(model, target, target_file, calib, eval_data, max_drop, latency
                      tracker=tracker, key=key, threads=threads, measure=False if no_measure else None,
                      ladder=[_parse_fraction(x, "--ladder") for x in str(ladder).split(",") if x.strip()],
                      patterns=[p.strip() for p in str(patterns).split(",") if p.strip()], int8=not no_int8,
-                     method=method, sensitivity_samples=samples, recover_steps=recover_steps, max_evals=max_evals,
+                     int8_scheme=int8_scheme, method=method, sensitivity_samples=samples, recover_steps=recover_steps, max_evals=max_evals,
                      cache_dir=cache_dir, bundle=bundle, target_file=target_file,
                      input_shapes=_parse_shapes(input_shapes),
                      input_values=_parse_values(input_values), batch=batch, force=force, quiet=quiet)

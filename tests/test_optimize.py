@@ -471,3 +471,36 @@ def test_top1_budget_holds_on_a_cnn_classifier(tmp_path):
     agree = float(np.mean(dense.argmax(-1) == got.argmax(-1)))
     assert front["chosen"]["drop"] == pytest.approx(1 - agree, abs=1e-9) and 1 - agree <= budget
     assert any(":" in k for p in front["points"] for k in p["summary"])      # pruned candidates were evaluated
+
+
+@pytest.mark.parametrize("scheme", ["dynamic", "static"])
+def test_int8_layers_are_per_channel_in_the_chosen_scheme_and_compile_to_what_onnxruntime_computes(tiny, scheme):
+    """An int8 option is applied as ``quantize`` per output channel with the search's ``int8_scheme``: dynamic
+    (MatMulInteger, activation ranges per call; the default) or static (QDQ); our int8 kernels then compute what
+    onnxruntime computes on that ONNX."""
+    from edge_sparse import targets
+    from edge_sparse.compiler import compile as compile_model
+    from edge_sparse.runtime import load
+
+    proto = onnx.load(tiny / "mlp.onnx")
+    calib = dict(np.load(tiny / "calib.npz"))
+    work, layers = O._find_layers(tiny / "mlp.onnx", proto, targets.get("host"), ["16x1"], [0.5], True, None, None)
+    int8 = [la for la in layers if "int8" in la.options]
+    assert len(int8) >= 2
+    model = O._apply(work, layers, {la.name: "int8" if la in int8 else "fp32" for la in layers}, calib, None, None,
+                     0, scheme)
+    ops = [n.op_type for n in model.graph.node]
+    if scheme == "dynamic":
+        assert ops.count("MatMulInteger") == len(int8) and "QuantizeLinear" not in ops
+    else:
+        assert "MatMulInteger" not in ops and ops.count("QuantizeLinear") >= len(int8)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    n_out = sorted(la.kernel.N for la in int8)
+    scales = sorted(v.size for k, v in inits.items() if k.endswith("scale") and v.dtype == np.float32 and v.size > 1)
+    assert all(n in scales for n in n_out), (n_out, scales)          # one weight scale per output channel
+    path = tiny / f"int8-{scheme}.onnx"
+    onnx.save(model, path)
+    compile_model(str(path), "host", tiny / f"art-{scheme}", threads=1, quiet=True, force=True)
+    x = np.load(tiny / "eval.npz")["x"][:1]
+    got = next(iter(load(tiny / f"art-{scheme}").run({"x": x}).values()))
+    np.testing.assert_allclose(got, ort_run(path, {"x": x})[0], rtol=2e-2, atol=2e-2)
