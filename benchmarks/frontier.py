@@ -57,6 +57,9 @@ __all__ = ["main", "split_data", "sample_digests", "summarize_rounds", "headline
 
 METRIC = {"minilm-l6": "pooled-cosine", "ppocr-rec": "line-agreement", "ppocr-cls": "top1"}
 CNN = {"ppocr-cls"}                        # static QDQ baseline as well (onnxruntime's recommended int8 for CNNs)
+# each onnxruntime int8 baseline's key in a timing round
+INT8_ROW = {"onnxruntime int8": "ort_int8_ms", "onnxruntime int8 per channel": "ort_int8_pc_ms",
+            "onnxruntime int8 QDQ": "ort_int8_qdq_ms"}
 
 
 def _median(xs):
@@ -435,6 +438,7 @@ def main(argv=None) -> int:
 
     from edge_sparse import models
     from edge_sparse.benchmark import bench, run_ort
+    from edge_sparse.compiler import compile as compile_model
     from edge_sparse.models.zoo import ocr_charset
     from edge_sparse.optimize import optimize
     from edge_sparse.quantization import DYNAMIC_OPS, _quiet_ort_logging
@@ -484,8 +488,6 @@ def main(argv=None) -> int:
         runners["ours"] = _artifact_runner(art)
         extra_arts = {}
         for name, path in extras.items():
-            from edge_sparse.compiler import compile as compile_model
-
             extra_arts[name] = tmp / f"extra-{len(extra_arts)}"
             compile_model(str(path), "host", extra_arts[name], input_shapes=shapes, threads=args.threads, quiet=True)
             runners[name] = _artifact_runner(extra_arts[name])
@@ -505,8 +507,7 @@ def main(argv=None) -> int:
                 row[f"extra:{name}_ms"] = e["runs"][0]["latency"]["median_ms"]
             for name, path in int8.items():
                 q = run_ort(str(path), x, args.threads, 10, 50, args.min_seconds, None, None)
-                row["ort_int8_qdq_ms" if "QDQ" in name else "ort_int8_pc_ms" if "per channel" in name
-                    else "ort_int8_ms"] = latency_stats(q["samples_s"])["median_ms"]
+                row[INT8_ROW[name]] = latency_stats(q["samples_s"])["median_ms"]
             rounds.append(row)
             loads.append(os.getloadavg()[0])
             print(f"round {r + 1}: " + ", ".join(f"{k[:-3]} {v:.3f} ms" for k, v in row.items()), flush=True)

@@ -111,8 +111,11 @@ def _block_prune(w_kn: np.ndarray, rows: int, cols: int, sparsity: float) -> np.
     return out.reshape(K, N)
 
 
-def _quantize_sym(w: np.ndarray) -> tuple[np.ndarray, float]:
-    scale = float(np.max(np.abs(w))) / 127 or 1.0
+def _quantize_sym(w: np.ndarray, axis: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 of ``w`` and its scale: one scale for the tensor, or one per slice along ``axis`` (kept as a
+    length-1 dimension so that ``q * scale`` broadcasts); an all-zero tensor or slice gets scale 1."""
+    scale = np.max(np.abs(w), axis=axis, keepdims=axis is not None) / 127
+    scale = np.where(scale == 0, 1.0, scale)
     return np.clip(np.round(w / scale), -127, 127).astype(np.int8), scale
 
 
@@ -269,11 +272,8 @@ def sensitivity_table(proto, layers: list[_Layer], data, *, method, batch=None, 
             if pattern is not None:
                 w = prune_weight(layer.prunable, w, LayerPlan(parse_pattern(pattern), s), method, stats)
             if dtype == "int8":      # per output channel, as the applied configuration quantizes weights
-                canon = to_canonical(w, layer.prunable.op, layer.prunable.trans_b)
-                scale = np.max(np.abs(canon), axis=1, keepdims=True) / 127
-                scale[scale == 0] = 1.0
-                q = np.clip(np.round(canon / scale), -127, 127) * scale
-                w = from_canonical(q.astype(np.float32), w.shape, layer.prunable.op, layer.prunable.trans_b)
+                q, scale = _quantize_sym(to_canonical(w, layer.prunable.op, layer.prunable.trans_b), axis=1)
+                w = from_canonical((q * scale).astype(np.float32), w.shape, layer.prunable.op, layer.prunable.trans_b)
             return w
         return f
 

@@ -315,6 +315,23 @@ def host_arch() -> str:
     return normalize_arch(platform.machine())
 
 
+def nchw_as_rows(builder, x, rows: int, channels: int):
+    """Emit ``x`` [N, C, H, W] as the GEMM input X[N*H*W, C] (NCHW -> NHWC, then pixels as rows): how a 1x1 conv
+    reaches a matmul kernel; in a channels-last pipeline the transpose fuses into the NHWC producer."""
+    from tvm import relax
+
+    xt = builder.emit(relax.op.permute_dims(x, [0, 2, 3, 1]))
+    return builder.emit(relax.op.reshape(xt, (rows, channels)))
+
+
+def rows_as_nchw(builder, y, n: int, h: int, w: int, channels: int):
+    """The inverse of :func:`nchw_as_rows` for the GEMM output Y[N*H*W, C]: [N, C, H, W] (the permute not emitted)."""
+    from tvm import relax
+
+    y = builder.emit(relax.op.reshape(y, (n, h, w, channels)))
+    return relax.op.permute_dims(y, [0, 3, 1, 2])
+
+
 def rewrite_functions(mutator, mod):
     """Run a ``relax.PyExprMutator`` (built on ``mod``) over every Relax function of ``mod``; the updated module."""
     from tvm import relax

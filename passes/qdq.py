@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from edge_sparse.passes.sparsify import _const_np, _Graph, _is_const, _match_epilogue, _ops, _shape
-from edge_sparse.util import rewrite_functions
+from edge_sparse.util import nchw_as_rows, rewrite_functions, rows_as_nchw
 
 __all__ = ["rewrite_qdq", "fuse_range_reductions", "int8_estimate_us", "int8_layer_time_us", "INT8_CALIBRATION",
            "INT8_MACS_PER_FP32", "R_INT8"]
@@ -362,8 +362,9 @@ def _make_mutator():
             b = self.builder_
             x = self.visit_expr(p.xq)
             if p.conv:                           # NCHW -> rows of channels (pixels x C), the GEMM's X[M, K]
-                x = b.emit(relax.op.permute_dims(x, [0, 2, 3, 1]))
-            x2 = x if len(p.x_shape) == 2 else b.emit(relax.op.reshape(x, (p.M, p.K)))
+                x2 = nchw_as_rows(b, x, p.M, p.K)
+            else:
+                x2 = x if len(p.x_shape) == 2 else b.emit(relax.op.reshape(x, (p.M, p.K)))
             if p.zp_var is not None:
                 zp = b.emit(relax.op.reshape(relax.op.astype(self.visit_expr(p.zp_var), "int32"), (1,)))
             else:
@@ -381,8 +382,7 @@ def _make_mutator():
                 y = b.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[p.n_out]))
             if p.conv:
                 n, _, h, w = p.x_shape
-                y = b.emit(relax.op.reshape(y, (n, h, w, p.n_out or p.N)))
-                return relax.op.permute_dims(y, [0, 3, 1, 2])
+                return rows_as_nchw(b, y, n, h, w, p.n_out or p.N)
             return relax.op.reshape(y, p.out_shape)
 
         def visit_call_(self, call):

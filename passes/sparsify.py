@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_sparse.util import rewrite_functions
+from edge_sparse.util import nchw_as_rows, rewrite_functions, rows_as_nchw
 import tvm
 
 from edge_sparse import formats as F
@@ -319,10 +319,10 @@ def _as_matmul(layer: Layer, family) -> bool:
     """Whether ``layer`` (a 1x1 conv) runs as a matmul over its B*H*W pixels: on a 1x1 map, or where the family's
     convolutions are channels-last (then the conv's NCHW input and output are a transpose away from the NHWC
     neighbours, and those transposes fuse into them instead of costing a strided copy each)."""
-    return layer.op == "conv1x1" and (layer.spatial == 1 or getattr(family, "conv_layout", "NCHW") == "NHWC")
+    return layer.op == "conv1x1" and (layer.spatial == 1 or family.conv_layout == "NHWC")
 
 
-def _format_spec(layer: Layer, fmt: str, obj, family=None) -> KernelSpec:
+def _format_spec(layer: Layer, fmt: str, obj, family) -> KernelSpec:
     if isinstance(obj, F.BSR):
         R, nnz = obj.R, obj.nnzb
     else:
@@ -428,7 +428,7 @@ def dense_layer_module(layer: Layer, layout: str = "NCHW"):
 
 def time_dense(layer: Layer, preset, family, repeats: int = 15, session=None) -> float:
     """Time (us) the layer's dense form through the family's normal build (its schedules)."""
-    layout = getattr(family, "conv_layout", "NCHW")
+    layout = family.conv_layout
     x = np.random.default_rng(0).standard_normal(_dense_x_shape(layer, layout)).astype(np.float32)
     return family.time_module(dense_layer_module(layer, layout), [x], preset, repeats=repeats, session=session)
 
@@ -573,15 +573,14 @@ def _make_mutator():
             name = "".join(c if c.isalnum() else "_" for c in str(entry["kernel"]))
             gv = self.builder_.add_func(entry["_pf"], f"sparse_{name}")
             x = self.visit_expr(layer.x)
+            # channels-last: a 1x1 conv's pixels are the matmul's rows; the transposes meet the pipeline's NHWC layout
+            channels_last = spec.op == "matmul" and layer.op == "conv1x1" and layer.spatial > 1
             if spec.op == "conv1x1":
                 b, c, h, w = layer.x_shape
                 x2 = self.builder_.emit(relax.op.reshape(x, (b, c, h * w)))
                 out_t = relax.TensorType((b, layer.N, h * w), "float32")
-            elif layer.op == "conv1x1" and layer.spatial > 1:
-                # channels-last: pixels are the matmul's rows; the transposes meet the pipeline's NHWC layout
-                b, c, h, w = layer.x_shape
-                xt = self.builder_.emit(relax.op.permute_dims(x, [0, 2, 3, 1]))
-                x2 = self.builder_.emit(relax.op.reshape(xt, (spec.M, spec.K)))
+            elif channels_last:
+                x2 = nchw_as_rows(self.builder_, x, spec.M, spec.K)
                 out_t = relax.TensorType((spec.M, spec.N), "float32")
             else:
                 x2 = x if len(layer.x_shape) == 2 and layer.x_shape[0] == spec.M else \
@@ -590,10 +589,9 @@ def _make_mutator():
             bias = layer.bias if layer.bias is not None else np.zeros(layer.N, np.float32)
             args = [x2] + [relax.const(a) for a in obj.arrays()] + [relax.const(bias)]
             y = self.builder_.emit(relax.call_tir(gv, args, out_t))
-            if spec.op == "matmul" and layer.op == "conv1x1" and layer.spatial > 1:
+            if channels_last:
                 b, n, h, w = layer.out_shape
-                y = self.builder_.emit(relax.op.reshape(y, (b, h, w, n)))
-                return relax.op.permute_dims(y, [0, 3, 1, 2])
+                return rows_as_nchw(self.builder_, y, b, h, w, n)
             return relax.op.reshape(y, layer.out_shape)
 
         def visit_call_(self, call):
