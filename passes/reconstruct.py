@@ -183,6 +183,6 @@ def _relative_error(w_d, b_d, w, b, stat) -> float:
     wd = np.hstack([w_d, (b_d if b_d is not None else np.zeros(len(w_d))).reshape(-1, 1)]).astype(np.float64)
     bb = b if b is not None else b_d
     wn = np.hstack([w, (bb if bb is not None else np.zeros(len(w))).reshape(-1, 1)]).astype(np.float64)
-    ref = np.einsum("ij,jk,ik->", wd, Hd, wd)
-    err = ref - 2 * np.einsum("ij,jk,ik->", wd, C, wn) + np.einsum("ij,jk,ik->", wn, H, wn)
+    ref = float(np.sum((wd @ Hd) * wd))             # sum_i w_i^T M w_i as a matmul (einsum's three-index loop is slow)
+    err = ref - 2 * float(np.sum((wd @ C) * wn)) + float(np.sum((wn @ H) * wn))
     return float(np.sqrt(max(err, 0.0) / max(ref, 1e-30)))
