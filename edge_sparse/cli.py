@@ -7,13 +7,27 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
-import click
 
-from edge_sparse.errors import UserError, interrupted, restore_stderr
-from edge_sparse.progress import set_quiet
-from edge_sparse.util import atomic_write, check_output, json_text
+def _interrupted_while_starting(signum, frame):
+    """Ctrl-C / SIGTERM while the command line is still importing (a second or more on a busy machine): nothing
+    has been written yet, so the one line and exit code of any other interrupt, without a traceback."""
+    os.write(2, b"error: interrupted; nothing was written (partial outputs were removed)\n")
+    os._exit(130)
+
+
+_STARTING = {}
+if __name__ == "__main__" or os.path.basename(sys.argv[0] if sys.argv else "") == "edge-sparse":
+    for _sig in (signal.SIGINT, signal.SIGTERM):        # the command line only: an importing library keeps its own
+        _STARTING[_sig] = signal.signal(_sig, _interrupted_while_starting)
+
+import click  # noqa: E402  (after the start-up handler: these imports are what takes the time)
+
+from edge_sparse.errors import UserError, interrupted, restore_stderr  # noqa: E402
+from edge_sparse.progress import set_quiet  # noqa: E402
+from edge_sparse.util import atomic_write, check_output, json_text  # noqa: E402
 
 __all__ = ["main", "cli"]
 
