@@ -76,6 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16, help="samples per onnxruntime call")
     ap.add_argument("--save-dir", help="also write every model variant here")
     ap.add_argument("--max-eval", type=int, default=0, help="score on the first N held-out samples only")
+    ap.add_argument("--damp", type=float,
+                    help="SparseGPT's damping, a fraction of mean(diag H) [default: the method's, sparsegpt.DAMP]")
     ap.add_argument("--pruned-file", help="an already pruned ONNX: score it and distil it instead of pruning")
     ap.add_argument("--out", required=True, help="JSON file to write")
     args = ap.parse_args(argv)
@@ -84,6 +86,10 @@ def main(argv=None) -> int:
     from edge_sparse.models import data, zoo
     from edge_sparse.passes import calibrate
 
+    from edge_sparse.passes.methods import sparsegpt
+
+    if args.damp is not None:
+        sparsegpt.SparseGPT.damp = args.damp
     t0 = time.perf_counter()
     path = Path(args.model_file) if args.model_file else zoo.get(args.model)
     dense = onnx.load(str(path))
@@ -104,6 +110,7 @@ def main(argv=None) -> int:
     train = sets.pop("train", None)
     held = {k: v for k, v in sets.items() if k in ("eval", "pairs")}
     result = {"model": args.model, "pattern": args.pattern, "sparsity": args.sparsity, "allocate": args.allocate,
+              "sparsegpt_damp": sparsegpt.SparseGPT.damp,
               "data": {"calib": calib.describe(), **{k: v.describe() for k, v in held.items()},
                        **({"train": train.describe()} if train is not None else {})},
               "host": {"machine": platform.machine(), "cpus": os.cpu_count()}, "rows": []}

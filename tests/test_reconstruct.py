@@ -65,10 +65,16 @@ def test_obs_update_beats_mask_only_and_keeps_the_pattern(pattern, sparsity):
     e_obs, e_mask = _err(w, new, x), _err(w, masked_only, x)
     e_wanda = _err(w, np.where(wanda_keep, w, 0), x)
     assert e_obs < 0.8 * e_mask and e_obs < 0.85 * e_wanda, (e_obs, e_mask, e_wanda)
-    # no better than least squares on its own support, a bound no update can beat, and close to it (the gap is the
-    # damping, a ridge toward the dense weights)
-    e_ls = _err(w, _ls_on_support(w, x, keep), x)
-    assert e_ls - 1e-9 <= e_obs <= 1.3 * e_ls, (e_obs, e_ls)
+    # no better than least squares on its own support, a bound no update can beat; with a weak ridge toward the dense
+    # weights (the default is stronger: it trades error on the calibration rows for error elsewhere), close to it
+    weak = sparsegpt.SparseGPT()
+    weak.damp = 0.01
+    new_weak = weak.prune(layer, w, p, sparsity, stat.result())
+    for got in (new, new_weak):
+        e_ls = _err(w, _ls_on_support(w, x, got != 0), x)
+        assert e_ls - 1e-9 <= _err(w, got, x), (_err(w, got, x), e_ls)
+    e_ls = _err(w, _ls_on_support(w, x, new_weak != 0), x)
+    assert _err(w, new_weak, x) <= 1.3 * e_ls, (_err(w, new_weak, x), e_ls)
 
 
 def test_kept_weights_are_the_damped_least_squares_optimum_on_their_support():
