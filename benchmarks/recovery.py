@@ -85,7 +85,6 @@ def main(argv=None) -> int:
     from edge_sparse import pruning
     from edge_sparse.models import data, zoo
     from edge_sparse.passes import calibrate
-
     from edge_sparse.passes.methods import sparsegpt
 
     if args.damp is not None:

@@ -11,17 +11,19 @@ import signal
 import sys
 
 
+INTERRUPTED = "interrupted; nothing was written (partial outputs were removed)"
+
+
 def _interrupted_while_starting(signum, frame):
     """Ctrl-C / SIGTERM while the command line is still importing (a second or more on a busy machine): nothing
     has been written yet, so the one line and exit code of any other interrupt, without a traceback."""
-    os.write(2, b"error: interrupted; nothing was written (partial outputs were removed)\n")
+    os.write(2, f"error: {INTERRUPTED}\n".encode())
     os._exit(130)
 
 
-_STARTING = {}
 if __name__ == "__main__" or os.path.basename(sys.argv[0] if sys.argv else "") == "edge-sparse":
     for _sig in (signal.SIGINT, signal.SIGTERM):        # the command line only: an importing library keeps its own
-        _STARTING[_sig] = signal.signal(_sig, _interrupted_while_starting)
+        signal.signal(_sig, _interrupted_while_starting)
 
 import click  # noqa: E402  (after the start-up handler: these imports are what takes the time)
 
@@ -76,9 +78,6 @@ class _Group(click.Group):
         if standalone_mode:
             sys.exit(code)
         return code
-
-
-INTERRUPTED = "interrupted; nothing was written (partial outputs were removed)"
 
 
 def _fail(message: str, code: int):
@@ -382,13 +381,7 @@ def models_get_cmd(name, out_dir, sample, n_calib, n_train, n_eval, cache_dir, f
         for split, n in splits.items():
             ds = zoo_data.dataset(name, split, n or None, cache_dir=cache_dir)
             writes.append((data_dests[split], lambda f, ds=ds: np.savez_compressed(f, **ds.inputs)))
-            entry = {**ds.describe(), "file": data_dests[split].name, "texts": ds.texts}
-            if ds.labels is not None:
-                entry["labels"] = ds.labels
-            if ds.pairs is not None:
-                entry["pairs"] = ds.pairs.tolist()
-                entry["human"] = ds.human.tolist()
-            info["splits"][split] = entry
+            info["splits"][split] = zoo_data.info_entry(ds, data_dests[split].name)
         writes.append((info_dest, lambda f: f.write((json.dumps(info, indent=1, ensure_ascii=False) + "\n").encode())))
     for path, write in writes:
         atomic_write(path, write)

@@ -377,6 +377,17 @@ def dataset(model: str, split: str, count: int | None = None, cache_dir=None) ->
                    source=src)
 
 
+def info_entry(ds: Dataset, file: str) -> dict:
+    """The ``<model>.data.json`` entry of a split written to ``file`` (what :func:`read_written` reads back)."""
+    entry = {**ds.describe(), "file": file, "texts": ds.texts}
+    if ds.labels is not None:
+        entry["labels"] = ds.labels
+    if ds.pairs is not None:
+        entry["pairs"] = ds.pairs.tolist()
+        entry["human"] = ds.human.tolist()
+    return entry
+
+
 def _info_path(directory: Path, model: str) -> Path:
     return directory / f"{Path(recipes()[model].filename).stem}.data.json"
 
